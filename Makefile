@@ -1,0 +1,54 @@
+# make setup       everything ready on a fresh machine (idempotent; a second run takes seconds)
+# make test        setup, then the test suite
+# make demo        setup, then the two-frame demo on example_data/ (headless without a display)
+# make cuda-check  compile every csrc/*/*.cu with nvcc (syntax and device code; no GPU needed)
+# make bench       run the benchmarks in benchmarks/
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+EXT_SOURCES := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' \)) setup.py
+PYTEST_FLAGS ?= -q
+
+.PHONY: setup system-packages test demo cuda-check bench clean
+
+setup: system-packages $(VENV)/.ext-built
+
+system-packages:
+	@./resources/system_packages.sh
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.requirements: resources/requirements.txt | $(PY)
+	$(PY) -m pip install -q --disable-pip-version-check -r resources/requirements.txt
+	touch $@
+
+# The editable install registers the repository on the venv's path (so `python benchmarks/x.py`
+# and imports from any folder work) and builds nnrt_ext in place. Later source edits rebuild
+# incrementally with ninja through build_ext.
+$(VENV)/.ext-built: $(VENV)/.requirements $(EXT_SOURCES)
+	@if [ ! -f $(VENV)/.editable ]; then \
+	  MAX_JOBS=2 $(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . && touch $(VENV)/.editable; \
+	else \
+	  MAX_JOBS=2 $(PY) setup.py -q build_ext --inplace; \
+	fi
+	touch $@
+
+test: setup
+	$(PY) -m pytest -p no:dash $(PYTEST_FLAGS) tests
+
+demo: setup
+	$(PY) example_viz.py $(DEMO_ARGS)
+
+cuda-check: setup
+	$(PY) resources/cuda_check.py
+
+bench: setup
+	$(PY) benchmarks/bench_graph.py
+	$(PY) benchmarks/bench_solver.py
+	$(PY) benchmarks/bench_hashgrid.py
+	$(PY) benchmarks/bench_network.py
+
+clean:
+	rm -rf build *.egg-info nnrt_ext*.so $(VENV)/.ext-built $(VENV)/.editable

@@ -1,0 +1,44 @@
+// The one Python module of the extension (nnrt_ext). Each op's header documents shapes and
+// dtypes and routes CPU tensors to its CPU launcher and CUDA tensors to its CUDA launcher.
+#include "common.h"
+#include "graph/graph.h"
+#include "image/image.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "C++/CUDA ops of neural non-rigid tracking (see csrc/*/*.h for shapes)";
+  m.def("with_cuda", [] {
+#ifdef WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  }, "Whether this build contains the CUDA launchers.");
+
+  // image
+  m.def("backproject_depth", &nnrt::BackprojectDepth, py::arg("depth"), py::arg("fx"), py::arg("fy"),
+        py::arg("cx"), py::arg("cy"), py::arg("max_depth"));
+  m.def("depth_boundary_mask", &nnrt::DepthBoundaryMask, py::arg("points"), py::arg("radius"),
+        py::arg("max_distance"));
+  m.def("mesh_from_depth", &nnrt::MeshFromDepth, py::arg("points"), py::arg("max_edge_length"));
+
+  // graph
+  m.def("erode_mesh", &nnrt::ErodeMesh, py::arg("faces"), py::arg("num_vertices"),
+        py::arg("iterations"), py::arg("min_neighbors"));
+  m.def("sample_nodes", &nnrt::SampleNodes, py::arg("vertices"), py::arg("mask"),
+        py::arg("coverage"));
+  m.def("geodesic_node_distances", &nnrt::GeodesicNodeDistances, py::arg("vertices"),
+        py::arg("faces"), py::arg("node_vertices"), py::arg("max_distance"));
+  m.def("geodesic_edges", &nnrt::GeodesicEdges, py::arg("offsets"), py::arg("vertex_ids"),
+        py::arg("distances"), py::arg("node_vertices"), py::arg("num_vertices"), py::arg("K"));
+  m.def("geodesic_anchors", &nnrt::GeodesicAnchors, py::arg("offsets"), py::arg("vertex_ids"),
+        py::arg("distances"), py::arg("node_valid"), py::arg("num_vertices"), py::arg("K"),
+        py::arg("coverage"));
+  m.def("euclidean_knn", &nnrt::EuclideanKnn, py::arg("nodes"), py::arg("queries"), py::arg("K"),
+        py::arg("exclude_self"));
+  m.def("valid_nodes_by_edge_count", &nnrt::ValidNodesByEdgeCount, py::arg("edges"),
+        py::arg("min_edges"));
+  m.def("connected_components", &nnrt::ConnectedComponents, py::arg("edges"),
+        py::arg("node_valid"));
+}

@@ -1,0 +1,1 @@
+"""DeepDeform-format data: file formats, the dataset reader, augmentation, synthetic data."""

@@ -1,0 +1,1 @@
+"""Image processing, graph construction, visualisation, checkpoints, metrics and helpers."""

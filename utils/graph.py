@@ -1,0 +1,202 @@
+"""Embedded deformation graph of a depth frame (DESIGN.md 5.1), over the csrc/graph ops.
+
+    graph = build_graph(depth_m, intrinsics, mask=mask, scene_flow=scene_flow)
+    graph.save(out_dir, name)        # DIR/<kind>/NAME.bin in the DeepDeform formats
+
+Steps: back-projection -> mesh from pixel connectivity -> erosion -> node sampling -> geodesic
+(Dijkstra along the mesh, or Euclidean) edges -> removal of nodes with too few edges and of
+small clusters, with consistent re-indexing -> pixel anchors and skinning weights -> (with a
+scene flow) ground-truth node deformations.
+"""
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+
+from dataset import io
+from options import GraphOptions
+from utils import image_proc
+from utils.ext import C
+
+GRAPH_KINDS = ("graph_nodes", "graph_edges", "graph_edges_weights", "graph_clusters",
+               "pixel_anchors", "pixel_weights", "graph_node_deformations")
+
+
+class GraphError(ValueError):
+    """The frame cannot carry a deformation graph (no valid depth, object too small, ...)."""
+
+
+@dataclass
+class DeformationGraph:
+    nodes: np.ndarray                # (N, 3) float32 node positions, metres
+    edges: np.ndarray                # (N, K) int32 neighbour ids, nearest first, -1 = none
+    edges_weights: np.ndarray        # (N, K) float32, normalised per node
+    edges_distances: np.ndarray      # (N, K) float32, metres (geodesic or Euclidean)
+    clusters: np.ndarray             # (N, 1) int32 connected-component id
+    pixel_anchors: np.ndarray        # (H, W, A) int32 node ids, nearest first, -1 = none
+    pixel_weights: np.ndarray        # (H, W, A) float32 skinning weights
+    node_pixels: np.ndarray          # (N, 2) int32 pixel (x, y) of each node's vertex
+    node_deformations: Optional[np.ndarray] = None  # (N, 3) float32, from a scene flow
+    timings: Dict[str, float] = field(default_factory=dict)  # seconds per step
+    stats: Dict[str, int] = field(default_factory=dict)
+
+    @property
+    def num_nodes(self) -> int:
+        return int(self.nodes.shape[0])
+
+    def save(self, out_dir: str, name: str) -> Dict[str, str]:
+        """Writes DIR/<kind>/NAME.bin for every kind (node deformations only when known)."""
+        paths = {kind: os.path.join(out_dir, kind, name + ".bin") for kind in GRAPH_KINDS}
+        io.write_graph_nodes(paths["graph_nodes"], self.nodes)
+        io.write_graph_edges(paths["graph_edges"], self.edges)
+        io.write_graph_edges_weights(paths["graph_edges_weights"], self.edges_weights)
+        io.write_graph_clusters(paths["graph_clusters"], self.clusters)
+        io.write_pixel_anchors(paths["pixel_anchors"], self.pixel_anchors)
+        io.write_pixel_weights(paths["pixel_weights"], self.pixel_weights)
+        if self.node_deformations is not None:
+            io.write_graph_node_deformations(paths["graph_node_deformations"], self.node_deformations)
+        else:
+            del paths["graph_node_deformations"]
+        return paths
+
+
+def gaussian_weights(distances: np.ndarray, valid: np.ndarray, coverage: float) -> np.ndarray:
+    """exp(-d^2 / (2 coverage^2)) over the valid entries of each row, normalised per row."""
+    weights = np.where(valid, np.exp(-distances.astype(np.float64) ** 2 / (2 * coverage ** 2)), 0.0)
+    sums = weights.sum(axis=1, keepdims=True)
+    counts = valid.sum(axis=1, keepdims=True)
+    uniform = np.where(valid, 1.0 / np.maximum(counts, 1), 0.0)
+    return np.where(sums > 0, weights / np.where(sums > 0, sums, 1), uniform).astype(np.float32)
+
+
+def _compact_rows(ids: np.ndarray, distances: np.ndarray, keep: np.ndarray):
+    """Moves the kept entries of each row to its front (order preserved), -1 / 0 after them."""
+    order = np.argsort(~keep, axis=1, kind="stable")
+    ids = np.take_along_axis(np.where(keep, ids, -1), order, axis=1)
+    distances = np.take_along_axis(np.where(keep, distances, 0), order, axis=1)
+    return ids.astype(np.int32), distances.astype(np.float32)
+
+
+def build_graph(depth: np.ndarray, intrinsics: Dict[str, float], mask: Optional[np.ndarray] = None,
+                scene_flow: Optional[np.ndarray] = None,
+                options: GraphOptions = GraphOptions()) -> DeformationGraph:
+    """Builds the deformation graph of a depth frame.
+
+    depth (H, W) metres (<= 0 or non-finite = invalid); mask (H, W) bool, the object; scene_flow
+    (3, H, W) metres, non-finite = unknown: pixels without scene flow get no vertex, so that every
+    node has a ground-truth deformation (as the reference does).
+    Raises GraphError when the frame cannot carry a graph of at least 4 nodes.
+    """
+    timings: Dict[str, float] = {}
+    start = tick = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal tick
+        now = time.perf_counter()
+        timings[name] = now - tick
+        tick = now
+
+    depth = np.array(depth, dtype=np.float32)
+    if depth.ndim != 2:
+        raise GraphError(f"depth must be (H, W), found shape {depth.shape}")
+    height, width = depth.shape
+    depth[~np.isfinite(depth)] = 0
+    if mask is not None:
+        if mask.shape != depth.shape:
+            raise GraphError(f"mask shape {mask.shape} differs from depth shape {depth.shape}")
+        depth[~mask.astype(bool)] = 0
+    if scene_flow is not None:
+        if scene_flow.shape != (3, height, width):
+            raise GraphError(f"scene flow must be (3, {height}, {width}), found {scene_flow.shape}")
+        depth[~np.isfinite(scene_flow).all(axis=0)] = 0
+    valid_depth = (depth > 0) & (depth <= options.max_depth)
+    if not valid_depth.any():
+        raise GraphError("no valid depth" + (" inside the mask" if mask is not None else ""))
+
+    points = image_proc.backproject_depth(torch.from_numpy(depth), intrinsics, options.max_depth)
+    lap("backproject")
+    vertices, vertex_pixels, faces = C.mesh_from_depth(points, options.max_triangle_edge)
+    num_vertices = vertices.shape[0]
+    lap("mesh")
+    if faces.shape[0] == 0:
+        raise GraphError("the valid depth forms no mesh (isolated pixels or depth jumps "
+                         f"> {options.max_triangle_edge} m everywhere)")
+    kept = C.erode_mesh(faces, num_vertices, options.erosion_iterations, options.erosion_min_neighbors)
+    lap("erode")
+    node_vertices = C.sample_nodes(vertices, kept, options.node_coverage)
+    nodes = vertices[node_vertices]
+    lap("sample")
+    if node_vertices.numel() < 4:
+        raise GraphError(f"object too small: {node_vertices.numel()} node(s) sampled at coverage "
+                         f"{options.node_coverage} m after erosion, at least 4 needed")
+
+    csr = None
+    if options.mode == "geodesic":
+        csr = C.geodesic_node_distances(vertices, faces, node_vertices, options.influence_radius)
+        edges, edge_distances = C.geodesic_edges(*csr, node_vertices, num_vertices, options.num_neighbors)
+    else:
+        edges, edge_distances = C.euclidean_knn(nodes, nodes, options.num_neighbors, True)
+    lap("edges")
+
+    valid = C.valid_nodes_by_edge_count(edges, options.min_edges)
+    clusters = C.connected_components(edges, valid)
+    sizes = torch.bincount(clusters[valid].long(), minlength=1)
+    small = valid & (sizes[clusters.clamp(min=0).long()] < options.min_cluster_size)
+    if small.any():
+        valid &= ~small
+        clusters = C.connected_components(edges, valid)
+    num_valid = int(valid.sum())
+    lap("cleanup")
+    if num_valid < 4:
+        raise GraphError(f"object too small: {num_valid} node(s) left after removing nodes with "
+                         f"fewer than {options.min_edges} edges and clusters of fewer than "
+                         f"{options.min_cluster_size} nodes, at least 4 needed")
+
+    # Consistent re-indexing: old node id -> new id (or -1), applied to edges and anchors.
+    valid_np = valid.numpy()
+    new_id = np.full(valid_np.shape[0] + 1, -1, dtype=np.int64)  # last slot maps -1 to -1
+    new_id[:-1][valid_np] = np.arange(num_valid)
+
+    if options.mode == "geodesic":
+        anchors, anchor_weights = C.geodesic_anchors(*csr, valid, num_vertices, options.num_anchors,
+                                                     options.node_coverage)
+        anchors = new_id[anchors.numpy()]
+        anchor_weights = anchor_weights.numpy()
+    else:
+        # Nodes are passed already compacted, so these ids are the new ones.
+        anchors, anchor_distances = C.euclidean_knn(nodes[valid].contiguous(), vertices,
+                                                    options.num_anchors, False)
+        anchors = anchors.numpy()
+        anchor_weights = gaussian_weights(anchor_distances.numpy(), anchors >= 0, options.node_coverage)
+    pixel_anchors = np.full((height, width, options.num_anchors), -1, dtype=np.int32)
+    pixel_weights = np.zeros((height, width, options.num_anchors), dtype=np.float32)
+    px = vertex_pixels.numpy()
+    pixel_anchors[px[:, 1], px[:, 0]] = anchors
+    pixel_weights[px[:, 1], px[:, 0]] = anchor_weights
+    lap("anchors")
+
+    edges_np = edges.numpy()[valid_np]
+    remapped = new_id[edges_np]
+    out_edges, out_distances = _compact_rows(remapped, edge_distances.numpy()[valid_np], remapped >= 0)
+    out_weights = gaussian_weights(out_distances, out_edges >= 0, options.node_coverage)
+    node_pixels = px[node_vertices.numpy()[valid_np]]
+    node_deformations = None
+    if scene_flow is not None:
+        node_deformations = np.ascontiguousarray(
+            scene_flow[:, node_pixels[:, 1], node_pixels[:, 0]].T.astype(np.float32))
+    lap("reindex")
+    timings["total"] = time.perf_counter() - start
+
+    return DeformationGraph(
+        nodes=nodes.numpy()[valid_np], edges=out_edges, edges_weights=out_weights,
+        edges_distances=out_distances, clusters=clusters.numpy()[valid_np].reshape(-1, 1),
+        pixel_anchors=pixel_anchors, pixel_weights=pixel_weights, node_pixels=node_pixels,
+        node_deformations=node_deformations, timings=timings,
+        stats={"vertices": num_vertices, "faces": int(faces.shape[0]),
+               "kept_vertices": int(kept.sum()), "sampled_nodes": int(node_vertices.numel()),
+               "nodes": num_valid, "valid_depth_pixels": int(valid_depth.sum()),
+               "anchored_pixels": int((pixel_anchors >= 0).all(axis=2).sum())},
+    )

@@ -1,0 +1,77 @@
+"""Image processing on RGB-D frames (Python API over csrc/image).
+
+Conventions (DESIGN.md 3): metres; pixel (x, y) with x right, y down, origin at the top-left
+pixel centre; camera x right, y down, z forward; intrinsics as a dict {fx, fy, cx, cy}.
+"""
+from typing import Dict, Tuple, Union
+
+import numpy as np
+import torch
+
+from utils.ext import C
+
+ArrayLike = Union[np.ndarray, torch.Tensor]
+Intrinsics = Dict[str, float]
+
+
+def _tensor(x: ArrayLike, dtype=torch.float32) -> torch.Tensor:
+    return torch.as_tensor(x).to(dtype)
+
+
+def backproject_depth(depth: ArrayLike, intrinsics: Intrinsics, max_depth: float = 6.0) -> torch.Tensor:
+    """(H, W) depth in metres -> (H, W, 3) points; invalid depth (<= 0, > max_depth, NaN) -> 0.
+
+    Runs on the depth's device (CPU or CUDA) and keeps float32/float64.
+    """
+    depth = torch.as_tensor(depth)
+    if not depth.is_floating_point():
+        depth = depth.float()
+    return C.backproject_depth(depth, intrinsics["fx"], intrinsics["fy"], intrinsics["cx"],
+                               intrinsics["cy"], float(max_depth))
+
+
+def project_points(points: torch.Tensor, intrinsics: Intrinsics) -> torch.Tensor:
+    """(..., 3) camera points -> (..., 2) pixel coordinates (x, y)."""
+    z = points[..., 2]
+    return torch.stack((intrinsics["fx"] * points[..., 0] / z + intrinsics["cx"],
+                        intrinsics["fy"] * points[..., 1] / z + intrinsics["cy"]), dim=-1)
+
+
+def depth_boundary_mask(points: ArrayLike, radius: int = 1, max_distance: float = 0.1) -> torch.Tensor:
+    """(H, W, 3) points -> (H, W) bool: valid pixels next to (within `radius` pixels of) an
+    invalid pixel, the image border, or a point farther than `max_distance` metres."""
+    return C.depth_boundary_mask(torch.as_tensor(points), int(radius), float(max_distance))
+
+
+def mesh_from_depth(points: ArrayLike, max_edge_length: float = 0.05
+                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(H, W, 3) points -> vertices (V, 3) float32, vertex_pixels (V, 2) int32 (x, y),
+    faces (F, 3) int32: two triangles per 2x2 block of valid pixels whose edges are at most
+    `max_edge_length` metres, normals towards the camera."""
+    vertices, vertex_pixels, faces = C.mesh_from_depth(_tensor(points).cpu(), float(max_edge_length))
+    return vertices, vertex_pixels, faces
+
+
+def center_crop_offsets(height: int, width: int, out_height: int, out_width: int) -> Tuple[int, int]:
+    """(top, left) of the centre crop of size (out_height, out_width); both must fit."""
+    if out_height > height or out_width > width:
+        raise ValueError(f"crop {out_height}x{out_width} does not fit an image of {height}x{width}")
+    return (height - out_height) // 2, (width - out_width) // 2
+
+
+def crop_intrinsics(intrinsics: Intrinsics, top: int, left: int) -> Intrinsics:
+    """Intrinsics of an image cropped at (top, left): the principal point moves by exactly the
+    offset. (The reference code was off by half a pixel here; see tests/test_image_proc.py.)"""
+    return {"fx": intrinsics["fx"], "fy": intrinsics["fy"],
+            "cx": intrinsics["cx"] - left, "cy": intrinsics["cy"] - top}
+
+
+def center_crop(image: ArrayLike, out_height: int, out_width: int, channels_first: bool = False):
+    """Centre crop of an (H, W, ...) image, or (..., H, W) with channels_first."""
+    if channels_first:
+        height, width = image.shape[-2:]
+        top, left = center_crop_offsets(height, width, out_height, out_width)
+        return image[..., top:top + out_height, left:left + out_width]
+    height, width = image.shape[:2]
+    top, left = center_crop_offsets(height, width, out_height, out_width)
+    return image[top:top + out_height, left:left + out_width]
