@@ -24,14 +24,16 @@ $(VENV)/.requirements: resources/requirements.txt | $(PY)
 	$(PY) -m pip install -q --disable-pip-version-check -r resources/requirements.txt
 	touch $@
 
+# Builds are serialised with flock so that parallel `make` calls never share a half-built tree.
 # The editable install registers the repository on the venv's path (so `python benchmarks/x.py`
 # and imports from any folder work) and builds nnrt_ext in place. Later source edits rebuild
 # incrementally with ninja through build_ext.
 $(VENV)/.ext-built: $(VENV)/.requirements $(EXT_SOURCES)
+	@mkdir -p build
 	@if [ ! -f $(VENV)/.editable ]; then \
-	  MAX_JOBS=2 $(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . && touch $(VENV)/.editable; \
+	  flock build/.lock env MAX_JOBS=2 $(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . && touch $(VENV)/.editable; \
 	else \
-	  MAX_JOBS=2 $(PY) setup.py -q build_ext --inplace; \
+	  flock build/.lock env MAX_JOBS=2 $(PY) setup.py -q build_ext --inplace; \
 	fi
 	touch $@
 
