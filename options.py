@@ -45,6 +45,32 @@ class GraphOptions:
 
 
 # ----------------------------------------------------------------------------------------------
+# Gauss-Newton solver (DESIGN.md 5.3)
+
+
+@dataclass
+class SolverOptions:
+    iterations: int = opt(3, "Gauss-Newton iterations (3 in training, as the reference)")
+    flow_weight: float = opt(0.001, "weight of the projective flow term (squared pixels)")
+    depth_weight: float = opt(1.0, "weight of the depth term (squared metres)")
+    arap_weight: float = opt(1.0, "weight of the as-rigid-as-possible term (squared metres)")
+    lm_damping: float = opt(0.1, "Levenberg-Marquardt damping added to the diagonal of J^T J")
+    max_matches: int = opt(0, "randomly keep at most this many matches per sample (0 = all)")
+    edge_weighting: bool = opt(False, "weight ARAP edges by K x their graph edge weight "
+                                      "(otherwise every edge has weight 1)")
+    remove_clusters: bool = opt(True, "drop graph clusters (connected components) whose total "
+                                      "match weight is below --min-cluster-weight")
+    min_cluster_weight: float = opt(200.0, "least total match weight (correspondence weight x "
+                                           "skinning weight, summed) a cluster needs to be solved")
+    min_nodes: int = opt(4, "a sample with fewer solvable nodes is marked failed")
+    max_nodes: int = opt(500, "a sample with more nodes is marked failed (the dense 6N x 6N "
+                              "system grows quadratically)")
+    max_depth: float = opt(6.0, "source points and target depths beyond this many metres are ignored")
+    convergence_tolerance: float = opt(1e-6, "a sample has converged (and stops updating) when "
+                                             "its largest increment is below this (radians / metres)")
+
+
+# ----------------------------------------------------------------------------------------------
 # Command-line plumbing
 
 
@@ -84,3 +110,48 @@ def from_dict(group: Type[T], values: Dict[str, Any]) -> T:
     """Rebuilds `group` from a stored dict, ignoring keys that no longer exist."""
     names = {f.name for f in dataclasses.fields(group)}
     return group(**{k: v for k, v in values.items() if k in names})
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic data (DESIGN.md 5.8, dataset/synthetic.py)
+
+
+@dataclass
+class SyntheticOptions:
+    out: str = opt("data/synthetic", "dataset root: writes OUT/<split>_graphs.json and OUT/<split>/seqNNNN/")
+    split: str = opt("train", "split name (train, val, test, ...); also mixed into each pair's seed")
+    pairs: int = opt(100, "number of source/target pairs (finished pairs of an earlier run are kept)")
+    seed: int = opt(0, "random seed; pair i is drawn from a generator seeded by (seed, split, i)")
+    workers: int = opt(1, "worker processes (results do not depend on it)")
+    width: int = opt(640, "image width in pixels (real frames are resized to it)")
+    height: int = opt(480, "image height in pixels (real frames are resized to it)")
+    focal: float = opt(0.9, "procedural scenes: focal length in units of the image width "
+                            "(DeepDeform: 575.5 / 640)")
+    shapes: str = opt("cloth,bump,cylinder,blob", "procedural surface families to draw from, "
+                                                  "comma-separated")
+    motions: str = opt("bend,twist,rbf,bulge,large", "motion families, comma-separated; pair i "
+                                                     "gets the (i mod count)-th")
+    motion_scale: float = opt(1.0, "multiplies every motion magnitude (angles, shifts, bulges); "
+                                   "not the large family's target image motion")
+    large_flow_min: float = opt(30.0, "large motion: least mean optical flow in pixels at 640 px "
+                                      "width (scaled with the width)")
+    large_flow_max: float = opt(60.0, "large motion: greatest mean optical flow in pixels at 640 px "
+                                      "width (scaled with the width)")
+    min_distance: float = opt(0.8, "procedural object: nearest distance of its centre, metres")
+    max_distance: float = opt(2.5, "procedural object: farthest distance of its centre, metres")
+    depth_noise: float = opt(1.0, "scale of the depth noise sigma(z) = 1.2 mm + 1.9 mm/m^2 "
+                                  "(z - 0.4 m)^2 (0 = noise-free)")
+    holes: float = opt(1.0, "scale of the number of missing-depth blobs and of the dropout at "
+                            "depth discontinuities (0 = none)")
+    grazing_angle: float = opt(80.0, "depth is missing where the view ray meets the surface more "
+                                     "than this many degrees away from its normal")
+    illumination: float = opt(1.0, "strength of the brightness and colour change between source "
+                                   "and target (0 = none)")
+    jpeg_quality: int = opt(90, "JPEG quality of the colour images")
+    real_frames: Optional[str] = opt(None, "deform the objects of real RGB-D frames instead of "
+                                           "procedural surfaces: a folder with color/NAME.jpg|png, "
+                                           "depth/NAME.png (uint16 mm), intrinsics.txt and optional "
+                                           "mask/NAME_OBJECT.png")
+    real_depth_threshold: Optional[float] = opt(None, "real frames without a mask: the object is "
+                                                      "the largest region nearer than this many "
+                                                      "metres (default: automatic, Otsu)")

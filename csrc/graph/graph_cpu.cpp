@@ -56,21 +56,6 @@ void CheckEdges(const at::Tensor& edges) {
   }
 }
 
-// Runs body(i) for i in [0, n) on all threads, handing out indices one at a time so that uneven
-// work (Dijkstra from a node in the middle of the surface vs. one on a thin strip) stays balanced.
-// make_workspace() is called once per thread.
-template <typename Workspace, typename MakeWorkspace, typename Body>
-void DynamicParallelFor(int64_t n, MakeWorkspace make_workspace, Body body) {
-  std::atomic<int64_t> next{0};
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
-  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      Workspace ws = make_workspace();
-      for (int64_t i = next++; i < n; i = next++) body(i, ws);
-    }
-  });
-}
-
 // Undirected vertex adjacency of a triangle mesh in CSR form, with edge lengths.
 struct MeshAdjacency {
   std::vector<int64_t> offsets;
