@@ -24,17 +24,18 @@ $(VENV)/.requirements: resources/requirements.txt | $(PY)
 	$(PY) -m pip install -q --disable-pip-version-check -r resources/requirements.txt
 	touch $@
 
+# The editable install ("compat" mode: a .pth file with the repository root) puts the repository
+# on the venv's path, so `python benchmarks/x.py` and imports from any folder work; it also builds
+# nnrt_ext in place. Source edits later rebuild incrementally with ninja through build_ext.
 # Builds are serialised with flock so that parallel `make` calls never share a half-built tree.
-# The editable install registers the repository on the venv's path (so `python benchmarks/x.py`
-# and imports from any folder work) and builds nnrt_ext in place. Later source edits rebuild
-# incrementally with ninja through build_ext.
-$(VENV)/.ext-built: $(VENV)/.requirements $(EXT_SOURCES)
+$(VENV)/.editable: $(VENV)/.requirements setup.py pyproject.toml
 	@mkdir -p build
-	@if [ ! -f $(VENV)/.editable ]; then \
-	  flock build/.lock env MAX_JOBS=2 $(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . && touch $(VENV)/.editable; \
-	else \
-	  flock build/.lock env MAX_JOBS=2 $(PY) setup.py -q build_ext --inplace; \
-	fi
+	flock build/.lock env MAX_JOBS=2 $(PY) -m pip install -q --disable-pip-version-check --no-deps \
+	  --no-build-isolation --config-settings editable_mode=compat -e .
+	touch $@
+
+$(VENV)/.ext-built: $(VENV)/.editable $(EXT_SOURCES)
+	flock build/.lock env MAX_JOBS=2 $(PY) setup.py -q build_ext --inplace
 	touch $@
 
 test: setup

@@ -27,7 +27,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from model.warp import anchor_terms, so3_exp, skew
+from model.warp import so3_exp, skew
 from options import SolverOptions
 from utils.ext import C
 
@@ -125,17 +125,24 @@ def cholesky_solve(A: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torc
 # Linearisation
 
 
-def match_terms(points, anchors, anchor_weights, target_pixels, target_depth, weights,
-                intrinsics, nodes, rotations, translations, flow_weight, depth_weight):
+def match_terms(offsets, anchors, anchor_weights, anchored_base, target_pixels, target_depth,
+                weights, intrinsics, rotations, translations, flow_weight, depth_weight,
+                jacobians: bool = True):
     """Residuals (M, 3) and Jacobian blocks (M, 3, 24) of the data terms.
 
-    points (M, 3) source points; anchors (M, 4) int64 flat node indices; anchor_weights (M, 4);
+    offsets (M, A, 3) = x - g_{a_k}, the source point relative to each anchor; anchors (M, A)
+    int64 flat node indices; anchor_weights (M, A); anchored_base (M, 3) = sum_k w_k g_{a_k};
     target_pixels (M, 2); target_depth (M,); weights (M,) correspondence weights c;
-    intrinsics (M, 4) fx, fy, cx, cy of each match; nodes (BN, 3); rotations (BN, 3, 3);
-    translations (BN, 3). Block column 6k + p: unknown p (rotation 0-2, translation 3-5) of
-    anchor k. Rows: flow x, flow y, depth.
+    intrinsics (M, 4) fx, fy, cx, cy of each match; rotations (BN, 3, 3); translations (BN, 3).
+    The warped point is x' = sum_k w_k (R_k offsets_k + g_k + t_k). Block column 6k + p: unknown
+    p (rotation 0-2, translation 3-5) of anchor k. Rows: flow x, flow y, depth.
+    With jacobians=False only the residuals are computed (and None is returned for J).
     """
-    q, warped = anchor_terms(points, anchors, anchor_weights, nodes, rotations, translations)
+    R = rotations[anchors]                                                   # (M, A, 3, 3)
+    # q_k = R_k offsets_k, written out: batched 3x3 products are slow through bmm.
+    q = (R[..., 0] * offsets[..., 0:1] + R[..., 1] * offsets[..., 1:2]
+         + R[..., 2] * offsets[..., 2:3])                                    # (M, A, 3)
+    warped = anchored_base + (anchor_weights[..., None] * (q + translations[anchors])).sum(dim=1)
     x, y, z = warped.unbind(dim=-1)
     fx, fy, cx, cy = intrinsics.unbind(dim=-1)
     inv_z = 1.0 / z
@@ -144,18 +151,29 @@ def match_terms(points, anchors, anchor_weights, target_pixels, target_depth, we
     residuals = torch.stack((cf * (fx * x * inv_z + cx - target_pixels[:, 0]),
                              cf * (fy * y * inv_z + cy - target_pixels[:, 1]),
                              cd * (z - target_depth)), dim=-1)
-    # D = d residuals / d warped point (M, 3, 3): weighted projection Jacobian and depth row.
-    zero = torch.zeros_like(z)
-    D = torch.stack((cf * fx * inv_z, zero, -cf * fx * x * inv_z * inv_z,
-                     zero, cf * fy * inv_z, -cf * fy * y * inv_z * inv_z,
-                     zero, zero, cd), dim=-1).reshape(-1, 3, 3)
+    if not jacobians:
+        return residuals, None
+    # D = d residuals / d warped point = [[a, 0, b], [0, c, d], [0, 0, e]] per match.
+    a = (cf * fx * inv_z)[:, None]
+    b = (-cf * fx * x * inv_z * inv_z)[:, None]
+    c = (cf * fy * inv_z)[:, None]
+    d = (-cf * fy * y * inv_z * inv_z)[:, None]
+    e = cd[:, None].expand_as(a)
     # d warped / d(dw_k) = -w_k [q_k]_x, so row i of the rotation block is w_k (q_k x D_i);
-    # d warped / d(dt_k) = w_k I, so the translation block is w_k D.
+    # d warped / d(dt_k) = w_k I, so the translation block is w_k D. D's zeros are used to skip
+    # most products of the cross products.
+    w = anchor_weights
+    qx, qy, qz = q.unbind(dim=-1)                                             # (M, A) each
+    wqx, wqy, wqz = w * qx, w * qy, w * qz
+    wa, wb, wc, wd, we = w * a, w * b, w * c, w * d, w * e
+    zero = torch.zeros_like(wa)
+    rows = (
+        torch.stack((wqy * b, wqz * a - wqx * b, -wqy * a, wa, zero, wb), dim=-1),
+        torch.stack((wqy * d - wqz * c, -wqx * d, wqx * c, zero, wc, wd), dim=-1),
+        torch.stack((wqy * e, -wqx * e, zero, zero, zero, we), dim=-1),
+    )
     M, A = anchors.shape
-    D_k = D[:, None].expand(M, A, 3, 3)
-    rot = torch.cross(q[:, :, None, :].expand(M, A, 3, 3), D_k, dim=-1)
-    blocks = anchor_weights[:, :, None, None] * torch.cat((rot, D_k), dim=-1)   # (M, A, 3, 6)
-    return residuals, blocks.permute(0, 2, 1, 3).reshape(M, 3, 6 * A)
+    return residuals, torch.stack(rows, dim=1).reshape(M, 3, 6 * A)
 
 
 def edge_terms(sources, targets, edge_weights, nodes, rotations, translations, arap_weight):
@@ -195,6 +213,19 @@ class SolverProblem:
     target_pixels: torch.Tensor    # (M, 2) target pixel (x, y) of each match
     target_depth: torch.Tensor     # (M,) depth of the target point at that pixel
     weights: torch.Tensor          # (M,) correspondence weights in [0, 1]
+
+
+    @classmethod
+    def from_matches(cls, matches, nodes, num_nodes, edges, edge_weights, clusters, intrinsics):
+        """Builds a problem from packed `model.correspondences.Matches` and a padded batch of
+        graphs: nodes (B, N, 3), num_nodes (B,), edges (B, N, K), edge_weights (B, N, K),
+        clusters (B, N) or (B, N, 1), intrinsics (B, 4)."""
+        return cls(nodes=nodes, num_nodes=num_nodes.long(), edges=edges.long(),
+                   edge_weights=edge_weights, clusters=clusters.reshape(clusters.shape[:2]).long(),
+                   intrinsics=intrinsics, match_sample=matches.sample,
+                   source_points=matches.source_points, anchors=matches.anchors,
+                   anchor_weights=matches.anchor_weights, target_pixels=matches.target_pixels,
+                   target_depth=matches.target_depth, weights=matches.weights)
 
 
 @dataclass
@@ -298,6 +329,9 @@ def solve(problem: SolverProblem, options: SolverOptions = SolverOptions(),
     index, sample, flat_anchors = index[keep], sample[keep], flat_anchors[keep]
     anchor_weights, weights = anchor_weights[keep], weights[keep]
     points = p.source_points[index]
+    anchored_nodes = p.nodes.reshape(B * N, 3)[flat_anchors]                 # (M, 4, 3)
+    offsets = points[:, None, :] - anchored_nodes
+    anchored_base = (anchor_weights[..., None] * anchored_nodes).sum(dim=1)
     target_pixels = p.target_pixels[index]
     target_depth = p.target_depth[index]
     intrinsics = p.intrinsics[sample]
@@ -330,9 +364,9 @@ def solve(problem: SolverProblem, options: SolverOptions = SolverOptions(),
                                             torch.ones((), dtype=dtype)).to(device))
 
     def linearise(jacobians: bool):
-        r_m, J_m = match_terms(points, flat_anchors, anchor_weights, target_pixels, target_depth,
-                               weights, intrinsics, nodes_flat, rotations, translations,
-                               options.flow_weight, options.depth_weight)
+        r_m, J_m = match_terms(offsets, flat_anchors, anchor_weights, anchored_base,
+                               target_pixels, target_depth, weights, intrinsics, rotations,
+                               translations, options.flow_weight, options.depth_weight, jacobians)
         r_e, J_e = edge_terms(sources, targets, edge_w, nodes_flat, rotations, translations,
                               options.arap_weight)
         with torch.no_grad():

@@ -29,9 +29,11 @@ def _blocks_to_dense(J, nodes, num_nodes):
 def _ours_dense_jacobian(p, R, t):
     N = p["nodes"].shape[0]
     M = p["points"].shape[0]
-    r_m, J_m = gn.match_terms(p["points"], p["anchors"], p["anchor_weights"], p["target_pixels"],
-                              p["target_depth"], p["weights"], p["intrinsics"].expand(M, 4),
-                              p["nodes"], R, t, WEIGHTS["flow"], WEIGHTS["depth"])
+    g = p["nodes"][p["anchors"]]
+    r_m, J_m = gn.match_terms(p["points"][:, None] - g, p["anchors"], p["anchor_weights"],
+                              (p["anchor_weights"][..., None] * g).sum(1), p["target_pixels"],
+                              p["target_depth"], p["weights"], p["intrinsics"].expand(M, 4), R, t,
+                              WEIGHTS["flow"], WEIGHTS["depth"])
     r_e, J_e = gn.edge_terms(p["edges"][:, 0], p["edges"][:, 1], p["edge_weights"], p["nodes"], R, t,
                              WEIGHTS["arap"])
     dense = torch.cat((_blocks_to_dense(J_m, p["anchors"], N), _blocks_to_dense(J_e, p["edges"], N)))

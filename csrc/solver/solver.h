@@ -17,8 +17,9 @@
 //
 // CPU: each thread owns a set of node rows of A and adds the 6x6 blocks of those rows from the
 // terms touching them (a node -> term index built per call), so there are no races and no
-// per-thread copies of A. Only blocks (i, j) with j >= i are computed; the lower triangle is
-// mirrored at the end. Accumulation is in double. CUDA: one thread per (term, slot pair)
+// per-thread copies of A. Blocks are summed in a block-contiguous scratch row first (far fewer
+// cache lines touched than A's strided rows), then added to A in double. Only blocks (i, j) with
+// j >= i are computed; the lower triangle is mirrored at the end. CUDA: one thread per (term, slot pair)
 // with atomicAdd. Both call the per-block functions below.
 #pragma once
 
@@ -26,22 +27,26 @@
 
 namespace nnrt {
 
-// Most slots a term may have (4 anchors per match; 2 nodes per edge).
-constexpr int kMaxSlots = 8;
+// Most slots a term may have (4 anchors per match; 2 nodes per edge). Bounds the per-term
+// scratch of the backward (a 6S x 6S block), which lives in registers / local memory on GPU.
+constexpr int kMaxSlots = 4;
 
-// out[p * ld + q] += sum_r J[r][6s + p] * J[r][6t + q]  for p, q in 0..5.
+// out[p * ld + q] += sum_r J[r][6s + p] * J[r][6t + q]  for p, q in 0..5. The 6x6 block of the
+// term is summed over its R rows in scalar_t (in registers), then added to the accumulator.
 template <typename scalar_t, typename acc_t>
 HOST_DEVICE inline void AddJtJBlock(const scalar_t* J, int R, int S, int s, int t, acc_t* out,
                                     int64_t ld) {
   const int cols = 6 * S;
+  scalar_t block[36];
+  for (int e = 0; e < 36; ++e) block[e] = 0;
   for (int row = 0; row < R; ++row) {
     const scalar_t* js = J + row * cols + 6 * s;
     const scalar_t* jt = J + row * cols + 6 * t;
-    for (int p = 0; p < 6; ++p) {
-      const acc_t a = static_cast<acc_t>(js[p]);
-      for (int q = 0; q < 6; ++q) out[p * ld + q] += a * static_cast<acc_t>(jt[q]);
-    }
+    for (int p = 0; p < 6; ++p)
+      for (int q = 0; q < 6; ++q) block[6 * p + q] += js[p] * jt[q];
   }
+  for (int p = 0; p < 6; ++p)
+    for (int q = 0; q < 6; ++q) out[p * ld + q] += static_cast<acc_t>(block[6 * p + q]);
 }
 
 // out[p] += sum_r J[r][6s + p] * res[r]  for p in 0..5.
@@ -55,40 +60,51 @@ HOST_DEVICE inline void AddJtrBlock(const scalar_t* J, const scalar_t* res, int 
   }
 }
 
-// Gradient of one term: grad_J (R x 6S) and grad_r (R) from grad_A (B, 6N, 6N) and
-// grad_b (B, 6N). `local` is the node index within its sample, -1 for unused slots.
+// Backward of one term, in two steps so that the CPU launcher can reuse the gathered gradient
+// across consecutive terms with the same nodes (neighbouring pixels share their anchors).
+// With G = (grad_A + grad_A^T) and g = grad_b gathered at the term's 6S unknowns:
+//   grad_J[r][a] = res[r] g[a] + sum_b J[r][b] G[a][b],   grad_r[r] = sum_a J[r][a] g[a].
+// `local` is the node index of each slot within its sample, -1 for unused slots (zero gradient).
 template <typename scalar_t>
-HOST_DEVICE inline void TermBackward(const scalar_t* J, const scalar_t* res, const int64_t* local,
-                                     int64_t sample, int R, int S, int64_t N,
-                                     const scalar_t* grad_A, const scalar_t* grad_b,
-                                     scalar_t* grad_J, scalar_t* grad_r) {
+HOST_DEVICE inline void GatherTermGradient(const int64_t* local, int64_t sample, int S, int64_t N,
+                                           const scalar_t* grad_A, const scalar_t* grad_b,
+                                           scalar_t* G, scalar_t* g) {
   const int cols = 6 * S;
   const int64_t dim = 6 * N;
   const scalar_t* gA = grad_A + sample * dim * dim;
   const scalar_t* gb = grad_b + sample * dim;
+  for (int a = 0; a < cols; ++a) {
+    const int64_t na = local[a / 6];
+    const int64_t ia = 6 * na + a % 6;
+    g[a] = na < 0 ? scalar_t(0) : gb[ia];
+    for (int b = 0; b < cols; ++b) {
+      const int64_t nb = local[b / 6];
+      const int64_t ib = 6 * nb + b % 6;
+      G[a * cols + b] = (na < 0 || nb < 0) ? scalar_t(0) : gA[ia * dim + ib] + gA[ib * dim + ia];
+    }
+  }
+}
+
+// kS > 0 fixes the slot count at compile time (the CPU launcher's common shapes), so the loops
+// unroll; the inner loops are written as axpy (G is symmetric) so that they vectorise without
+// reassociating a reduction.
+template <typename scalar_t, int kS = 0>
+HOST_DEVICE inline void ApplyTermGradient(const scalar_t* J, const scalar_t* res, int R, int S,
+                                          const scalar_t* G, const scalar_t* g, scalar_t* grad_J,
+                                          scalar_t* grad_r) {
+  const int cols = 6 * (kS > 0 ? kS : S);
   for (int row = 0; row < R; ++row) {
     const scalar_t* jr = J + row * cols;
-    scalar_t gr = 0;
-    for (int s = 0; s < S; ++s) {
-      if (local[s] < 0) {
-        for (int p = 0; p < 6; ++p) grad_J[row * cols + 6 * s + p] = 0;
-        continue;
-      }
-      const int64_t base_s = 6 * local[s];
-      for (int p = 0; p < 6; ++p) {
-        // sum over (t, q) of J[row][6t+q] * (G[(s,p),(t,q)] + G[(t,q),(s,p)])
-        scalar_t acc = res[row] * gb[base_s + p];
-        for (int t = 0; t < S; ++t) {
-          if (local[t] < 0) continue;
-          const int64_t base_t = 6 * local[t];
-          for (int q = 0; q < 6; ++q) {
-            acc += jr[6 * t + q] * (gA[(base_s + p) * dim + base_t + q] + gA[(base_t + q) * dim + base_s + p]);
-          }
-        }
-        grad_J[row * cols + 6 * s + p] = acc;
-        gr += jr[6 * s + p] * gb[base_s + p];
-      }
+    scalar_t* out = grad_J + row * cols;
+    const scalar_t rv = res[row];
+    for (int a = 0; a < cols; ++a) out[a] = rv * g[a];
+    for (int b = 0; b < cols; ++b) {
+      const scalar_t jb = jr[b];
+      const scalar_t* Gb = G + b * cols;
+      for (int a = 0; a < cols; ++a) out[a] += jb * Gb[a];
     }
+    scalar_t gr = 0;
+    for (int a = 0; a < cols; ++a) gr += jr[a] * g[a];
     grad_r[row] = gr;
   }
 }

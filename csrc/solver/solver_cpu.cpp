@@ -1,3 +1,5 @@
+#include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "solver/solver.h"
@@ -53,24 +55,59 @@ std::vector<at::Tensor> AssembleNormalEquationsCpu(const at::Tensor& J, const at
   AT_DISPATCH_FLOATING_TYPES(J.scalar_type(), "assemble_normal_equations_cpu", [&] {
     const scalar_t* Jp = J.data_ptr<scalar_t>();
     const scalar_t* rp = r.data_ptr<scalar_t>();
-    DynamicParallelFor<int>(
-        total, [] { return 0; },
-        [&](int64_t n, int&) {
-          const int64_t sample = n / N, i = n % N;
-          double* A_rows = A + sample * dim * dim + 6 * i * dim;
-          double* b_rows = b + sample * dim + 6 * i;
-          for (int64_t e = start[n]; e < start[n + 1]; ++e) {
-            const int64_t m = entries[e] / S;
-            const int s = static_cast<int>(entries[e] % S);
-            const scalar_t* Jm = Jp + m * R * 6 * S;
-            for (int t = 0; t < S; ++t) {
-              const int64_t nt = idx[m * S + t];
-              if (nt < n) continue;  // unused slot (-1) or a lower block, mirrored below
-              AddJtJBlock<scalar_t, double>(Jm, R, S, s, t, A_rows + 6 * (nt % N), dim);
+    // The row owner of node n adds, for every (term, slot s) at n, the blocks (n, node of t),
+    // first into `scratch` (the 6 x 6N block row of node n, one contiguous 6x6 block per node).
+    struct Workspace {
+      std::vector<scalar_t> scratch;
+      std::vector<uint8_t> touched;
+      std::vector<int64_t> touched_list;
+    };
+    auto assemble = [&](auto rows, auto slots) {
+      constexpr int kR = decltype(rows)::value, kS = decltype(slots)::value;
+      const int RR = kR > 0 ? kR : R, SS = kS > 0 ? kS : S;
+      DynamicParallelFor<Workspace>(
+          total, [&] { return Workspace{std::vector<scalar_t>(36 * N, 0), std::vector<uint8_t>(N, 0), {}}; },
+          [&](int64_t n, Workspace& ws) {
+            const int64_t sample = n / N, i = n % N;
+            double* A_rows = A + sample * dim * dim + 6 * i * dim;
+            double* b_rows = b + sample * dim + 6 * i;
+            for (int64_t e = start[n]; e < start[n + 1]; ++e) {
+              const int64_t m = entries[e] / SS;
+              const int s = static_cast<int>(entries[e] % SS);
+              const scalar_t* Jm = Jp + m * RR * 6 * SS;
+              for (int t = 0; t < SS; ++t) {
+                const int64_t nt = idx[m * SS + t];
+                if (nt < n) continue;  // unused slot (-1) or a lower block, mirrored below
+                const int64_t j = nt % N;
+                if (!ws.touched[j]) {
+                  ws.touched[j] = 1;
+                  ws.touched_list.push_back(j);
+                }
+                AddJtJBlock<scalar_t, scalar_t>(Jm, RR, SS, s, t, ws.scratch.data() + 36 * j, 6);
+              }
+              AddJtrBlock<scalar_t, double>(Jm, rp + m * RR, RR, SS, s, b_rows);
             }
-            AddJtrBlock<scalar_t, double>(Jm, rp + m * R, R, S, s, b_rows);
-          }
-        });
+            for (int64_t j : ws.touched_list) {
+              scalar_t* block = ws.scratch.data() + 36 * j;
+              for (int p = 0; p < 6; ++p)
+                for (int q = 0; q < 6; ++q) A_rows[p * dim + 6 * j + q] += block[6 * p + q];
+              std::fill(block, block + 36, scalar_t(0));
+              ws.touched[j] = 0;
+            }
+            ws.touched_list.clear();
+          });
+    };
+    // Compile-time sizes for the two shapes the solver uses (matches: 3 rows x 4 anchors,
+    // edges: 3 rows x 2 nodes) let the compiler unroll and vectorise the 6x6 block products.
+    using Any = std::integral_constant<int, 0>;
+    using Three = std::integral_constant<int, 3>;
+    if (R == 3 && S == 4) {
+      assemble(Three{}, std::integral_constant<int, 4>{});
+    } else if (R == 3 && S == 2) {
+      assemble(Three{}, std::integral_constant<int, 2>{});
+    } else {
+      assemble(Any{}, Any{});
+    }
   });
 
   // Mirror the upper triangle onto the lower one (diagonal blocks were computed whole).
@@ -103,6 +140,10 @@ std::vector<at::Tensor> AssembleNormalEquationsBackwardCpu(const at::Tensor& gra
     scalar_t* gJ = grad_J.data_ptr<scalar_t>();
     scalar_t* gr = grad_r.data_ptr<scalar_t>();
     at::parallel_for(0, M, 256, [&](int64_t begin, int64_t end) {
+      scalar_t G[36 * kMaxSlots * kMaxSlots];
+      scalar_t g[6 * kMaxSlots];
+      int64_t last_local[kMaxSlots];
+      int64_t last_sample = -1;
       for (int64_t m = begin; m < end; ++m) {
         const int64_t sample = TermSample(idx + m * S, S, N, m, B * N);
         int64_t local[kMaxSlots];
@@ -112,8 +153,22 @@ std::vector<at::Tensor> AssembleNormalEquationsBackwardCpu(const at::Tensor& gra
           for (int k = 0; k < R; ++k) gr[m * R + k] = 0;
           continue;
         }
-        TermBackward<scalar_t>(Jp + m * R * 6 * S, rp + m * R, local, sample, R, S, N, gA, gb,
-                               gJ + m * R * 6 * S, gr + m * R);
+        // Consecutive terms (neighbouring pixels) mostly share their nodes: gather once.
+        if (sample != last_sample || !std::equal(local, local + S, last_local)) {
+          GatherTermGradient<scalar_t>(local, sample, S, N, gA, gb, G, g);
+          last_sample = sample;
+          std::copy(local, local + S, last_local);
+        }
+        if (S == 4) {
+          ApplyTermGradient<scalar_t, 4>(Jp + m * R * 6 * S, rp + m * R, R, S, G, g,
+                                         gJ + m * R * 6 * S, gr + m * R);
+        } else if (S == 2) {
+          ApplyTermGradient<scalar_t, 2>(Jp + m * R * 6 * S, rp + m * R, R, S, G, g,
+                                         gJ + m * R * 6 * S, gr + m * R);
+        } else {
+          ApplyTermGradient<scalar_t>(Jp + m * R * 6 * S, rp + m * R, R, S, G, g,
+                                      gJ + m * R * 6 * S, gr + m * R);
+        }
       }
     });
   });

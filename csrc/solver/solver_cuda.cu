@@ -28,7 +28,7 @@ __global__ void AssembleKernel(const scalar_t* __restrict__ J, const scalar_t* _
     const scalar_t* Jm = J + m * R * 6 * S;
     scalar_t block[36];
     for (int e = 0; e < 36; ++e) block[e] = 0;
-    AddJtJBlock<scalar_t, scalar_t>(Jm, R, S, s, t, block, 6);
+    AddJtJBlock<scalar_t, scalar_t>(Jm, R, S, s, t, block, 6);  // then one atomic per entry
     scalar_t* Ab = A + sample * dim * dim;
     for (int p = 0; p < 6; ++p)
       for (int q = 0; q < 6; ++q) atomicAdd(Ab + (6 * i + p) * dim + 6 * j + q, block[6 * p + q]);
@@ -62,8 +62,11 @@ __global__ void AssembleBackwardKernel(const scalar_t* __restrict__ grad_A,
       for (int k = 0; k < R; ++k) grad_r[m * R + k] = 0;
       continue;
     }
-    TermBackward<scalar_t>(J + m * R * 6 * S, r + m * R, local, sample, R, S, N, grad_A, grad_b,
-                           grad_J + m * R * 6 * S, grad_r + m * R);
+    scalar_t G[36 * kMaxSlots * kMaxSlots];
+    scalar_t g[6 * kMaxSlots];
+    GatherTermGradient<scalar_t>(local, sample, S, N, grad_A, grad_b, G, g);
+    ApplyTermGradient<scalar_t>(J + m * R * 6 * S, r + m * R, R, S, G, g, grad_J + m * R * 6 * S,
+                                grad_r + m * R);
   }
 }
 

@@ -1,0 +1,1 @@
+"""Tests; `tests.reference` holds the slow reference implementations."""
