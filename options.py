@@ -71,6 +71,49 @@ class SolverOptions:
 
 
 # ----------------------------------------------------------------------------------------------
+# Data (dataset/deepdeform.py)
+
+
+@dataclass
+class DataOptions:
+    crop_height: int = opt(0, "centre-crop frames to this height, intrinsics adjusted (0 = full)")
+    crop_width: int = opt(0, "centre-crop frames to this width, intrinsics adjusted (0 = full)")
+    color_jitter: float = opt(0.0, "training augmentation: random gain/bias of each colour "
+                                   "frame, as a fraction (0 = off)")
+    rotation_augmentation: float = opt(0.0, "training augmentation: roll the target camera by up "
+                                            "to this many degrees, ground truth kept consistent")
+    boundary_distance: float = opt(0.1, "target pixels next to a 3D jump larger than this many "
+                                        "metres (or to missing depth) form the boundary mask")
+
+
+# ----------------------------------------------------------------------------------------------
+# The tracker (model/tracker.py)
+
+
+@dataclass
+class TrackerOptions:
+    flow: str = opt("dis", "correspondence front-end: the learned flow network and weighting head, "
+                           "OpenCV's DIS optical flow, or the ground-truth optical flow (oracle)",
+                    choices=("network", "dis", "gt"))
+    use_mask: bool = opt(True, "network front-end: weight correspondences by the weighting head "
+                               "(otherwise every weight is 1)")
+    network_input: str = opt("crop", "frames whose sides are not multiples of 64: centre-crop "
+                                     "them for the network (as the reference does for 640x480) or "
+                                     "pad them by replicating the border; flow outside a crop is "
+                                     "unknown, the warp still covers every anchored pixel",
+                             choices=("crop", "pad"))
+    dis_preset: str = opt("medium", "DIS optical flow preset", choices=("ultrafast", "fast", "medium"))
+    dis_weights: str = opt("photometric", "DIS correspondence weights: all 1, or from the colour "
+                                          "difference between a pixel and its match",
+                           choices=("uniform", "photometric"))
+    dis_consistency: float = opt(2.0, "DIS: drop matches whose forward flow and the backward flow "
+                                      "at the match disagree by more than this many pixels "
+                                      "(0 = keep all)")
+    max_depth_jump: float = opt(0.05, "reject a match whose 4 target pixels differ in depth by "
+                                      "more than this many metres (a depth edge)")
+
+
+# ----------------------------------------------------------------------------------------------
 # Command-line plumbing
 
 

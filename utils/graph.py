@@ -49,7 +49,12 @@ class DeformationGraph:
 
     def save(self, out_dir: str, name: str) -> Dict[str, str]:
         """Writes DIR/<kind>/NAME.bin for every kind (node deformations only when known)."""
-        paths = {kind: os.path.join(out_dir, kind, name + ".bin") for kind in GRAPH_KINDS}
+        return self.save_to({kind: os.path.join(out_dir, kind, name + ".bin") for kind in GRAPH_KINDS})
+
+    def save_to(self, paths: Dict[str, str]) -> Dict[str, str]:
+        """Writes every kind to paths[kind] (a DeepDeform label's graph paths); node deformations
+        only when known. Returns the paths written."""
+        paths = dict(paths)
         io.write_graph_nodes(paths["graph_nodes"], self.nodes)
         io.write_graph_edges(paths["graph_edges"], self.edges)
         io.write_graph_edges_weights(paths["graph_edges_weights"], self.edges_weights)
@@ -59,7 +64,7 @@ class DeformationGraph:
         if self.node_deformations is not None:
             io.write_graph_node_deformations(paths["graph_node_deformations"], self.node_deformations)
         else:
-            del paths["graph_node_deformations"]
+            paths.pop("graph_node_deformations", None)
         return paths
 
 

@@ -1,0 +1,114 @@
+"""Deformation graph files for your own RGB-D frames, or for a whole DeepDeform-format split.
+
+One frame (the most common use: custom data, no mask or scene flow needed):
+    python create_graph_data.py --depth D.png --intrinsics I.txt [--mask M.png]
+        [--scene-flow S.sflow] --out DIR --name NAME [--node-coverage 0.05] [--max-depth 6]
+writes DIR/<kind>/NAME.bin for graph_nodes, graph_edges, graph_edges_weights, graph_clusters,
+pixel_anchors, pixel_weights, and graph_node_deformations when a scene flow is given.
+
+A split (every pair whose graph files are missing, with a progress bar):
+    python create_graph_data.py --dataset-dir D --split S [--overwrite]
+writes to the graph paths of each label; the source mask is the label's "source_mask" or
+<sequence>/mask/<source_id>_<object_id>.png when present, and the scene flow the label's.
+
+Bad input (a missing file, no valid depth, an object too small for 4 nodes) exits with status 1
+and one line saying what is wrong.
+"""
+import argparse
+import os
+import sys
+
+from tqdm import tqdm
+
+from dataset import io
+from options import GraphOptions, add_options, from_args
+from utils.graph import GRAPH_KINDS, GraphError, build_graph
+
+
+def graph_for_files(depth_path, intrinsics, mask_path=None, scene_flow_path=None,
+                    options=GraphOptions()):
+    depth = io.read_depth(depth_path)
+    mask = io.read_mask(mask_path) if mask_path else None
+    scene_flow = io.read_scene_flow(scene_flow_path) if scene_flow_path else None
+    if mask is not None and mask.shape != depth.shape:
+        raise GraphError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]}, depth "
+                         f"{depth_path} is {depth.shape[1]}x{depth.shape[0]}")
+    if mask is not None and not mask.any():
+        raise GraphError(f"{mask_path}: the mask is empty")
+    if scene_flow is not None and scene_flow.shape[1:] != depth.shape:
+        raise GraphError(f"{scene_flow_path}: scene flow is {scene_flow.shape[2]}x{scene_flow.shape[1]}, "
+                         f"depth {depth_path} is {depth.shape[1]}x{depth.shape[0]}")
+    try:
+        return build_graph(depth, intrinsics, mask=mask, scene_flow=scene_flow, options=options)
+    except GraphError as error:
+        raise GraphError(f"{depth_path}: {error}") from error
+
+
+def source_mask_path(root: str, label: dict):
+    if "source_mask" in label:
+        return os.path.join(root, label["source_mask"])
+    sequence = os.path.dirname(os.path.dirname(os.path.join(root, label["source_depth"])))
+    path = os.path.join(sequence, "mask", f"{label['source_id']}_{label['object_id']}.png")
+    return path if os.path.isfile(path) else None
+
+
+def run_split(root: str, split: str, options: GraphOptions, overwrite: bool) -> int:
+    labels = io.read_labels(os.path.join(root, f"{split}_graphs.json"))
+    built = 0
+    for label in tqdm(labels, desc=f"graphs {split}"):
+        name = io.pair_name(label)
+        kinds = [k for k in GRAPH_KINDS if k in label]
+        if not overwrite and all(os.path.isfile(os.path.join(root, label[k])) for k in kinds):
+            continue
+        scene_flow = os.path.join(root, label["scene_flow"]) if "scene_flow" in label else None
+        try:
+            graph = graph_for_files(os.path.join(root, label["source_depth"]), label["intrinsics"],
+                                    source_mask_path(root, label), scene_flow, options)
+        except (GraphError, io.FormatError) as error:
+            raise GraphError(f"pair {name}: {error}") from error
+        graph.save_to({k: os.path.join(root, label[k]) for k in kinds})
+        built += 1
+    return built
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    single = parser.add_argument_group("one frame")
+    single.add_argument("--depth", help="source depth PNG (uint16 millimetres)")
+    single.add_argument("--intrinsics", help="4x4 intrinsics.txt (fx [0,0], fy [1,1], cx [0,2], cy [1,2])")
+    single.add_argument("--mask", help="object mask PNG (non-zero = object); default: all valid depth")
+    single.add_argument("--scene-flow", help=".sflow ground truth, for graph_node_deformations")
+    single.add_argument("--out", help="output folder (DIR/<kind>/NAME.bin)")
+    single.add_argument("--name", help="file name stem, e.g. shirt_000000_000110_geodesic_0.05")
+    batch = parser.add_argument_group("a DeepDeform-format split")
+    batch.add_argument("--dataset-dir", help="dataset root holding <split>_graphs.json")
+    batch.add_argument("--split", help="split whose missing graph files to make")
+    batch.add_argument("--overwrite", action="store_true", help="remake graph files that exist")
+    add_options(parser, GraphOptions, "graph")
+    args = parser.parse_args(argv)
+    options = from_args(args, GraphOptions)
+    try:
+        if args.dataset_dir or args.split:
+            if not (args.dataset_dir and args.split):
+                parser.error("batch mode needs both --dataset-dir and --split")
+            built = run_split(args.dataset_dir, args.split, options, args.overwrite)
+            print(f"made the graphs of {built} pair(s) of split '{args.split}'")
+            return 0
+        missing = [f for f in ("depth", "intrinsics", "out", "name") if getattr(args, f) is None]
+        if missing:
+            parser.error("one-frame mode needs " + ", ".join("--" + f.replace("_", "-") for f in missing))
+        graph = graph_for_files(args.depth, io.read_intrinsics(args.intrinsics), args.mask,
+                                args.scene_flow, options)
+        paths = graph.save(args.out, args.name)
+    except (GraphError, io.FormatError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    anchored = graph.stats["anchored_pixels"] / max(graph.stats["valid_depth_pixels"], 1)
+    print(f"{graph.num_nodes} nodes, {int((graph.edges >= 0).sum())} edges, "
+          f"{100 * anchored:.1f}% of valid-depth pixels with {options.num_anchors} anchors, "
+          f"{1000 * graph.timings['total']:.0f} ms; wrote {len(paths)} files to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Checkpoint loading.
+
+Reference-layout checkpoints (DeformableFriends/NeuralTracking):
+
+* a full tracker state dict with keys ``flow_net.*`` (PWC-Net) and ``mask_net.*`` (MaskNet),
+  as in ``model_A_0.pt``, possibly wrapped in a dict under ``"state_dict"`` or ``"model"``;
+* a flow-only PWC-Net state dict (the ``chairs_things`` file) with bare keys
+  (``moduleExtractor.moduleOne.0.weight``, ...).
+
+``load_reference_state_dicts`` turns either into bare-key state dicts for ``model.pwcnet.PWCNet``
+and ``model.masknet.MaskNet``; ``check_state_dict`` refuses anything that would not load
+exactly, naming the tensor, the expected and found shapes and the file.
+"""
+import os
+from collections import OrderedDict
+from typing import Mapping, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+FLOW_PREFIX = "flow_net."
+MASK_PREFIX = "mask_net."
+WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
+DATA_PARALLEL_PREFIX = "module."
+# Every PWC-Net tensor name starts with one of these: how a bare flow-only state dict is recognised.
+FLOW_BARE_ROOTS = ("moduleExtractor.", "moduleTwo.", "moduleThr.", "moduleFou.", "moduleFiv.",
+                   "moduleSix.", "moduleRefiner.")
+
+StateDict = "OrderedDict[str, torch.Tensor]"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not match the network it is loaded into."""
+
+
+def _describe(source) -> str:
+    return source if isinstance(source, str) else "<in-memory state dict>"
+
+
+def _unwrap(obj, where: str) -> Mapping:
+    """Returns the state dict inside ``obj`` (itself, or one level under a wrapper key)."""
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{where}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}")
+    for key in WRAPPER_KEYS:
+        if key in obj and isinstance(obj[key], Mapping):
+            return obj[key]
+    return obj
+
+
+def load_reference_state_dicts(path_or_dict: Union[str, Mapping]) -> Tuple[StateDict, Optional[StateDict]]:
+    """Reads a reference-layout checkpoint.
+
+    Args:
+        path_or_dict: a file path (``torch.load``-able; loaded on CPU with ``weights_only=True``)
+            or an already loaded object.
+    Returns:
+        (flow_state, mask_state): bare-key state dicts for ``PWCNet`` and ``MaskNet``;
+        ``mask_state`` is None for a flow-only checkpoint.
+    Raises:
+        CheckpointError: unreadable file, non-tensor entries, or keys of neither layout.
+    """
+    where = _describe(path_or_dict)
+    if isinstance(path_or_dict, str):
+        if not os.path.isfile(path_or_dict):
+            raise CheckpointError(f"{where}: no such checkpoint file")
+        try:
+            obj = torch.load(path_or_dict, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise CheckpointError(f"{where}: cannot be read as a PyTorch checkpoint ({error})") from error
+    else:
+        obj = path_or_dict
+    state = _unwrap(obj, where)
+    for key, value in state.items():
+        if not torch.is_tensor(value):
+            raise CheckpointError(f"{where}: entry {key!r} is a {type(value).__name__}, not a tensor")
+    # A state dict saved from nn.DataParallel has every key under "module.".
+    if state and all(key.startswith(DATA_PARALLEL_PREFIX) for key in state):
+        state = OrderedDict((key[len(DATA_PARALLEL_PREFIX):], value) for key, value in state.items())
+    if any(key.startswith(FLOW_PREFIX) for key in state):
+        flow, mask, other = OrderedDict(), OrderedDict(), []
+        for key, value in state.items():
+            if key.startswith(FLOW_PREFIX):
+                flow[key[len(FLOW_PREFIX):]] = value
+            elif key.startswith(MASK_PREFIX):
+                mask[key[len(MASK_PREFIX):]] = value
+            else:
+                other.append(key)
+        if other:
+            raise CheckpointError(f"{where}: unexpected tensor {other[0]!r} (a tracker checkpoint holds only "
+                                  f"'{FLOW_PREFIX}*' and '{MASK_PREFIX}*'; {len(other)} such keys)")
+        return flow, (mask or None)
+    if state and all(key.startswith(FLOW_BARE_ROOTS) for key in state):
+        return OrderedDict(state), None
+    sample = next(iter(state), None)
+    raise CheckpointError(f"{where}: not a reference tracker or PWC-Net checkpoint "
+                          f"({len(state)} tensors; first key {sample!r})")
+
+
+def check_state_dict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    """Refuses a state dict that does not match ``module`` exactly.
+
+    Args:
+        module: the network the state is meant for.
+        state: bare-key state dict.
+        what: where the state came from (a file name and part), used in messages.
+    Raises:
+        CheckpointError: naming the first missing, unexpected or mis-shaped tensor, with the
+            expected and the found shape.
+    """
+    expected = module.state_dict()
+    for key, tensor in expected.items():
+        if key not in state:
+            raise CheckpointError(f"{what}: missing tensor {key!r} (expected shape {tuple(tensor.shape)}, found none)")
+        found = state[key]
+        if not torch.is_tensor(found):
+            raise CheckpointError(f"{what}: tensor {key!r} is a {type(found).__name__} (expected shape {tuple(tensor.shape)})")
+        if tuple(found.shape) != tuple(tensor.shape):
+            raise CheckpointError(f"{what}: tensor {key!r} has shape {tuple(found.shape)}, "
+                                  f"expected {tuple(tensor.shape)}")
+    for key, found in state.items():
+        if key not in expected:
+            shape = tuple(found.shape) if torch.is_tensor(found) else type(found).__name__
+            raise CheckpointError(f"{what}: unexpected tensor {key!r} (found shape {shape}, expected none)")
+
+
+def load_reference_checkpoint(flow_net: nn.Module, mask_net: Optional[nn.Module],
+                              path_or_dict: Union[str, Mapping]) -> bool:
+    """Loads a reference-layout checkpoint into the networks after checking every tensor.
+
+    Args:
+        flow_net: a ``PWCNet``.
+        mask_net: a ``MaskNet``, or None to load the flow part only.
+        path_or_dict: as for ``load_reference_state_dicts``.
+    Returns:
+        True if mask weights were loaded, False for a flow-only checkpoint (``mask_net`` is
+        then left as it was).
+    Raises:
+        CheckpointError: see ``load_reference_state_dicts`` and ``check_state_dict``.
+    """
+    where = _describe(path_or_dict)
+    flow_state, mask_state = load_reference_state_dicts(path_or_dict)
+    check_state_dict(flow_net, flow_state, f"{where} (flow_net)")
+    if mask_net is not None and mask_state is not None:
+        check_state_dict(mask_net, mask_state, f"{where} (mask_net)")
+    flow_net.load_state_dict(flow_state)
+    if mask_net is None or mask_state is None:
+        return False
+    mask_net.load_state_dict(mask_state)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# Our checkpoints: the tracker's weights together with the options that built it, so that a
+# model is rebuilt from the file alone; training state (optimiser, scheduler, RNG, iteration)
+# rides along for --resume.
+
+FORMAT = "nnrt-tracker"
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(path: str, tracker: nn.Module, extra: Optional[dict] = None) -> None:
+    """Writes the tracker (state dict with reference key names, tracker and solver options)
+    and `extra` (training state) atomically."""
+    import dataclasses
+
+    from utils.fileio import atomic_open
+
+    payload = {"format": FORMAT, "version": FORMAT_VERSION,
+               "tracker_options": dataclasses.asdict(tracker.options),
+               "solver_options": dataclasses.asdict(tracker.solver_options),
+               "model": tracker.state_dict()}
+    payload.update(extra or {})
+    with atomic_open(path, "wb") as handle:
+        torch.save(payload, handle)
+
+
+def read_checkpoint(path: str) -> dict:
+    """Loads a checkpoint file (ours or the reference's) on CPU, with a clear error."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({error})") from error
+
+
+def checkpoint_options(obj: Mapping) -> Tuple[dict, dict]:
+    """(tracker options, solver options) stored in one of our checkpoints; ({}, {}) for a
+    reference-layout checkpoint."""
+    if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
+        return dict(obj.get("tracker_options", {})), dict(obj.get("solver_options", {}))
+    return {}, {}
+
+
+def load_tracker(path: str, tracker_options=None, solver_options=None, log=print):
+    """Builds a network tracker from a checkpoint: ours (options stored in it; `tracker_options`
+    and `solver_options`, when given, replace them) or a reference-layout one (a full tracker
+    state dict, or a flow-only PWC-Net one, which disables the weighting head)."""
+    import dataclasses
+
+    from model.tracker import Tracker
+    from options import SolverOptions, TrackerOptions, from_dict
+
+    obj = read_checkpoint(path)
+    stored_tracker, stored_solver = checkpoint_options(obj)
+    options = tracker_options or from_dict(TrackerOptions, stored_tracker)
+    options = dataclasses.replace(options, flow="network")
+    solver = solver_options or from_dict(SolverOptions, stored_solver)
+    try:
+        flow_state, mask_state = load_reference_state_dicts(obj)
+    except CheckpointError as error:
+        raise CheckpointError(str(error).replace(_describe(obj), path)) from error
+    if mask_state is None and options.use_mask:
+        log(f"{path}: flow-only checkpoint, so the weighting head is off (every weight is 1)")
+        options = dataclasses.replace(options, use_mask=False)
+    tracker = Tracker(options, solver)
+    check_state_dict(tracker.flow_net, flow_state, f"{path} (flow_net)")
+    tracker.flow_net.load_state_dict(flow_state)
+    if mask_state is not None:
+        check_state_dict(tracker.mask_net, mask_state, f"{path} (mask_net)")
+        tracker.mask_net.load_state_dict(mask_state)
+    return tracker
+
+
+SHIPPED_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                  "checkpoints", "nnrt_synthetic.pt")
+
+
+def default_checkpoint() -> Optional[str]:
+    """The checkpoint shipped in checkpoints/, when there is one."""
+    return SHIPPED_CHECKPOINT if os.path.isfile(SHIPPED_CHECKPOINT) else None
