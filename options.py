@@ -68,6 +68,11 @@ class SolverOptions:
     max_depth: float = opt(6.0, "source points and target depths beyond this many metres are ignored")
     convergence_tolerance: float = opt(1e-6, "a sample has converged (and stops updating) when "
                                              "its largest increment is below this (radians / metres)")
+    robust_loss: str = opt("cauchy", "robust reweighting of matches by their reprojection error "
+                                     "from the second iteration on (iteratively reweighted least "
+                                     "squares); none is the reference's plain least squares",
+                           choices=("none", "huber", "cauchy"))
+    robust_scale: float = opt(3.0, "scale of the robust loss, in pixels of reprojection error")
 
 
 # ----------------------------------------------------------------------------------------------

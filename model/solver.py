@@ -363,10 +363,26 @@ def solve(problem: SolverProblem, options: SolverOptions = SolverOptions(),
                                             torch.full((), options.lm_damping, dtype=dtype),
                                             torch.ones((), dtype=dtype)).to(device))
 
-    def linearise(jacobians: bool):
+    def linearise(jacobians: bool, iteration: int):
         r_m, J_m = match_terms(offsets, flat_anchors, anchor_weights, anchored_base,
                                target_pixels, target_depth, weights, intrinsics, rotations,
                                translations, options.flow_weight, options.depth_weight, jacobians)
+        if options.robust_loss != "none" and iteration >= 1:
+            # Iteratively reweighted least squares on the reprojection error (in pixels) of each
+            # match. Not at the first linearisation: at the identity motion every residual is
+            # as large as the motion itself, and no match is an outlier yet.
+            with torch.no_grad():
+                cf = (options.flow_weight ** 0.5) * weights.detach()
+                error = r_m.detach()[:, :2].norm(dim=1) / cf.clamp(min=1e-12)
+                scale = options.robust_scale
+                if options.robust_loss == "cauchy":
+                    robust = 1.0 / (1.0 + (error / scale) ** 2)
+                else:  # huber
+                    robust = torch.clamp(scale / error.clamp(min=1e-12), max=1.0)
+                root = robust.sqrt()
+            r_m = r_m * root[:, None]
+            if J_m is not None:
+                J_m = J_m * root[:, None, None]
         r_e, J_e = edge_terms(sources, targets, edge_w, nodes_flat, rotations, translations,
                               options.arap_weight)
         with torch.no_grad():
@@ -382,10 +398,10 @@ def solve(problem: SolverProblem, options: SolverOptions = SolverOptions(),
         return (r_m, J_m, r_e, J_e) if jacobians else None
 
     updating = running.clone()
-    for _ in range(options.iterations):
+    for iteration in range(options.iterations):
         if not bool(updating.any()):
             break
-        r_m, J_m, r_e, J_e = linearise(True)
+        r_m, J_m, r_e, J_e = linearise(True, iteration)
         A, b_vec = assemble_normal_equations(J_m, r_m, flat_anchors, B, N)
         if sources.numel():
             A_e, b_e = assemble_normal_equations(J_e, r_e, torch.stack((sources, targets), 1), B, N)
@@ -407,7 +423,7 @@ def solve(problem: SolverProblem, options: SolverOptions = SolverOptions(),
                 if float(step[b]) < options.convergence_tolerance:
                     status[b] = STATUS_CONVERGED
             updating = updating & (step >= options.convergence_tolerance)
-    linearise(False)
+    linearise(False, options.iterations)
 
     valid = running
     solved = (node_active & valid[:, None]).reshape(B * N)

@@ -193,7 +193,7 @@ def test_cholesky_solve_flags_bad_systems():
 
 
 def _options(**changes):
-    base = SolverOptions(remove_clusters=False, convergence_tolerance=0.0)
+    base = SolverOptions(remove_clusters=False, convergence_tolerance=0.0, robust_loss="none")
     return dataclasses.replace(base, **changes)
 
 
@@ -297,3 +297,18 @@ def test_too_many_nodes_and_cluster_removal():
     assert heavy.status == ["failed"]
     light = gn.solve(q, _options(remove_clusters=True, min_cluster_weight=1.0))
     assert light.valid.all() and light.node_valid.all()
+
+
+def test_robust_loss_resists_outlier_matches():
+    p = make_problem(num_nodes_side=3, points_side=14, seed=13)
+    gen = torch.Generator().manual_seed(1)
+    bad = torch.rand(p["points"].shape[0], generator=gen) < 0.15
+    corrupted = p["target_pixels"].clone()
+    corrupted[bad] += 60 * torch.randn(int(bad.sum()), 2, generator=gen, dtype=torch.float64)
+    q = to_solver_problem([{**p, "target_pixels": corrupted}])
+    error = {}
+    for loss in ("none", "huber", "cauchy"):
+        out = gn.solve(q, _options(iterations=8, robust_loss=loss, robust_scale=2.0))
+        error[loss] = float((out.translations[0] - p["translations_gt"]).norm(dim=1).mean())
+    assert error["cauchy"] < 0.3 * error["none"], error
+    assert error["huber"] < error["none"], error
