@@ -25,11 +25,11 @@ def with_cuda() -> bool:
 
 def extension():
     sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/*/*_cpu.cpp"))
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp"]
     kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=["-fopenmp"])
     if with_cuda():
         sources += sorted(glob.glob("csrc/*/*_cuda.cu"))
-        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-diag-suppress=3189"]
+        nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-diag-suppress=3189"]
         return CUDAExtension("nnrt_ext", sources, define_macros=[("WITH_CUDA", None)],
                              extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)
     return CppExtension("nnrt_ext", sources, extra_compile_args={"cxx": cxx}, **kwargs)
