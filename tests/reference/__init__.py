@@ -1,0 +1,1 @@
+"""Slow, literal reference implementations that tests and benchmarks compare against."""
