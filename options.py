@@ -107,6 +107,9 @@ class TrackerOptions:
                                      "pad them by replicating the border; flow outside a crop is "
                                      "unknown, the warp still covers every anchored pixel",
                              choices=("crop", "pad"))
+    network_width: int = opt(0, "resize frames to this width (aspect kept) before the network, "
+                                "0 = run it at the frames' own size; stored in checkpoints, so a "
+                                "network trained at 320 px runs at 320 px on any frame")
     dis_preset: str = opt("medium", "DIS optical flow preset", choices=("ultrafast", "fast", "medium"))
     dis_weights: str = opt("photometric", "DIS correspondence weights: all 1, or from the colour "
                                           "difference between a pixel and its match",
@@ -116,6 +119,74 @@ class TrackerOptions:
                                       "(0 = keep all)")
     max_depth_jump: float = opt(0.05, "reject a match whose 4 target pixels differ in depth by "
                                       "more than this many metres (a depth edge)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Training (train.py; DESIGN.md 5.5)
+
+
+@dataclass
+class TrainOptions:
+    stage: str = opt("0_flow", "training stage (a preset of the options below, see STAGES)",
+                     choices=("0_flow", "1_solver", "2_mask", "3_refine"))
+    dataset_dir: str = opt("data/synthetic", "dataset root holding <split>_graphs.json")
+    train_split: str = opt("train", "split to train on (needs ground truth)")
+    val_split: str = opt("val", "split to validate on (needs ground truth); empty = no validation")
+    experiment: str = opt("default", "experiment name: outputs go to WORKSPACE/EXPERIMENT/")
+    workspace: str = opt("experiments", "folder of all experiments")
+    init: Optional[str] = opt(None, "start from this checkpoint's weights (ours or the reference's)")
+    resume: bool = opt(False, "continue WORKSPACE/EXPERIMENT/checkpoints/last.pt (model, optimiser, "
+                              "scheduler, RNG state, iteration)")
+    max_iterations: int = opt(30000, "stop after this many optimiser steps")
+    batch_size: int = opt(4, "pairs per optimiser step (per process under torchrun)")
+    optimizer: str = opt("sgd", "optimiser", choices=("sgd", "adam"))
+    learning_rate: float = opt(1e-5, "initial learning rate")
+    momentum: float = opt(0.9, "SGD momentum (Adam: beta1)")
+    weight_decay: float = opt(0.0, "weight decay")
+    lr_step: int = opt(10000, "multiply the learning rate by --lr-gamma every this many steps")
+    lr_gamma: float = opt(0.1, "learning-rate decay factor of each step")
+    use_flow_loss: bool = opt(True, "robust L1 flow loss on every pyramid level")
+    use_graph_loss: bool = opt(False, "L2 loss on node translations (needs the solver)")
+    use_warp_loss: bool = opt(False, "L2 loss on warped points (needs the solver)")
+    use_mask_loss: bool = opt(False, "BCE loss on correspondence weights (a baseline)")
+    flow_loss_weight: float = opt(5.0, "weight of the flow loss")
+    graph_loss_weight: float = opt(2.0, "weight of the graph loss")
+    warp_loss_weight: float = opt(2.0, "weight of the warp loss")
+    mask_loss_weight: float = opt(1000.0, "weight of the mask loss")
+    run_solver: bool = opt(False, "run the Gauss-Newton solver in training steps")
+    freeze_flow: bool = opt(False, "keep the flow network fixed")
+    freeze_mask: bool = opt(True, "keep the weighting head fixed")
+    train_max_matches: int = opt(10000, "matches per sample the solver keeps in training steps "
+                                        "(random subset, as the reference)")
+    grad_clip: float = opt(0.0, "clip the gradient norm to this (0 = off)")
+    val_every: int = opt(2000, "validate every this many steps (and at the end)")
+    val_pairs: int = opt(100, "validate on at most this many pairs of the split (0 = all)")
+    log_every: int = opt(20, "write losses to TensorBoard every this many steps")
+    checkpoint_every: int = opt(500, "write checkpoints/last.pt every this many steps")
+    num_workers: int = opt(1, "data-loading worker processes")
+    seed: int = opt(0, "random seed (data order, augmentation, match subsampling)")
+    device: str = opt("auto", "cpu, cuda, or auto (cuda when available)")
+    threads: int = opt(0, "CPU threads for torch (0 = torch's default)")
+
+
+# Each stage is a named preset of TrainOptions / TrackerOptions / SolverOptions fields
+# (DESIGN.md 5.5); flags given on the command line override the preset.
+STAGES: Dict[str, Dict[str, Dict[str, Any]]] = {
+    "0_flow": {"train": dict(use_flow_loss=True, use_graph_loss=False, use_warp_loss=False,
+                             run_solver=False, freeze_flow=False, freeze_mask=True),
+               "tracker": dict(use_mask=False)},
+    "1_solver": {"train": dict(use_flow_loss=True, use_graph_loss=True, use_warp_loss=True,
+                               run_solver=True, freeze_flow=False, freeze_mask=True),
+                 "tracker": dict(use_mask=False)},
+    "2_mask": {"train": dict(use_flow_loss=False, use_graph_loss=True, use_warp_loss=True,
+                             run_solver=True, freeze_flow=True, freeze_mask=False),
+               "tracker": dict(use_mask=True)},
+    "3_refine": {"train": dict(use_flow_loss=True, use_graph_loss=True, use_warp_loss=True,
+                               run_solver=True, freeze_flow=False, freeze_mask=False),
+                 "tracker": dict(use_mask=True)},
+}
+# In every stage the network runs the reference's plain least squares during training.
+TRAIN_SOLVER_DEFAULTS: Dict[str, Any] = {"robust_loss": "none", "iterations": 3}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,7 +15,9 @@ Network input size: PWC-Net needs sides that are multiples of 64. With network_i
 frames are centre-cropped to the largest multiple of 64 (640x480 -> 640x448, rows 16..463, as
 the reference did), and pixels outside the crop get no flow (hence no match; they are still
 warped). With "pad" the frames are padded by replicating their border to the next multiple of
-64 and the flow is cut back to the frame. Outputs are always at the full input size.
+64 and the flow is cut back to the frame. With network_width > 0 the frames are first resized
+to that width (a network trained at 320 px then runs on 640 px frames at its own scale, and
+faster), and the flow is resized back and rescaled. Outputs are always at the full input size.
 """
 from typing import Dict, Optional, Tuple
 
@@ -61,6 +63,47 @@ def from_network_frame(image: torch.Tensor, window, height: int, width: int, fil
         out[..., top:top + net_h, left:left + net_w] = image
         return out
     return image[..., top:top + height, left:left + width]
+
+
+class NetworkFrame:
+    """How a (H, W) frame maps to the network input: an optional resize to `network_width`
+    (aspect kept), then the crop or pad of `network_window`."""
+
+    def __init__(self, height: int, width: int, network_width: int, mode: str):
+        self.height, self.width, self.mode = height, width, mode
+        self.scale = network_width / width if network_width and network_width != width else 1.0
+        self.size = (max(1, round(height * self.scale)), max(1, round(width * self.scale)))
+        self.window = network_window(*self.size, mode)
+
+    def _resize(self, image: torch.Tensor, size, mode: str) -> torch.Tensor:
+        if tuple(image.shape[-2:]) == tuple(size):
+            return image
+        if mode == "nearest":
+            return F.interpolate(image, size=size, mode="nearest")
+        return F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+    def image_in(self, image: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+        """(B, C, H, W) frame -> (B, C, net_h, net_w)."""
+        return to_network_frame(self._resize(image, self.size, mode), self.window, self.mode)
+
+    def flow_in(self, flow: torch.Tensor) -> torch.Tensor:
+        """(B, 2, H, W) flow in frame pixels (NaN = unknown) -> network-frame pixels (nearest)."""
+        return to_network_frame(self._resize(flow, self.size, "nearest") * self.scale, self.window, self.mode)
+
+    def map_out(self, image: torch.Tensor, fill: float) -> torch.Tensor:
+        """(B, C, net_h, net_w) -> (B, C, H, W), `fill` where the network saw nothing."""
+        out = from_network_frame(image, self.window, *self.size, fill)
+        if self.scale == 1.0:
+            return out
+        known = torch.isfinite(out).all(dim=1, keepdim=True)
+        values = F.interpolate(torch.nan_to_num(out), size=(self.height, self.width), mode="bilinear",
+                               align_corners=False)
+        known = F.interpolate(known.to(out.dtype), size=(self.height, self.width), mode="nearest") > 0.5
+        return torch.where(known, values, torch.full_like(values, fill))
+
+    def flow_out(self, flow: torch.Tensor) -> torch.Tensor:
+        """(B, 2, net_h, net_w) network-frame pixels -> (B, 2, H, W) frame pixels, NaN outside."""
+        return self.map_out(flow, float("nan")) / self.scale
 
 
 def dis_flow(source_rgb: np.ndarray, target_rgb: np.ndarray, options: TrackerOptions
@@ -118,25 +161,27 @@ class Tracker(nn.Module):
     # ------------------------------------------------------------------------------------------
     # Front-ends
 
+    def network_frame(self, batch: Dict) -> NetworkFrame:
+        H, W = batch["source_color"].shape[-2:]
+        return NetworkFrame(H, W, self.options.network_width, self.options.network_input)
+
     def _network_flow(self, batch: Dict) -> Dict:
         source, target = batch["source_color"], batch["target_color"]
         B, _, H, W = source.shape
-        mode = self.options.network_input
-        window = network_window(H, W, mode)
-        flow2, flow3, flow4, flow5, flow6, features2 = self.flow_net(
-            to_network_frame(source, window, mode), to_network_frame(target, window, mode))
-        net_flow = FLOW_SCALE * F.interpolate(flow2, size=window[2:], mode="bilinear", align_corners=False)
-        flow = from_network_frame(net_flow, window, H, W, float("nan"))
+        frame = self.network_frame(batch)
+        flow2, flow3, flow4, flow5, flow6, features2 = self.flow_net(frame.image_in(source), frame.image_in(target))
+        net_flow = FLOW_SCALE * F.interpolate(flow2, size=frame.window[2:], mode="bilinear", align_corners=False)
+        flow = frame.flow_out(net_flow)
         out = {"flow": flow, "flow_pyramid": [flow2, flow3, flow4, flow5, flow6],
-               "network_window": window, "weights": None}
+               "network_frame": frame, "weights": None}
         if self.options.use_mask:
             # The 12 channels: source RGB, source XYZ, target RGB and XYZ sampled at the match.
             pixels = pixel_grid(H, W, flow.device, flow.dtype)[None] + torch.nan_to_num(flow).permute(0, 2, 3, 1)
             target_rgb = bilinear_sample(target, pixels)
             target_xyz = bilinear_sample(batch["target_points"], pixels)
             x = torch.cat((source, batch["source_points"], target_rgb, target_xyz), dim=1)
-            mask = self.mask_net(features2, to_network_frame(x, window, mode))
-            out["weights"] = from_network_frame(mask, window, H, W, 0.0)[:, 0]
+            mask = self.mask_net(features2, frame.image_in(x, "nearest"))
+            out["weights"] = frame.map_out(mask, 0.0)[:, 0]
         return out
 
     def _dis_flow(self, batch: Dict) -> Dict:
@@ -163,7 +208,7 @@ class Tracker(nn.Module):
 
         Returns a dict with:
           flow (B, 2, H, W) pixels, NaN where unknown; weights (B, H, W) correspondence weights;
-          flow_pyramid [flow2..flow6] and network_window (network front-end only);
+          flow_pyramid [flow2..flow6] and network_frame (network front-end only);
           matches (model.correspondences.Matches) and match_mask (B, H, W);
           and with run_solver: solver (SolverResult), rotations (B, N, 3, 3), translations
           (B, N, 3), warp_mask (B, H, W) pixels with 4 anchors and valid depth,

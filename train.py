@@ -1,0 +1,51 @@
+"""Staged training of the tracker (DESIGN.md 5.5).
+
+    python train.py --stage {0_flow,1_solver,2_mask,3_refine} --dataset-dir D --train-split S
+                    --val-split V --experiment NAME --workspace W [--init CKPT] [--resume]
+                    [--max-iterations N] [--batch-size B] [...]
+
+Each stage is a named preset (options.STAGES) of which losses run, which parts are frozen and
+whether the solver runs; flags override it. Tracker options stored in the --init checkpoint
+(network input size, ...) carry over. Outputs: W/NAME/checkpoints/{last,best}.pt and
+W/NAME/tensorboard. Several processes: `torchrun --nproc_per_node=2 train.py ...`.
+"""
+import argparse
+import sys
+
+from options import (STAGES, TRAIN_SOLVER_DEFAULTS, DataOptions, SolverOptions, TrackerOptions,
+                     TrainOptions, add_options, from_args)
+from utils.checkpoints import CheckpointError, checkpoint_options, read_checkpoint
+
+
+def build_parser(stage: str = "0_flow", stored_tracker=None, stored_solver=None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    preset = STAGES[stage]
+    add_options(parser, TrainOptions, "training", defaults={"stage": stage, **preset.get("train", {})})
+    add_options(parser, TrackerOptions, "tracker",
+                defaults={**(stored_tracker or {}), **preset.get("tracker", {}), "flow": "network"})
+    add_options(parser, SolverOptions, "solver", defaults={**(stored_solver or {}), **TRAIN_SOLVER_DEFAULTS})
+    add_options(parser, DataOptions, "data")
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    first, _ = build_parser().parse_known_args(argv)
+    try:
+        stored_tracker, stored_solver = ({}, {})
+        if first.init:
+            stored_tracker, stored_solver = checkpoint_options(read_checkpoint(first.init))
+        args = build_parser(first.stage, stored_tracker, stored_solver).parse_args(argv)
+        from utils.trainer import Trainer
+
+        trainer = Trainer(from_args(args, TrainOptions), from_args(args, TrackerOptions),
+                          from_args(args, SolverOptions), from_args(args, DataOptions))
+        trainer.run()
+    except (CheckpointError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
