@@ -221,6 +221,12 @@ def rotate_target(item: Dict, intr: Dict[str, float], angle: float) -> None:
     item["target_depth"] = cv2.warpPerspective(item["target_depth"], H, (width, height),
                                                flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT)
     if "optical_flow" in item:
+        _rotate_ground_truth(item, intr, H, R)
+
+
+def _rotate_ground_truth(item: Dict, intr: Dict[str, float], H: np.ndarray, R: np.ndarray) -> None:
+    height, width = item["target_depth"].shape
+    with np.errstate(invalid="ignore"):   # unknown (non-finite) ground truth stays unknown
         ys, xs = np.mgrid[0:height, 0:width].astype(np.float64)
         flow = item["optical_flow"].astype(np.float64)
         tx, ty = xs + flow[0], ys + flow[1]
