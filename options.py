@@ -198,8 +198,9 @@ def _flag(name: str) -> str:
 
 
 def add_options(parser: argparse.ArgumentParser, group: Type, title: Optional[str] = None,
-                defaults: Optional[Dict[str, Any]] = None) -> None:
-    """Adds one flag per field of the dataclass `group` (defaults may be overridden)."""
+                defaults: Optional[Dict[str, Any]] = None, prefix: str = "") -> None:
+    """Adds one flag per field of the dataclass `group` (defaults may be overridden). A prefix
+    (e.g. "graph_") keeps two groups with a field of the same name apart: --graph-max-depth."""
     section = parser.add_argument_group(title or group.__name__)
     hints = get_type_hints(group)
     for f in dataclasses.fields(group):
@@ -208,17 +209,18 @@ def add_options(parser: argparse.ArgumentParser, group: Type, title: Optional[st
             kind = next(a for a in get_args(kind) if a is not type(None))
         default = (defaults or {}).get(f.name, f.default)
         help_text = f.metadata.get("help", "") + f" (default: {default})"
+        name = prefix + f.name
         if kind is bool:
-            section.add_argument(_flag(f.name), dest=f.name, default=default, help=help_text,
+            section.add_argument(_flag(name), dest=name, default=default, help=help_text,
                                  action=argparse.BooleanOptionalAction)
         else:
-            section.add_argument(_flag(f.name), dest=f.name, type=kind, default=default,
+            section.add_argument(_flag(name), dest=name, type=kind, default=default,
                                  choices=f.metadata.get("choices"), help=help_text)
 
 
-def from_args(args: argparse.Namespace, group: Type[T]) -> T:
-    """Builds the dataclass `group` from parsed flags added by `add_options`."""
-    return group(**{f.name: getattr(args, f.name) for f in dataclasses.fields(group)})
+def from_args(args: argparse.Namespace, group: Type[T], prefix: str = "") -> T:
+    """Builds the dataclass `group` from parsed flags added by `add_options` (same prefix)."""
+    return group(**{f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(group)})
 
 
 def to_dict(options: Any) -> Dict[str, Any]:

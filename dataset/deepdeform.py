@@ -144,7 +144,7 @@ class DeepDeformDataset(Dataset):
         if self.augment:
             rng = np.random.default_rng((self.seed, self.epoch, index))
             intr = self._augment(item, intr, rng)
-        return self._finish(item, intr)
+        return finish_item(item, intr, self.options.boundary_distance)
 
     # ------------------------------------------------------------------------------------------
 
@@ -181,22 +181,24 @@ class DeepDeformDataset(Dataset):
             rotate_target(item, intr, angle)
         return intr
 
-    def _finish(self, item: Dict, intr: Dict[str, float]) -> Dict:
-        out = {"name": item["name"], "index": item["index"]}
-        for key in ("source", "target"):
-            color = torch.from_numpy(np.ascontiguousarray(item[f"{key}_color"])).permute(2, 0, 1)
-            out[f"{key}_color"] = color.float() / 255.0
-            depth = torch.from_numpy(np.ascontiguousarray(item[f"{key}_depth"]))
-            out[f"{key}_points"] = image_proc.backproject_depth(depth, intr, math.inf).permute(2, 0, 1).contiguous()
-        out["target_boundary"] = image_proc.depth_boundary_mask(
-            out["target_points"].permute(1, 2, 0).contiguous(), 1, self.options.boundary_distance)
-        out["intrinsics"] = torch.tensor([intr["fx"], intr["fy"], intr["cx"], intr["cy"]], dtype=torch.float32)
-        for key in ("nodes", "edges", "edges_weights", "clusters", "pixel_anchors", "pixel_weights",
-                    "optical_flow", "scene_flow", "node_deformations"):
-            if key in item:
-                out[key] = torch.from_numpy(np.ascontiguousarray(item[key]))
-        out["num_nodes"] = int(item["nodes"].shape[0])
-        return out
+def finish_item(item: Dict, intr: Dict[str, float], boundary_distance: float = 0.1) -> Dict:
+    """Numpy arrays of a pair (colours uint8 (H, W, 3), depths metres (H, W), graph arrays, and
+    optionally ground truth) -> the tensors of a dataset item (see the module docstring)."""
+    out = {"name": item["name"], "index": item.get("index", 0)}
+    for key in ("source", "target"):
+        color = torch.from_numpy(np.ascontiguousarray(item[f"{key}_color"])).permute(2, 0, 1)
+        out[f"{key}_color"] = color.float() / 255.0
+        depth = torch.from_numpy(np.ascontiguousarray(item[f"{key}_depth"], dtype=np.float32))
+        out[f"{key}_points"] = image_proc.backproject_depth(depth, intr, math.inf).permute(2, 0, 1).contiguous()
+    out["target_boundary"] = image_proc.depth_boundary_mask(
+        out["target_points"].permute(1, 2, 0).contiguous(), 1, boundary_distance)
+    out["intrinsics"] = torch.tensor([intr["fx"], intr["fy"], intr["cx"], intr["cy"]], dtype=torch.float32)
+    for key in ("nodes", "edges", "edges_weights", "clusters", "pixel_anchors", "pixel_weights",
+                "optical_flow", "scene_flow", "node_deformations"):
+        if key in item:
+            out[key] = torch.from_numpy(np.ascontiguousarray(item[key]))
+    out["num_nodes"] = int(item["nodes"].shape[0])
+    return out
 
 
 def rotate_target(item: Dict, intr: Dict[str, float], angle: float) -> None:

@@ -5,6 +5,8 @@ import tempfile
 from typing import Iterator, Union
 
 PathLike = Union[str, os.PathLike]
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 @contextlib.contextmanager
@@ -17,6 +19,8 @@ def atomic_open(path: PathLike, mode: str = "wb") -> Iterator:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    # mkstemp makes the file private (0600); give it the permissions a plain open() would.
+    os.chmod(tmp, 0o666 & ~_UMASK)
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle

@@ -1,0 +1,138 @@
+"""Track a source RGB-D frame to a target frame and show it in Open3D.
+
+    python example_viz.py                                   # the pair in example_data/
+    python example_viz.py --source-color S.jpg --source-depth S.png --target-color T.jpg \\
+        --target-depth T.png --intrinsics I.txt [--mask M.png]          # your own pair
+    python example_viz.py --headless --out DIR              # render the views to PNG files
+
+Uses the shipped checkpoint's flow network by default (--flow dis when none is shipped). Without
+a display (or with --headless) it renders source.png, target.png, both.png, correspondences.png,
+weighted_correspondences.png and aligned.png. Keys of the interactive window: see utils/demo.py
+(they are printed at start).
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+
+from dataset import io
+from dataset.deepdeform import DatasetError, DeepDeformDataset, collate, finish_item
+from model.tracker import Tracker
+from options import GraphOptions, SolverOptions, TrackerOptions, add_options, from_args
+from utils.checkpoints import CheckpointError, checkpoint_options, default_checkpoint, load_tracker, read_checkpoint
+from utils.graph import GraphError, build_graph
+from utils.metrics import pair_errors
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+def build_parser(stored_tracker=None, stored_solver=None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("the pair")
+    data.add_argument("--dataset-dir", default=os.path.join(REPO, "example_data"),
+                      help="DeepDeform-format dataset holding the pair (default: example_data/)")
+    data.add_argument("--split", default="demo", help="split of the dataset (default: demo)")
+    data.add_argument("--index", type=int, default=0, help="pair of the split (default: 0)")
+    for key in ("source-color", "source-depth", "target-color", "target-depth", "intrinsics", "mask"):
+        data.add_argument(f"--{key}", help=f"your own pair: {key.replace('-', ' ')} file"
+                          + (" (optional; default: all valid depth)" if key == "mask" else ""))
+    parser.add_argument("--checkpoint", default=None,
+                        help=f"tracker checkpoint for --flow network (default: {default_checkpoint() or 'none shipped'})")
+    parser.add_argument("--headless", action="store_true", help="render the views to PNG instead of a window "
+                                                                "(automatic without a display)")
+    parser.add_argument("--out", default="demo_output", help="folder of the PNG files (headless)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    add_options(parser, TrackerOptions, "tracker", defaults={"flow": None, **(stored_tracker or {})})
+    add_options(parser, SolverOptions, "solver", defaults=stored_solver)
+    add_options(parser, GraphOptions, "graph (your own pair)", prefix="graph_")
+    return parser
+
+
+def load_pair(args):
+    """A collated one-pair batch, from the dataset or from the files given."""
+    own = [args.source_color, args.source_depth, args.target_color, args.target_depth, args.intrinsics]
+    if any(own):
+        if not all(own):
+            raise ValueError("your own pair needs --source-color, --source-depth, --target-color, "
+                             "--target-depth and --intrinsics")
+        intr = io.read_intrinsics(args.intrinsics)
+        depth = io.read_depth(args.source_depth)
+        mask = io.read_mask(args.mask) if args.mask else None
+        item = {"name": "custom", "source_color": io.read_color(args.source_color),
+                "target_color": io.read_color(args.target_color), "source_depth": depth,
+                "target_depth": io.read_depth(args.target_depth)}
+        for key, path in (("source_color", args.source_color), ("target_color", args.target_color),
+                          ("target_depth", args.target_depth)):
+            if item[key].shape[:2] != depth.shape:
+                raise ValueError(f"{path}: {item[key].shape[1]}x{item[key].shape[0]} differs from the "
+                                 f"source depth {args.source_depth} ({depth.shape[1]}x{depth.shape[0]})")
+        graph = build_graph(depth, intr, mask=mask, options=from_args(args, GraphOptions, prefix="graph_"))
+        item.update(nodes=graph.nodes, edges=graph.edges.astype(np.int64), edges_weights=graph.edges_weights,
+                    clusters=graph.clusters[:, 0].astype(np.int64),
+                    pixel_anchors=graph.pixel_anchors.astype(np.int64), pixel_weights=graph.pixel_weights)
+        print(f"graph built on the fly: {graph.num_nodes} nodes")
+        return collate([finish_item(item, intr)])
+    dataset = DeepDeformDataset(args.dataset_dir, args.split)
+    if not 0 <= args.index < len(dataset):
+        raise ValueError(f"--index {args.index}: split '{args.split}' of {args.dataset_dir} has {len(dataset)} pair(s)")
+    return collate([dataset[args.index]])
+
+
+def main(argv=None) -> int:
+    from utils.demo import DemoViewer, demo_data, has_display
+
+    argv = sys.argv[1:] if argv is None else argv
+    first, _ = build_parser().parse_known_args(argv)
+    try:
+        checkpoint = first.checkpoint or (default_checkpoint() if first.flow in (None, "network") else None)
+        stored_tracker, stored_solver = checkpoint_options(read_checkpoint(checkpoint)) if checkpoint else ({}, {})
+        stored_tracker.pop("flow", None)
+        args = build_parser(stored_tracker, stored_solver).parse_args(argv)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        if args.flow is None:
+            args.flow = "network" if checkpoint else "dis"
+            print(f"flow: {'the network of ' + checkpoint if checkpoint else 'DIS (no checkpoint shipped or given)'}")
+        tracker_options, solver_options = from_args(args, TrackerOptions), from_args(args, SolverOptions)
+        if args.flow == "network":
+            if not checkpoint:
+                raise CheckpointError("--flow network needs --checkpoint (no checkpoint is shipped)")
+            tracker = load_tracker(checkpoint, tracker_options, solver_options)
+        else:
+            tracker = Tracker(tracker_options, solver_options)
+        batch = load_pair(args)
+        if args.flow == "gt" and "optical_flow" not in batch:
+            raise ValueError("--flow gt needs the pair's ground-truth optical flow")
+        with torch.inference_mode():
+            out = tracker.eval()(batch)
+    except (CheckpointError, DatasetError, GraphError, io.FormatError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    result = out["solver"]
+    print(f"{batch['name'][0]}: {out['matches'].sample.numel()} correspondences, solve "
+          f"{result.status[0]}{' (' + result.messages[0] + ')' if result.messages[0] else ''}, energy "
+          + " -> ".join(f"{e:.4g}" for e in result.energies[0]))
+    if "scene_flow" in batch:
+        n = int(batch["num_nodes"][0])
+        errors = pair_errors(batch["name"][0], out["translations"][0, :n].numpy(),
+                             batch["node_deformations"][0, :n].numpy(), np.nan_to_num(out["scene_flow"][0].numpy()),
+                             batch["scene_flow"][0].numpy(), batch["source_points"][0, 2].numpy(),
+                             batch["pixel_anchors"][0].numpy())
+        print(f"EPE 3D: {errors.epe_mm:.2f} mm, Graph Error 3D: {errors.graph_error_mm:.2f} mm "
+              f"(against the pair's ground truth)")
+    headless = args.headless or not has_display()
+    viewer = DemoViewer(demo_data(batch, out), visible=not headless)
+    if headless:
+        written = viewer.render_all(args.out)
+        viewer.close()
+        print(f"no display{'' if not args.headless else ' wanted'}: rendered {len(written)} views to "
+              f"{os.path.abspath(args.out)}/ (" + ", ".join(os.path.basename(p) for p in written.values()) + ")")
+    else:
+        viewer.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""The two-frame demo (what example_viz.py runs): track a pair and show it in Open3D.
+
+Keys (as in the reference demo):
+  S  source frame            O  toggle the whole source frame / the tracked object
+  T  target frame            B  target frame with the source object (before alignment)
+  C  toggle correspondences  W  toggle weighted correspondences (redder = lower weight)
+  A  (after B) align the source object to the target
+  R  (with --residual) the alignment refined by the hash-grid residual deformer
+  ,  rotate the camera once around the scene
+  ;  move the camera while showing the correspondences
+  Z  reset the view
+Without a display the same views are rendered offscreen to PNG files.
+"""
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+
+KEYS_HELP = __doc__.split("Keys (as in the reference demo):\n", 1)[1].split("Without a display", 1)[0]
+VIEW_FILES = {"source": "source.png", "target": "target.png", "both": "both.png",
+              "correspondences": "correspondences.png",
+              "weighted_correspondences": "weighted_correspondences.png", "aligned": "aligned.png",
+              "refined": "aligned_refined.png"}
+SOURCE_TINT = np.array([1.0, 0.55, 0.1])   # orange: the source object over the target frame
+
+
+@dataclass
+class DemoData:
+    """Everything the views need, in the source camera frame (metres), as numpy arrays."""
+
+    source_points: np.ndarray        # (P, 3) every valid source pixel
+    source_colors: np.ndarray        # (P, 3) in [0, 1]
+    object_mask: np.ndarray          # (P,) bool: pixels of the tracked object (4 anchors)
+    target_points: np.ndarray        # (Q, 3)
+    target_colors: np.ndarray        # (Q, 3)
+    warped_object: np.ndarray        # (P_object, 3) the object warped by the solved motion
+    match_source: np.ndarray         # (M, 3) source points of (a subset of) the matches
+    match_target: np.ndarray         # (M, 3) their target points
+    match_weights: np.ndarray        # (M,) correspondence weights in [0, 1]
+    refined_object: Optional[np.ndarray] = None   # (P_object, 3) with the residual deformer
+    summary: List[str] = field(default_factory=list)
+
+
+def _cloud(points: np.ndarray, colors: np.ndarray):
+    import open3d as o3d
+
+    cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(points.astype(np.float64)))
+    cloud.colors = o3d.utility.Vector3dVector(np.clip(colors, 0, 1).astype(np.float64))
+    return cloud
+
+
+def _lines(start: np.ndarray, end: np.ndarray, colors: np.ndarray):
+    import open3d as o3d
+
+    points = np.concatenate((start, end)).astype(np.float64)
+    n = len(start)
+    lines = np.stack((np.arange(n), np.arange(n) + n), axis=1)
+    line_set = o3d.geometry.LineSet(o3d.utility.Vector3dVector(points), o3d.utility.Vector2iVector(lines))
+    line_set.colors = o3d.utility.Vector3dVector(colors.astype(np.float64))
+    return line_set
+
+
+def weight_colors(weights: np.ndarray) -> np.ndarray:
+    """Red (weight 0) to green (weight 1)."""
+    w = np.clip(weights, 0, 1)[:, None]
+    return (1 - w) * np.array([0.9, 0.05, 0.05]) + w * np.array([0.05, 0.75, 0.1])
+
+
+class DemoViewer:
+    """Builds the geometry of each view and drives an Open3D VisualizerWithKeyCallback.
+
+    Works with a window, and headless: Open3D falls back to EGL offscreen rendering when there
+    is no display, so `render_all` uses exactly the views (and key handlers) a user sees.
+    """
+
+    def __init__(self, data: DemoData, width: int = 960, height: int = 720, visible: bool = True):
+        import open3d as o3d
+
+        self.data = data
+        self.width, self.height = width, height
+        self.show_whole_source = True
+        self.view = "source"
+        self.aligned_available = False
+        obj = data.object_mask
+        tinted = 0.35 * data.source_colors[obj] + 0.65 * SOURCE_TINT
+        self.geometry = {
+            "source_frame": _cloud(data.source_points, data.source_colors),
+            "source_object": _cloud(data.source_points[obj], data.source_colors[obj]),
+            "source_tinted": _cloud(data.source_points[obj], tinted),
+            "target_frame": _cloud(data.target_points, data.target_colors),
+            "warped_tinted": _cloud(data.warped_object, tinted),
+        }
+        if data.refined_object is not None:
+            self.geometry["refined_tinted"] = _cloud(data.refined_object, tinted)
+        # Correspondence views: the target frame moved sideways so the lines read as links
+        # between the two frames rather than short strokes inside one.
+        extent = np.ptp(data.source_points[obj], axis=0) if obj.any() else np.ones(3)
+        self.offset = np.array([1.5 * max(extent[0], 0.2), 0.0, 0.0])
+        # ... and cut to the region around the tracked object, whose background would else hide
+        # the source object.
+        low = data.warped_object.min(axis=0) - 0.1 if len(data.warped_object) else data.target_points.min(axis=0)
+        high = data.warped_object.max(axis=0) + 0.1 if len(data.warped_object) else data.target_points.max(axis=0)
+        near = np.all((data.target_points >= low) & (data.target_points <= high), axis=1)
+        self.geometry["target_shifted"] = _cloud(data.target_points[near] + self.offset, data.target_colors[near])
+        self.geometry["lines"] = _lines(data.match_source, data.match_target + self.offset,
+                                        np.tile([[0.1, 0.3, 0.95]], (len(data.match_source), 1)))
+        self.geometry["weighted_lines"] = _lines(data.match_source, data.match_target + self.offset,
+                                                 weight_colors(data.match_weights))
+        self.vis = o3d.visualization.VisualizerWithKeyCallback()
+        self.vis.create_window("Neural non-rigid tracking", width, height, visible=visible)
+        option = self.vis.get_render_option()
+        option.point_size = 2.0
+        option.background_color = np.array([1.0, 1.0, 1.0])
+        option.line_width = 1.0
+        self._register_keys()
+        self.show("source")
+
+    # ------------------------------------------------------------------------------------------
+
+    def _view_geometry(self, view: str) -> List[str]:
+        source = "source_frame" if self.show_whole_source else "source_object"
+        return {
+            "source": [source],
+            "target": ["target_frame"],
+            "both": ["target_frame", "source_tinted"],
+            "correspondences": ["source_object", "target_shifted", "lines"],
+            "weighted_correspondences": ["source_object", "target_shifted", "weighted_lines"],
+            "aligned": ["target_frame", "warped_tinted"],
+            "refined": ["target_frame", "refined_tinted"],
+        }[view]
+
+    def _camera(self, view: str) -> None:
+        """A pinhole camera at the sensor's position (so nothing the sensor could not see is
+        revealed), turned towards the object and zoomed so that it fills most of the window."""
+        import open3d as o3d
+
+        obj = self.data.source_points[self.data.object_mask]
+        if not len(obj):
+            obj = self.data.source_points
+        if view in ("correspondences", "weighted_correspondences"):
+            obj = np.concatenate((obj, obj + self.offset))
+        centre = obj.mean(axis=0)
+        forward = centre / np.linalg.norm(centre)
+        right = np.cross(forward, [0.0, -1.0, 0.0])
+        right /= np.linalg.norm(right)
+        down = np.cross(forward, right)
+        rotation = np.stack((right, down, forward))            # world -> camera
+        local = obj @ rotation.T
+        local = local[local[:, 2] > 1e-3]
+        half_extent = max(np.abs(local[:, 0] / local[:, 2]).max(), np.abs(local[:, 1] / local[:, 2]).max()
+                          * self.width / self.height, 1e-3)
+        focal = 0.8 * (self.width / 2) / half_extent
+        params = o3d.camera.PinholeCameraParameters()
+        params.intrinsic = o3d.camera.PinholeCameraIntrinsic(self.width, self.height, focal, focal,
+                                                             self.width / 2 - 0.5, self.height / 2 - 0.5)
+        extrinsic = np.eye(4)
+        extrinsic[:3, :3] = rotation
+        params.extrinsic = extrinsic
+        self.vis.get_view_control().convert_from_pinhole_camera_parameters(params, allow_arbitrary=True)
+
+    def show(self, view: str, reset_camera: bool = True) -> bool:
+        self.vis.clear_geometries()
+        for name in self._view_geometry(view):
+            self.vis.add_geometry(self.geometry[name], reset_bounding_box=True)
+        self.view = view
+        if reset_camera:
+            self._camera(view)
+        self.vis.poll_events()
+        self.vis.update_renderer()
+        return False
+
+    def _register_keys(self) -> None:
+        def toggle(view: str) -> Callable:
+            def handler(_vis):
+                return self.show("both" if self.view == view else view)
+            return handler
+
+        def toggle_source(_vis):
+            self.show_whole_source = not self.show_whole_source
+            return self.show(self.view, reset_camera=False)
+
+        def align(_vis):
+            if self.view != "both":
+                print("A aligns the source object after B (target with the source object)")
+                return False
+            return self.show("aligned")
+
+        def refined(_vis):
+            if "refined_tinted" not in self.geometry:
+                print("R needs --residual (the hash-grid residual deformer)")
+                return False
+            return self.show("refined")
+
+        handlers = {"S": lambda _v: self.show("source"), "O": toggle_source,
+                    "T": lambda _v: self.show("target"), "B": lambda _v: self.show("both"),
+                    "C": toggle("correspondences"), "W": toggle("weighted_correspondences"),
+                    "A": align, "R": refined, ",": lambda _v: self.rotate(), ";": lambda _v: self.fly(),
+                    "Z": lambda _v: self.reset()}
+        for key, handler in handlers.items():
+            self.vis.register_key_callback(ord(key), handler)
+        self.handlers = handlers
+
+    def rotate(self, steps: int = 120) -> bool:
+        """One full turn of the camera around the scene."""
+        control = self.vis.get_view_control()
+        # ViewControl.rotate takes pixels of mouse drag, at 0.003 rad per pixel: 2094.4 px is
+        # one full turn.
+        step = 2 * math.pi / 0.003 / steps
+        for _ in range(steps):
+            control.rotate(step, 0.0)
+            self.vis.poll_events()
+            self.vis.update_renderer()
+        return False
+
+    def fly(self, steps: int = 90) -> bool:
+        """Swings the camera to one side and back while the correspondences are shown."""
+        self.show("weighted_correspondences" if self.view == "weighted_correspondences" else "correspondences")
+        control = self.vis.get_view_control()
+        for i in range(steps):
+            control.rotate(8.0 * math.sin(2 * math.pi * i / steps), 2.0 * math.cos(2 * math.pi * i / steps))
+            self.vis.poll_events()
+            self.vis.update_renderer()
+        return False
+
+    def reset(self) -> bool:
+        self.show_whole_source = True
+        return self.show("source")
+
+    def press(self, key: str) -> None:
+        """Acts as if `key` were pressed (tests and headless rendering use it)."""
+        self.handlers[key](self.vis)
+
+    def capture(self, path: str) -> None:
+        from utils.fileio import atomic_open
+
+        image = np.asarray(self.vis.capture_screen_float_buffer(do_render=True))
+        import cv2
+
+        ok, encoded = cv2.imencode(".png", cv2.cvtColor((255 * image).astype(np.uint8), cv2.COLOR_RGB2BGR))
+        if not ok:
+            raise RuntimeError(f"{path}: PNG encoding failed")
+        with atomic_open(path, "wb") as handle:
+            handle.write(encoded.tobytes())
+
+    def render_all(self, out_dir: str) -> Dict[str, str]:
+        """Renders every view to out_dir as the keys would show it; returns view -> path."""
+        os.makedirs(out_dir, exist_ok=True)
+        written = {}
+        sequence = [("source", ["S"]), ("target", ["T"]), ("both", ["B"]),
+                    ("correspondences", ["C"]), ("weighted_correspondences", ["W"]),
+                    ("aligned", ["B", "A"])]
+        if "refined_tinted" in self.geometry:
+            sequence.append(("refined", ["R"]))
+        for view, keys in sequence:
+            for key in keys:
+                self.press(key)
+            path = os.path.join(out_dir, VIEW_FILES[view])
+            self.capture(path)
+            written[view] = path
+        return written
+
+    def run(self) -> None:
+        print("Keys:\n" + KEYS_HELP)
+        self.vis.run()
+        self.vis.destroy_window()
+
+    def close(self) -> None:
+        self.vis.destroy_window()
+
+
+def has_display() -> bool:
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def demo_data(batch: Dict, out: Dict, max_lines: int = 400, refined=None, seed: int = 0) -> DemoData:
+    """DemoData of sample 0 of a tracked batch (tracker outputs `out`)."""
+    import torch
+
+    def np_(t):
+        return t.detach().cpu().numpy() if torch.is_tensor(t) else t
+
+    source = np_(batch["source_points"][0]).transpose(1, 2, 0)
+    target = np_(batch["target_points"][0]).transpose(1, 2, 0)
+    source_rgb = np_(batch["source_color"][0]).transpose(1, 2, 0)
+    target_rgb = np_(batch["target_color"][0]).transpose(1, 2, 0)
+    source_valid = source[..., 2] > 0
+    target_valid = target[..., 2] > 0
+    warp_mask = np_(out["warp_mask"][0])
+    matches = out["matches"]
+    rng = np.random.default_rng(seed)
+    keep = np.sort(rng.permutation(matches.sample.numel())[:max_lines])
+    match_source = np_(matches.source_points)[keep]
+    from model.correspondences import bilinear_sample
+
+    target_at = bilinear_sample(batch["target_points"][:1], matches.target_pixels[keep][None, None])
+    match_target = np_(target_at[0, :, 0]).T
+    object_mask = warp_mask[source_valid]
+    warped = np_(out["warped_points"][0])[warp_mask]
+    return DemoData(
+        source_points=source[source_valid], source_colors=source_rgb[source_valid],
+        object_mask=object_mask, target_points=target[target_valid],
+        target_colors=target_rgb[target_valid], warped_object=warped,
+        match_source=match_source, match_target=match_target,
+        match_weights=np_(matches.weights)[keep],
+        refined_object=None if refined is None else np_(refined))
