@@ -35,6 +35,15 @@ def extension():
     return CppExtension("nnrt_ext", sources, extra_compile_args={"cxx": cxx}, **kwargs)
 
 
+class Build(BuildExtension.with_options(use_ninja=True)):
+    def copy_extensions_to_source(self):
+        # Unlink the old library first: a running process (a long training) keeps its inode,
+        # instead of seeing the file overwritten in place, which can crash it.
+        for path in glob.glob(os.path.join(ROOT, "nnrt_ext*.so")):
+            os.unlink(path)
+        super().copy_extensions_to_source()
+
+
 setup(
     name="nnrt",
     version="0.1.0",
@@ -43,6 +52,6 @@ setup(
     packages=["model", "dataset", "utils"],
     py_modules=["options"],
     ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": Build},
     zip_safe=False,
 )

@@ -2,7 +2,9 @@
 // dtypes and routes CPU tensors to its CPU launcher and CUDA tensors to its CUDA launcher.
 #include "common.h"
 #include "graph/graph.h"
+#include "hashgrid/hashgrid.h"
 #include "image/image.h"
+#include "solver/solver.h"
 
 namespace py = pybind11;
 
@@ -41,4 +43,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("min_edges"));
   m.def("connected_components", &nnrt::ConnectedComponents, py::arg("edges"),
         py::arg("node_valid"));
+
+  // solver
+  m.def("assemble_normal_equations", &nnrt::AssembleNormalEquations, py::arg("J"), py::arg("r"),
+        py::arg("nodes"), py::arg("num_samples"), py::arg("num_nodes"));
+  m.def("assemble_normal_equations_backward", &nnrt::AssembleNormalEquationsBackward,
+        py::arg("grad_A"), py::arg("grad_b"), py::arg("J"), py::arg("r"), py::arg("nodes"),
+        py::arg("num_nodes"));
+
+  // hashgrid
+  m.def("hashgrid_forward", &nnrt::HashGridForward, py::arg("x"), py::arg("table"),
+        py::arg("resolutions"));
+  m.def("hashgrid_backward", &nnrt::HashGridBackward, py::arg("grad_out"), py::arg("x"),
+        py::arg("table"), py::arg("resolutions"), py::arg("need_table_grad"),
+        py::arg("need_input_grad"));
 }
