@@ -50,6 +50,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("assemble_normal_equations_backward", &nnrt::AssembleNormalEquationsBackward,
         py::arg("grad_A"), py::arg("grad_b"), py::arg("J"), py::arg("r"), py::arg("nodes"),
         py::arg("num_nodes"));
+  m.def("solve_step_backward", &nnrt::StepBackward, py::arg("J"), py::arg("r"), py::arg("nodes"),
+        py::arg("u"), py::arg("x"));
+  m.def("match_jacobian", &nnrt::MatchJacobian, py::arg("q"), py::arg("w"), py::arg("dv"));
+  m.def("match_jacobian_backward", &nnrt::MatchJacobianBackward, py::arg("grad_J"), py::arg("q"),
+        py::arg("w"), py::arg("dv"));
 
   // hashgrid
   m.def("hashgrid_forward", &nnrt::HashGridForward, py::arg("x"), py::arg("table"),

@@ -79,28 +79,60 @@ def assemble_normal_equations(J: torch.Tensor, r: torch.Tensor, nodes: torch.Ten
     return _AssembleNormalEquations.apply(J, r, nodes, int(num_samples), int(num_nodes))
 
 
+class _MatchJacobian(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, w, dv):
+        ctx.save_for_backward(q, w, dv)
+        return C.match_jacobian(q, w, dv)[0]
+
+    @staticmethod
+    def backward(ctx, grad_J):
+        grad_q, grad_w, grad_dv = C.match_jacobian_backward(grad_J, *ctx.saved_tensors)
+        return grad_q, grad_w, grad_dv
+
+
+def match_jacobian(q: torch.Tensor, w: torch.Tensor, dv: torch.Tensor) -> torch.Tensor:
+    """Jacobian blocks (M, 3, 6A) of the data terms: row i of anchor k is w_k [q_k x D_i, D_i]
+    with D = [[a, 0, b], [0, c, d], [0, 0, e]] the derivative of the residuals (flow x, flow y,
+    depth) w.r.t. the warped point. q (M, A, 3) rotated offsets; w (M, A) skinning weights;
+    dv (M, 5) = (a, b, c, d, e). Differentiable w.r.t. all three."""
+    return _MatchJacobian.apply(q, w, dv)
+
+
+def _factor_and_solve(A: torch.Tensor, b: torch.Tensor):
+    """Cholesky factor L of A (B, D, D) and x = A^-1 b (B, D), with failed (B,) bool.
+
+    A sample whose factorisation fails (not positive definite) or whose solution is not finite
+    (a non-finite A or b ends here too) gets x = 0 and L = I, so that nothing downstream, the
+    backward included, sees garbage from it.
+    """
+    L, info = torch.linalg.cholesky_ex(A)
+    failed = info != 0
+    if bool(failed.any()):
+        eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand_as(A)
+        L = torch.where(failed[:, None, None], eye, L)
+    x = torch.cholesky_solve(torch.where(failed[:, None], torch.zeros_like(b), b).unsqueeze(-1), L).squeeze(-1)
+    bad = failed | ~torch.isfinite(x).all(dim=1)
+    if bool((bad & ~failed).any()):
+        eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand_as(A)
+        L = torch.where(bad[:, None, None], eye, L)
+    x = torch.where(bad[:, None], torch.zeros_like(x), x)
+    return x, bad, L
+
+
 class _CholeskySolve(torch.autograd.Function):
     """x = A^-1 b for a batch of symmetric positive definite A, reusing the factor in backward.
 
     Implicit differentiation of A x = b: dA x + A dx = db, so for an upstream gradient g = dL/dx
         dL/db = A^-T g = A^-1 g        (one more solve with the same Cholesky factor)
         dL/dA = -(dL/db) x^T.
-    A sample whose factorisation fails (not positive definite) or whose solution is not finite is
-    flagged in `failed`, and gets x = 0 (and zero gradients) instead of garbage.
+    A sample whose factorisation fails or whose solution is not finite is flagged in `failed`,
+    and gets x = 0 (and zero gradients) instead of garbage.
     """
 
     @staticmethod
     def forward(ctx, A, b):
-        finite = torch.isfinite(A).flatten(1).all(dim=1) & torch.isfinite(b).all(dim=1)
-        eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand_as(A)
-        A_safe = torch.where(finite[:, None, None], A, eye)
-        L, info = torch.linalg.cholesky_ex(A_safe)
-        failed = ~finite | (info != 0) | ~torch.isfinite(L).flatten(1).all(dim=1)
-        L = torch.where(failed[:, None, None], eye, L)
-        b_safe = torch.where(failed[:, None], torch.zeros_like(b), b)
-        x = torch.cholesky_solve(b_safe.unsqueeze(-1), L).squeeze(-1)
-        failed |= ~torch.isfinite(x).all(dim=1)
-        x = torch.where(failed[:, None], torch.zeros_like(x), x)
+        x, failed, L = _factor_and_solve(A, b)
         ctx.save_for_backward(L, x, failed)
         ctx.mark_non_differentiable(failed)
         return x, failed
@@ -112,6 +144,55 @@ class _CholeskySolve(torch.autograd.Function):
         grad_b = torch.cholesky_solve(grad_x.unsqueeze(-1), L).squeeze(-1)
         grad_A = -grad_b.unsqueeze(-1) * x.unsqueeze(-2)
         return grad_A, grad_b
+
+
+class _GaussNewtonStep(torch.autograd.Function):
+    """The damped Gauss-Newton step x = -(A + diag(d))^-1 b of a batch, where A and b are
+    assembled (by the C++ op) from groups of terms (J, r, nodes).
+
+    Backward: with u = (A + diag(d))^-1 grad_x (one solve with the saved Cholesky factor),
+    dL/dA = -u x^T and dL/db = -u are rank one per sample, so instead of materialising them the
+    term gradients are formed directly (csrc/solver StepTermBackward):
+        grad_J = -[(J u_m) x_m^T + (J x_m + r) u_m^T],   grad_r = -J u_m.
+    Equivalent to assemble_normal_equations + cholesky_solve composed by autograd (a test checks
+    this), but with no dense (B, 6N, 6N) gradient and four small products per term.
+    """
+
+    @staticmethod
+    def forward(ctx, diagonal, num_samples, num_nodes, *groups):
+        A = b = None
+        for J, r, nodes in zip(groups[0::3], groups[1::3], groups[2::3]):
+            A_g, b_g = C.assemble_normal_equations(J, r, nodes, num_samples, num_nodes)
+            A, b = (A_g, b_g) if A is None else (A.add_(A_g), b.add_(b_g))
+        A.diagonal(dim1=-2, dim2=-1).add_(diagonal)
+        x, failed, L = _factor_and_solve(A, -b)
+        ctx.save_for_backward(L, x, failed, *groups)
+        ctx.mark_non_differentiable(failed)
+        return x, failed
+
+    @staticmethod
+    def backward(ctx, grad_x, _grad_failed):
+        L, x, failed, *groups = ctx.saved_tensors
+        grad_x = torch.where(failed[:, None], torch.zeros_like(grad_x), grad_x)
+        u = torch.cholesky_solve(grad_x.unsqueeze(-1), L).squeeze(-1)
+        grads = []
+        for J, r, nodes in zip(groups[0::3], groups[1::3], groups[2::3]):
+            if ctx.needs_input_grad[3 + len(grads)] or ctx.needs_input_grad[4 + len(grads)]:
+                grad_J, grad_r = C.solve_step_backward(J, r, nodes, u, x)
+            else:
+                grad_J = grad_r = None
+            grads += [grad_J, grad_r, None]
+        return (None, None, None, *grads)
+
+
+def gauss_newton_step(diagonal: torch.Tensor, num_samples: int, num_nodes: int, *groups):
+    """x (B, 6N) = -(sum_g J_g^T J_g + diag(diagonal))^-1 sum_g J_g^T r_g and failed (B,) bool.
+
+    diagonal (B, 6N); groups: (J, r, nodes) triples as for assemble_normal_equations.
+    """
+    if len(groups) % 3 or not groups:
+        raise ValueError("groups must be (J, r, nodes) triples")
+    return _GaussNewtonStep.apply(diagonal, int(num_samples), int(num_nodes), *groups)
 
 
 def cholesky_solve(A: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -153,27 +234,11 @@ def match_terms(offsets, anchors, anchor_weights, anchored_base, target_pixels, 
                              cd * (z - target_depth)), dim=-1)
     if not jacobians:
         return residuals, None
-    # D = d residuals / d warped point = [[a, 0, b], [0, c, d], [0, 0, e]] per match.
-    a = (cf * fx * inv_z)[:, None]
-    b = (-cf * fx * x * inv_z * inv_z)[:, None]
-    c = (cf * fy * inv_z)[:, None]
-    d = (-cf * fy * y * inv_z * inv_z)[:, None]
-    e = cd[:, None].expand_as(a)
-    # d warped / d(dw_k) = -w_k [q_k]_x, so row i of the rotation block is w_k (q_k x D_i);
-    # d warped / d(dt_k) = w_k I, so the translation block is w_k D. D's zeros are used to skip
-    # most products of the cross products.
-    w = anchor_weights
-    qx, qy, qz = q.unbind(dim=-1)                                             # (M, A) each
-    wqx, wqy, wqz = w * qx, w * qy, w * qz
-    wa, wb, wc, wd, we = w * a, w * b, w * c, w * d, w * e
-    zero = torch.zeros_like(wa)
-    rows = (
-        torch.stack((wqy * b, wqz * a - wqx * b, -wqy * a, wa, zero, wb), dim=-1),
-        torch.stack((wqy * d - wqz * c, -wqx * d, wqx * c, zero, wc, wd), dim=-1),
-        torch.stack((wqy * e, -wqx * e, zero, zero, zero, we), dim=-1),
-    )
-    M, A = anchors.shape
-    return residuals, torch.stack(rows, dim=1).reshape(M, 3, 6 * A)
+    # D = d residuals / d warped point = [[a, 0, b], [0, c, d], [0, 0, e]] per match; the blocks
+    # w_k [q_k x D_i, D_i] are formed (and differentiated) by one C++ op.
+    dv = torch.stack((cf * fx * inv_z, -cf * fx * x * inv_z * inv_z, cf * fy * inv_z,
+                      -cf * fy * y * inv_z * inv_z, cd), dim=1)
+    return residuals, match_jacobian(q, anchor_weights, dv)
 
 
 def edge_terms(sources, targets, edge_weights, nodes, rotations, translations, arap_weight):
@@ -359,9 +424,10 @@ def solve(problem: SolverProblem, options: SolverOptions = SolverOptions(),
     iterations = [0] * B
     # Damping on the diagonal; rows of nodes that are not unknowns (padding, removed clusters)
     # get 1 so that the system stays regular even without damping.
-    diagonal = torch.diag_embed(torch.where(node_active.repeat_interleave(6, dim=1),
-                                            torch.full((), options.lm_damping, dtype=dtype),
-                                            torch.ones((), dtype=dtype)).to(device))
+    diagonal = torch.where(node_active.repeat_interleave(6, dim=1),
+                           torch.full((), options.lm_damping, dtype=dtype, device=device),
+                           torch.ones((), dtype=dtype, device=device))
+    edge_nodes = torch.stack((sources, targets), dim=1)
 
     def linearise(jacobians: bool, iteration: int):
         r_m, J_m = match_terms(offsets, flat_anchors, anchor_weights, anchored_base,
@@ -402,11 +468,7 @@ def solve(problem: SolverProblem, options: SolverOptions = SolverOptions(),
         if not bool(updating.any()):
             break
         r_m, J_m, r_e, J_e = linearise(True, iteration)
-        A, b_vec = assemble_normal_equations(J_m, r_m, flat_anchors, B, N)
-        if sources.numel():
-            A_e, b_e = assemble_normal_equations(J_e, r_e, torch.stack((sources, targets), 1), B, N)
-            A, b_vec = A + A_e, b_vec + b_e
-        delta, failed = cholesky_solve(A + diagonal, -b_vec)
+        delta, failed = gauss_newton_step(diagonal, B, N, J_m, r_m, flat_anchors, J_e, r_e, edge_nodes)
         for b in torch.nonzero(failed & updating).squeeze(1).tolist():
             fail(b, "singular or non-finite Gauss-Newton system")
         # Out of place: torch.where below saves `updating` for its backward.

@@ -312,3 +312,39 @@ def test_robust_loss_resists_outlier_matches():
         error[loss] = float((out.translations[0] - p["translations_gt"]).norm(dim=1).mean())
     assert error["cauchy"] < 0.3 * error["none"], error
     assert error["huber"] < error["none"], error
+
+
+def test_gauss_newton_step_equals_assembly_and_solve_composed():
+    J1, r1, n1 = _random_terms(M=30, S=4, N=4, seed=1)
+    J2, r2, n2 = _random_terms(M=12, S=2, N=4, seed=2)
+    diagonal = torch.full((2, 24), 0.1, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_(True) for t in (J1, r1, J2, r2)]
+    x, failed = gn.gauss_newton_step(diagonal, 2, 4, leaves[0], leaves[1], n1, leaves[2], leaves[3], n2)
+    A1, b1 = gn.assemble_normal_equations(leaves[0], leaves[1], n1, 2, 4)
+    A2, b2 = gn.assemble_normal_equations(leaves[2], leaves[3], n2, 2, 4)
+    x_ref, _ = gn.cholesky_solve(A1 + A2 + torch.diag_embed(diagonal), -(b1 + b2))
+    assert not failed.any()
+    assert_close(x, x_ref, atol=1e-12, what="step")
+    probe = torch.randn(x.shape, dtype=torch.float64)
+    ours = torch.autograd.grad((x * probe).sum(), leaves)
+    theirs = torch.autograd.grad((x_ref * probe).sum(), leaves)
+    for a, b, name in zip(ours, theirs, ("J1", "r1", "J2", "r2")):
+        assert_close(a, b, atol=1e-10, what=f"gradient w.r.t. {name}")
+    J, r, nodes = _random_terms(M=5, S=4, N=3, seed=3)
+    J.requires_grad_(True)
+    r.requires_grad_(True)
+    step = lambda J, r: gn.gauss_newton_step(torch.full((2, 18), 0.5, dtype=torch.float64), 2, 3, J, r, nodes)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(step, (J, r), eps=1e-6, atol=1e-6)
+
+
+def test_match_jacobian_op_gradcheck():
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(6, 4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    dv = torch.randn(6, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(gn.match_jacobian, (q, w, dv))
+    J = gn.match_jacobian(q, w, dv)
+    # row 2 (depth) of anchor 0: w0 [q0 x (0, 0, e), (0, 0, e)]
+    e = dv[:, 4]
+    expected = torch.stack((q[:, 0, 1] * e, -q[:, 0, 0] * e, 0 * e, 0 * e, 0 * e, e), 1) * w[:, :1]
+    assert_close(J[:, 2, :6], expected, atol=1e-12, what="depth row")

@@ -47,12 +47,12 @@ std::vector<at::Tensor> AssembleNormalEquationsCpu(const at::Tensor& J, const at
         if (idx[m * S + s] >= 0) entries[fill[idx[m * S + s]]++] = m * S + s;
   }
 
-  at::Tensor A_acc = at::zeros({B, dim, dim}, J.options().dtype(at::kDouble));
-  at::Tensor b_acc = at::zeros({B, dim}, J.options().dtype(at::kDouble));
-  double* A = A_acc.data_ptr<double>();
-  double* b = b_acc.data_ptr<double>();
+  at::Tensor A_out = at::zeros({B, dim, dim}, J.options());
+  at::Tensor b_out = at::zeros({B, dim}, J.options());
 
   AT_DISPATCH_FLOATING_TYPES(J.scalar_type(), "assemble_normal_equations_cpu", [&] {
+    scalar_t* A = A_out.data_ptr<scalar_t>();
+    scalar_t* b = b_out.data_ptr<scalar_t>();
     const scalar_t* Jp = J.data_ptr<scalar_t>();
     const scalar_t* rp = r.data_ptr<scalar_t>();
     // The row owner of node n adds, for every (term, slot s) at n, the blocks (n, node of t),
@@ -69,8 +69,8 @@ std::vector<at::Tensor> AssembleNormalEquationsCpu(const at::Tensor& J, const at
           total, [&] { return Workspace{std::vector<scalar_t>(36 * N, 0), std::vector<uint8_t>(N, 0), {}}; },
           [&](int64_t n, Workspace& ws) {
             const int64_t sample = n / N, i = n % N;
-            double* A_rows = A + sample * dim * dim + 6 * i * dim;
-            double* b_rows = b + sample * dim + 6 * i;
+            scalar_t* A_rows = A + sample * dim * dim + 6 * i * dim;
+            scalar_t* b_rows = b + sample * dim + 6 * i;
             for (int64_t e = start[n]; e < start[n + 1]; ++e) {
               const int64_t m = entries[e] / SS;
               const int s = static_cast<int>(entries[e] % SS);
@@ -85,7 +85,7 @@ std::vector<at::Tensor> AssembleNormalEquationsCpu(const at::Tensor& J, const at
                 }
                 AddJtJBlock<scalar_t, scalar_t>(Jm, RR, SS, s, t, ws.scratch.data() + 36 * j, 6);
               }
-              AddJtrBlock<scalar_t, double>(Jm, rp + m * RR, RR, SS, s, b_rows);
+              AddJtrBlock<scalar_t, scalar_t>(Jm, rp + m * RR, RR, SS, s, b_rows);
             }
             for (int64_t j : ws.touched_list) {
               scalar_t* block = ws.scratch.data() + 36 * j;
@@ -108,17 +108,17 @@ std::vector<at::Tensor> AssembleNormalEquationsCpu(const at::Tensor& J, const at
     } else {
       assemble(Any{}, Any{});
     }
-  });
 
-  // Mirror the upper triangle onto the lower one (diagonal blocks were computed whole).
-  at::parallel_for(0, B * dim, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      double* Ab = A + (row / dim) * dim * dim;
-      const int64_t a = row % dim;
-      for (int64_t c = 0; c < a; ++c) Ab[a * dim + c] = Ab[c * dim + a];
-    }
+    // Mirror the upper triangle onto the lower one (diagonal blocks were computed whole).
+    at::parallel_for(0, B * dim, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        scalar_t* Ab = A + (row / dim) * dim * dim;
+        const int64_t a = row % dim;
+        for (int64_t c = 0; c < a; ++c) Ab[a * dim + c] = Ab[c * dim + a];
+      }
+    });
   });
-  return {A_acc.to(J.scalar_type()), b_acc.to(J.scalar_type())};
+  return {A_out, b_out};
 }
 
 std::vector<at::Tensor> AssembleNormalEquationsBackwardCpu(const at::Tensor& grad_A,
@@ -173,6 +173,72 @@ std::vector<at::Tensor> AssembleNormalEquationsBackwardCpu(const at::Tensor& gra
     });
   });
   return {grad_J, grad_r};
+}
+
+std::vector<at::Tensor> StepBackwardCpu(const at::Tensor& J, const at::Tensor& r,
+                                        const at::Tensor& nodes, const at::Tensor& u,
+                                        const at::Tensor& x) {
+  const int64_t M = J.size(0);
+  const int R = static_cast<int>(J.size(1)), S = static_cast<int>(nodes.size(1));
+  const int64_t total = u.numel() / 6;
+  at::Tensor grad_J = at::empty_like(J);
+  at::Tensor grad_r = at::empty_like(r);
+  const int64_t* idx = nodes.data_ptr<int64_t>();
+  for (int64_t k = 0; k < M * S; ++k)
+    TORCH_CHECK(idx[k] < total, "term ", k / S, ": node ", idx[k], " outside [0, ", total, ")");
+  AT_DISPATCH_FLOATING_TYPES(J.scalar_type(), "solve_step_backward_cpu", [&] {
+    const scalar_t* Jp = J.data_ptr<scalar_t>();
+    const scalar_t* rp = r.data_ptr<scalar_t>();
+    const scalar_t* up = u.data_ptr<scalar_t>();
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* gJ = grad_J.data_ptr<scalar_t>();
+    scalar_t* gr = grad_r.data_ptr<scalar_t>();
+    at::parallel_for(0, M, 1024, [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m)
+        StepTermBackward<scalar_t>(Jp + m * R * 6 * S, rp + m * R, idx + m * S, R, S, up, xp,
+                                   gJ + m * R * 6 * S, gr + m * R);
+    });
+  });
+  return {grad_J, grad_r};
+}
+
+std::vector<at::Tensor> MatchJacobianCpu(const at::Tensor& q, const at::Tensor& w, const at::Tensor& dv) {
+  const int64_t M = q.size(0);
+  const int A = static_cast<int>(q.size(1));
+  at::Tensor J = at::empty({M, 3, 6 * A}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "match_jacobian_cpu", [&] {
+    const scalar_t* qp = q.data_ptr<scalar_t>();
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    const scalar_t* dp = dv.data_ptr<scalar_t>();
+    scalar_t* Jp = J.data_ptr<scalar_t>();
+    at::parallel_for(0, M, 2048, [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m)
+        MatchJacobianBlock<scalar_t>(qp + m * A * 3, wp + m * A, dp + m * 5, A, Jp + m * 18 * A);
+    });
+  });
+  return {J};
+}
+
+std::vector<at::Tensor> MatchJacobianBackwardCpu(const at::Tensor& grad_J, const at::Tensor& q,
+                                                 const at::Tensor& w, const at::Tensor& dv) {
+  const int64_t M = q.size(0);
+  const int A = static_cast<int>(q.size(1));
+  at::Tensor grad_q = at::empty_like(q), grad_w = at::empty_like(w), grad_dv = at::empty_like(dv);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "match_jacobian_backward_cpu", [&] {
+    const scalar_t* gJ = grad_J.data_ptr<scalar_t>();
+    const scalar_t* qp = q.data_ptr<scalar_t>();
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    const scalar_t* dp = dv.data_ptr<scalar_t>();
+    scalar_t* gq = grad_q.data_ptr<scalar_t>();
+    scalar_t* gw = grad_w.data_ptr<scalar_t>();
+    scalar_t* gd = grad_dv.data_ptr<scalar_t>();
+    at::parallel_for(0, M, 2048, [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m)
+        MatchJacobianBlockBackward<scalar_t>(gJ + m * 18 * A, qp + m * A * 3, wp + m * A, dp + m * 5, A,
+                                        gq + m * A * 3, gw + m * A, gd + m * 5);
+    });
+  });
+  return {grad_q, grad_w, grad_dv};
 }
 
 }  // namespace nnrt

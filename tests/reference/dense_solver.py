@@ -61,6 +61,7 @@ def dense_jacobian(problem: Dict[str, torch.Tensor], R, t, weights: Dict[str, fl
     warped = warp(points, anchors, aw, g, R, t)
     x, y, z = warped.unbind(1)
     c = p["weights"]
+    # Filled in place, as the original did (autograd records each accumulation).
     J = torch.zeros(3 * M + 3 * E, 6 * N, dtype=points.dtype, device=points.device)
     rows = torch.arange(M, device=points.device) * 3
     # d(flow x)/d warped = sf c (fx / z, 0, -fx x / z^2); d(flow y) likewise; d(depth) = sd c e_z.
@@ -77,8 +78,8 @@ def dense_jacobian(problem: Dict[str, torch.Tensor], R, t, weights: Dict[str, fl
             rot = w * torch.cross(q, d, dim=1)
             trans = w * d
             for col in range(3):
-                J = J.index_put((rows + row, 6 * a + col), rot[:, col], accumulate=True)
-                J = J.index_put((rows + row, 6 * a + 3 + col), trans[:, col], accumulate=True)
+                J.index_put_((rows + row, 6 * a + col), rot[:, col], accumulate=True)
+                J.index_put_((rows + row, 6 * a + 3 + col), trans[:, col], accumulate=True)
     if E:
         i, j = p["edges"][:, 0], p["edges"][:, 1]
         w = sa * p["edge_weights"]
@@ -90,9 +91,9 @@ def dense_jacobian(problem: Dict[str, torch.Tensor], R, t, weights: Dict[str, fl
             e_row[row] = 1
             rot = torch.cross(d, e_row.expand_as(d), dim=1)
             for col in range(3):
-                J = J.index_put((erow + row, 6 * i + col), w * rot[:, col], accumulate=True)
-            J = J.index_put((erow + row, 6 * i + 3 + row), w, accumulate=True)
-            J = J.index_put((erow + row, 6 * j + 3 + row), -w, accumulate=True)
+                J.index_put_((erow + row, 6 * i + col), w * rot[:, col], accumulate=True)
+            J.index_put_((erow + row, 6 * i + 3 + row), w, accumulate=True)
+            J.index_put_((erow + row, 6 * j + 3 + row), -w, accumulate=True)
     return J
 
 
