@@ -149,6 +149,9 @@ class TrainOptions:
     use_graph_loss: bool = opt(False, "L2 loss on node translations (needs the solver)")
     use_warp_loss: bool = opt(False, "L2 loss on warped points (needs the solver)")
     use_mask_loss: bool = opt(False, "BCE loss on correspondence weights (a baseline)")
+    flow_loss_type: str = opt("robust", "flow loss: the reference's robust L1 (fine-tuning), or "
+                                        "PWC-Net's multiscale end-point error (training from scratch)",
+                              choices=("robust", "epe"))
     flow_loss_weight: float = opt(5.0, "weight of the flow loss")
     graph_loss_weight: float = opt(2.0, "weight of the graph loss")
     warp_loss_weight: float = opt(2.0, "weight of the warp loss")
@@ -276,3 +279,58 @@ class SyntheticOptions:
     real_depth_threshold: Optional[float] = opt(None, "real frames without a mask: the object is "
                                                       "the largest region nearer than this many "
                                                       "metres (default: automatic, Otsu)")
+
+
+# ----------------------------------------------------------------------------------------------
+# 4D hash-grid residual deformer (DESIGN.md 5.7, model/residual.py)
+
+
+@dataclass
+class ResidualOptions:
+    residual_levels: int = opt(16, "hash encoding: resolution levels L")
+    residual_features: int = opt(2, "hash encoding: features per level F", choices=(1, 2, 4, 8))
+    residual_log2_table_size: int = opt(15, "hash encoding: 2^T table rows per level (a pair has "
+                                            "about 50k points, so a small table rarely collides "
+                                            "and keeps each Adam step cheap)")
+    residual_base_resolution: int = opt(4, "hash encoding: cells per axis of the coarsest level "
+                                           "over the object's bounding box")
+    residual_max_resolution: int = opt(128, "hash encoding: cells per axis of the finest level "
+                                            "(128 over a 60 cm object: 5 mm cells)")
+    residual_margin: float = opt(0.1, "margin in metres added on every side of the source "
+                                      "object's bounding box before normalising it to [0, 1]")
+    residual_hidden: int = opt(64, "width of the MLP's hidden layers")
+    residual_layers: int = opt(2, "number of hidden layers of the MLP")
+    residual_max: float = opt(0.03, "largest residual displacement in metres, per axis "
+                                    "(max * tanh of the MLP output)")
+    residual_iterations: int = opt(150, "Adam steps of the fit per pair (a fixed budget)")
+    residual_time_budget: float = opt(4.0, "stop the fit of a pair after this many seconds even "
+                                           "if iterations remain (0 = no limit)")
+    residual_learning_rate: float = opt(1e-2, "Adam learning rate of the table and the MLP")
+    residual_points: int = opt(8192, "source points drawn per step (with their right and lower "
+                                     "neighbours for the smoothness term)")
+    residual_plane_weight: float = opt(1.0, "weight of the point-to-plane distance to the target "
+                                            "surface at the warped point's projection")
+    residual_plane_scale: float = opt(0.005, "scale in metres of the robust (Geman-McClure) "
+                                             "point-to-plane term")
+    residual_occlusion: float = opt(0.03, "the point-to-plane and colour terms ignore a point "
+                                          "whose depth differs from the target depth at its "
+                                          "projection by more than this many metres (occluded "
+                                          "or an outlier)")
+    residual_color_weight: float = opt(0.1, "weight of the colour term (source colour against "
+                                            "the target colour at the projection)")
+    residual_color_scale: float = opt(0.1, "scale of the robust (Geman-McClure) colour term, in "
+                                           "units of the [0, 1] colour range")
+    residual_match_weight: float = opt(1.0, "weight of the correspondence term (distance to the "
+                                            "matches' target points, times the match weights)")
+    residual_match_scale: float = opt(0.01, "scale in metres of the robust (Geman-McClure) "
+                                            "correspondence term")
+    residual_magnitude_weight: float = opt(0.01, "weight of the squared residual (keeps it small)")
+    residual_smoothness_weight: float = opt(30.0, "weight of the squared difference of the refined "
+                                                  "scene flow between neighbouring source pixels")
+    residual_smoothness_scale: float = opt(0.0, "tmp")
+    residual_flow_blur: float = opt(0.0, "tmp")
+    residual_target_smoothing: float = opt(0.0, "tmp")
+    residual_neighbor_distance: float = opt(0.02, "neighbouring pixels farther apart than this "
+                                                  "many metres (a depth edge) are not smoothed "
+                                                  "together")
+    residual_seed: int = opt(0, "seed of the table initialisation and the point sampling")

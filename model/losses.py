@@ -2,7 +2,8 @@
 
   flow:  robust L1 of PWC-Net fine-tuning, (|du| + |dv| + 0.01)^0.4 per pixel, on each pyramid
          level against the ground-truth flow downscaled by nearest sampling and divided by 20,
-         averaged over valid pixels per sample, then over samples, summed over levels;
+         averaged over valid pixels per sample, then over samples, summed over levels (or, to
+         train from scratch, PWC-Net's multiscale end-point error);
   graph: squared L2 between predicted and ground-truth node translations, averaged over the
          solved nodes of each sample, then over samples with a valid solve;
   warp:  L2 between warped source points and source points plus ground-truth scene flow,
@@ -31,21 +32,34 @@ def _mean_over_samples(per_pixel: torch.Tensor, mask: torch.Tensor) -> Tuple[tor
     return (total[used] / count[used]).mean(), int(used.sum())
 
 
+# PWC-Net's weights of levels 2..6 for training from scratch, with per-pixel sums: the level
+# means are weighted by alpha_l * (pixels of level l / pixels of level 2).
+MULTISCALE_EPE_WEIGHTS = tuple(a / 4 ** i for i, a in enumerate((0.005, 0.01, 0.02, 0.08, 0.32)))
+
+
 def flow_loss(flow_pyramid: Sequence[torch.Tensor], gt_flow: torch.Tensor, frame,
-              epsilon: float = 0.01, q: float = 0.4) -> Tuple[torch.Tensor, int]:
-    """Robust L1 over the pyramid. gt_flow (B, 2, H, W) pixels, NaN where unknown, in the frame;
-    frame: the tracker's NetworkFrame (how the frame maps to the network input)."""
+              kind: str = "robust", epsilon: float = 0.01, q: float = 0.4) -> Tuple[torch.Tensor, int]:
+    """Flow loss over the pyramid (flow2 .. flow6). gt_flow (B, 2, H, W) pixels, NaN where
+    unknown, in the frame; frame: the tracker's NetworkFrame (how the frame maps to the network
+    input). kind "robust": the reference's fine-tuning loss, summed over levels; "epe": PWC-Net's
+    multiscale end-point error for training from scratch (its gradient does not fade for large
+    errors as the robust one's does), scaled by 100 to be of the robust loss's size."""
     gt = frame.flow_in(gt_flow)
     valid = torch.isfinite(gt).all(dim=1, keepdim=True).to(gt.dtype)
     gt = torch.nan_to_num(gt) / FLOW_SCALE
     total, used = gt.new_zeros(()), 0
-    for prediction in flow_pyramid:
+    for level, prediction in enumerate(flow_pyramid):
         size = prediction.shape[-2:]
         gt_level = F.interpolate(gt, size=size, mode="nearest")
         valid_level = F.interpolate(valid, size=size, mode="nearest")[:, 0] > 0.5
-        per_pixel = ((prediction - gt_level).abs().sum(dim=1) + epsilon) ** q
-        level, n = _mean_over_samples(per_pixel, valid_level)
-        total = total + level
+        if kind == "epe":
+            per_pixel = torch.sqrt(((prediction - gt_level) ** 2).sum(dim=1) + 1e-12)
+            weight = 100.0 * MULTISCALE_EPE_WEIGHTS[level]
+        else:
+            per_pixel = ((prediction - gt_level).abs().sum(dim=1) + epsilon) ** q
+            weight = 1.0
+        value, n = _mean_over_samples(per_pixel, valid_level)
+        total = total + weight * value
         used = max(used, n)
     return total, used
 

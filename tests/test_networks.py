@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from model.cost_volume import correlation
 from model.masknet import MaskNet
-from model.pwcnet import PWCNet
+from model.pwcnet import PWCNet, narrow_conv3x3, transposed_as_phases
 from model.reference_weights import deterministic_reference_state_dict, split_tracker_state_dict
 from tests.conftest import FIXTURES, assert_close, require
 from tests.reference.pwcnet_reference import correlation_reference, masknet_reference, pwcnet_reference
@@ -60,12 +60,17 @@ def networks(reference_state):
 
 @pytest.fixture(scope="module")
 def fixture_run(networks):
-    """One forward of both networks on the fixture's crops: (outputs, intermediates, mask)."""
+    """Both networks on the fixture's crops: (outputs, intermediates, mask).
+
+    The outputs come from the production path (no intermediates requested); the intermediates
+    from a second, recording pass."""
     flow_net, mask_net = networks
+    source, target = crop_input("source_crop_u8.npy"), crop_input("target_crop_u8.npy")
     intermediates = {}
     with torch.inference_mode():
-        outputs = flow_net(crop_input("source_crop_u8.npy"), crop_input("target_crop_u8.npy"), intermediates)
+        outputs = flow_net(source, target)
         mask = mask_net(outputs[5], aux_input(448, 640))
+        flow_net(source, target, intermediates)
     return outputs, intermediates, mask
 
 
@@ -125,9 +130,13 @@ def test_pwcnet_reproduces_fixture_intermediates(fixture_run):
         assert_close(ours, reference, atol=1e-5 * float(np.abs(reference).max()), rtol=0, what=name)
         checked += 1
     assert checked == 53
-    # The decoder input layout: [cv, source features, upflow, upfeat] after the five dense outputs.
-    stack = intermediates["dec_features_L6"]
-    assert_close(stack[:, 448:], F.leaky_relu(intermediates["cv_raw_L6"], 0.1), what="L6 stack tail")
+    # The stack layout: five dense outputs (448 channels, newest first), then the decoder input
+    # [lrelu(cv), source features, upflow, upfeat].
+    stack = intermediates["dec_features_L5"]
+    assert stack.shape[1] == 661
+    tail = (F.leaky_relu(intermediates["cv_raw_L5"], 0.1), intermediates["ext_src_L5"],
+            intermediates["upflow_L5"], intermediates["upfeat_L5"])
+    assert torch.equal(stack[:, 448:], torch.cat(tail, dim=1))
 
 
 def test_masknet_reproduces_fixture(networks, fixture_run):
@@ -234,6 +243,48 @@ def test_gradients_match_literal_reference(networks, reference_state):
         grads.append(torch.autograd.grad(loss, source)[0])
     assert float(grads[1].abs().max()) > 0.1
     assert_close(grads[0], grads[1], atol=1e-7 * float(grads[1].abs().max()), rtol=0, what="d source")
+
+
+def test_inference_and_autograd_paths_agree(networks):
+    """Inference mode (fused oneDNN kernels, matrix-product narrow convs) and autograd mode
+    (plain convs) give the same outputs; an autograd forward after an inference one still
+    differentiates (no inference tensors cached and reused)."""
+    flow_net, mask_net = networks
+    source, target = torch.rand(1, 3, 64, 128), torch.rand(1, 3, 64, 128)
+    aux = torch.randn(1, 12, 64, 128)
+    with torch.inference_mode():
+        fast = flow_net(source, target)
+        fast_mask = mask_net(fast[5], aux)
+    plain = flow_net(source, target)
+    plain_mask = mask_net(plain[5], aux)
+    assert plain[0].requires_grad and plain_mask.requires_grad
+    for name, a, b in zip(("flow2", "flow3", "flow4", "flow5", "flow6", "features2"), fast, plain):
+        b = b.detach()
+        assert_close(a, b, atol=1e-5 * float(b.abs().max()), rtol=0, what=name)
+    assert_close(fast_mask, plain_mask.detach(), atol=1e-5, rtol=0, what="mask")
+    (plain[0].sum() + plain_mask.sum()).backward()
+    assert flow_net.moduleRefiner.moduleMain[0].weight.grad is not None
+    assert mask_net.upconv1.weight.grad is not None
+    flow_net.zero_grad(set_to_none=True)
+    mask_net.zero_grad(set_to_none=True)
+
+
+def test_transposed_conv_as_phases():
+    x = torch.randn(2, 7, 5, 6, dtype=torch.float64)
+    weight = torch.randn(7, 3, 4, 4, dtype=torch.float64)
+    bias = torch.randn(3, dtype=torch.float64)
+    expected = F.conv_transpose2d(x, weight, bias, stride=2, padding=1)
+    ours = F.pixel_shuffle(F.conv2d(x, transposed_as_phases(weight), bias.repeat_interleave(4), padding=1), 2)
+    assert_close(ours, expected, atol=1e-12, rtol=0, what="phases")
+
+
+@pytest.mark.parametrize("shape,outputs", [((1, 565, 9, 13), 2), ((2, 16, 7, 5), 1), ((1, 3, 1, 4), 2)])
+def test_narrow_conv_matches_conv2d(shape, outputs):
+    x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(outputs, shape[1], 3, 3), torch.randn(outputs)
+    expected = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
+    assert_close(narrow_conv3x3(x, weight, bias), expected, atol=1e-5 * float(expected.abs().max()), rtol=0,
+                 what="narrow conv")
 
 
 def test_pwcnet_rejects_bad_sizes():

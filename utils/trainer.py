@@ -187,7 +187,8 @@ class Trainer:
         o = self.opt
         terms, values = [], {}
         if o.use_flow_loss:
-            value, _ = losses.flow_loss(out["flow_pyramid"], batch["optical_flow"], out["network_frame"])
+            value, _ = losses.flow_loss(out["flow_pyramid"], batch["optical_flow"], out["network_frame"],
+                                        o.flow_loss_type)
             terms.append((o.flow_loss_weight, value))
             values["flow"] = value
         if "solver" in out:
