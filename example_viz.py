@@ -4,11 +4,14 @@
     python example_viz.py --source-color S.jpg --source-depth S.png --target-color T.jpg \\
         --target-depth T.png --intrinsics I.txt [--mask M.png]          # your own pair
     python example_viz.py --headless --out DIR              # render the views to PNG files
+    python example_viz.py --residual                        # + the hash-grid residual refinement
 
 Uses the shipped checkpoint's flow network by default (--flow dis when none is shipped). Without
 a display (or with --headless) it renders source.png, target.png, both.png, correspondences.png,
-weighted_correspondences.png and aligned.png. Keys of the interactive window: see utils/demo.py
-(they are printed at start).
+weighted_correspondences.png and aligned.png. With --residual, a 4D hash-grid residual deformer
+is fitted to the pair after tracking (model/residual.py): its refined alignment is the R key's
+view (aligned_refined.png headless), and with ground truth its EPE 3D is printed beside the
+graph warp's. Keys of the interactive window: see utils/demo.py (they are printed at start).
 """
 import argparse
 import os
@@ -19,8 +22,9 @@ import torch
 
 from dataset import io
 from dataset.deepdeform import DatasetError, DeepDeformDataset, collate, finish_item
+from model.residual import fit_residual
 from model.tracker import Tracker
-from options import GraphOptions, SolverOptions, TrackerOptions, add_options, from_args
+from options import GraphOptions, ResidualOptions, SolverOptions, TrackerOptions, add_options, from_args
 from utils.checkpoints import CheckpointError, checkpoint_options, default_checkpoint, load_tracker, read_checkpoint
 from utils.graph import GraphError, build_graph
 from utils.metrics import pair_errors
@@ -44,9 +48,13 @@ def build_parser(stored_tracker=None, stored_solver=None) -> argparse.ArgumentPa
                                                                 "(automatic without a display)")
     parser.add_argument("--out", default="demo_output", help="folder of the PNG files (headless)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    parser.add_argument("--residual", action="store_true",
+                        help="refine the alignment with a 4D hash-grid residual deformer fitted to "
+                             "the pair (the --residual-* flags; the R key, aligned_refined.png)")
     add_options(parser, TrackerOptions, "tracker", defaults={"flow": None, **(stored_tracker or {})})
     add_options(parser, SolverOptions, "solver", defaults=stored_solver)
     add_options(parser, GraphOptions, "graph (your own pair)", prefix="graph_")
+    add_options(parser, ResidualOptions, "residual deformer (with --residual)")
     return parser
 
 
@@ -114,16 +122,32 @@ def main(argv=None) -> int:
     print(f"{batch['name'][0]}: {out['matches'].sample.numel()} correspondences, solve "
           f"{result.status[0]}{' (' + result.messages[0] + ')' if result.messages[0] else ''}, energy "
           + " -> ".join(f"{e:.4g}" for e in result.energies[0]))
+    refined = refined_flow = None
+    if args.residual:
+        fit = fit_residual(batch, out, from_args(args, ResidualOptions), progress=True,
+                           max_depth=solver_options.max_depth)
+        stats = fit["stats"][0]
+        print(f"residual deformer: {stats['iterations']} iterations in {stats['seconds']:.2f} s, mean "
+              f"residual {stats['mean_residual_mm']:.2f} mm over {stats['points']} points")
+        # DemoData.refined_object: the warp_mask pixels in row-major order, like warped_object.
+        refined = fit["warped_points"][0][out["warp_mask"][0]]
+        refined_flow = fit["scene_flow"]
     if "scene_flow" in batch:
         n = int(batch["num_nodes"][0])
-        errors = pair_errors(batch["name"][0], out["translations"][0, :n].numpy(),
-                             batch["node_deformations"][0, :n].numpy(), np.nan_to_num(out["scene_flow"][0].numpy()),
-                             batch["scene_flow"][0].numpy(), batch["source_points"][0, 2].numpy(),
-                             batch["pixel_anchors"][0].numpy())
-        print(f"EPE 3D: {errors.epe_mm:.2f} mm, Graph Error 3D: {errors.graph_error_mm:.2f} mm "
+
+        def errors_of(scene_flow):
+            return pair_errors(batch["name"][0], out["translations"][0, :n].numpy(),
+                               batch["node_deformations"][0, :n].numpy(), np.nan_to_num(scene_flow[0].numpy()),
+                               batch["scene_flow"][0].numpy(), batch["source_points"][0, 2].numpy(),
+                               batch["pixel_anchors"][0].numpy())
+
+        errors = errors_of(out["scene_flow"])
+        refined_epe = "" if refined_flow is None else \
+            f", refined by the residual deformer {errors_of(refined_flow).epe_mm:.2f} mm"
+        print(f"EPE 3D: {errors.epe_mm:.2f} mm{refined_epe}; Graph Error 3D: {errors.graph_error_mm:.2f} mm "
               f"(against the pair's ground truth)")
     headless = args.headless or not has_display()
-    viewer = DemoViewer(demo_data(batch, out), visible=not headless)
+    viewer = DemoViewer(demo_data(batch, out, refined=refined), visible=not headless)
     if headless:
         written = viewer.render_all(args.out)
         viewer.close()

@@ -7,8 +7,14 @@ Default configuration: 4D inputs, 16 levels, 2 features per level, 2^19 rows per
 resolutions 16 to 2048. Ours and the reference take turns in each repeat (after one warm-up
 round); prints a table of medians and, as the last line, `speedup_vs_reference=X` for forward +
 backward.
+
+Before that last line, unless --no-residual-fit, it times what the encoder is for: fitting the
+4D hash-grid residual deformer (model/residual.py, default ResidualOptions) to one pair, the
+pair of example_data/ tracked with --flow dis, and prints the fitting seconds (with the pair's
+EPE 3D before and after, from its ground truth).
 """
 import argparse
+import os
 import statistics
 import time
 
@@ -32,6 +38,10 @@ def parse_args():
     parser.add_argument("--base-resolution", type=int, default=16, help="N_min")
     parser.add_argument("--max-resolution", type=int, default=2048, help="N_max")
     parser.add_argument("--seed", type=int, default=0, help="random seed of inputs and table")
+    parser.add_argument("--residual-fit", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the residual deformer's fit on example_data's pair")
+    parser.add_argument("--flow", default="dis", choices=("dis", "gt"),
+                        help="front-end tracking the pair before the residual fit")
     return parser.parse_args()
 
 
@@ -92,7 +102,39 @@ def main():
         print(f"{name:<12}{fwd:>12.4f}{bwd:>12.4f}{fwd + bwd:>12.4f}")
     print(f"{'speedup':<12}{reference[0] / ours[0]:>11.1f}x{reference[1] / ours[1]:>11.1f}x"
           f"{(reference[0] + reference[1]) / (ours[0] + ours[1]):>11.1f}x")
+    if args.residual_fit:
+        print(time_residual_fit(args.flow))
     print(f"speedup_vs_reference={(reference[0] + reference[1]) / (ours[0] + ours[1]):.1f}")
+
+
+def time_residual_fit(flow: str) -> str:
+    """One line: seconds of the residual deformer's fit on example_data's pair (its tracking
+    not included), with the pair's EPE 3D of the graph warp and of the refinement."""
+    from dataset.deepdeform import DeepDeformDataset, collate
+    from model.residual import fit_residual
+    from model.tracker import Tracker
+    from options import ResidualOptions, SolverOptions, TrackerOptions
+    from utils.metrics import evaluation_mask
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "example_data")
+    dataset = DeepDeformDataset(root, "demo")
+    batch = collate([dataset[0]])
+    solver_options = SolverOptions()
+    with torch.inference_mode():
+        out = Tracker(TrackerOptions(flow=flow), solver_options).eval()(batch)
+    options = ResidualOptions()
+    fit = fit_residual(batch, out, options, max_depth=solver_options.max_depth)
+    stats = fit["stats"][0]
+    mask = torch.from_numpy(evaluation_mask(batch["scene_flow"][0].numpy(), batch["source_points"][0, 2].numpy(),
+                                            batch["pixel_anchors"][0].numpy()))
+
+    def epe_mm(scene_flow):
+        return 1000 * float((scene_flow[0] - batch["scene_flow"][0]).permute(1, 2, 0)[mask].norm(dim=1).mean())
+
+    return (f"residual fit ({dataset.name(0)}, --flow {flow}, {stats['points']} points, "
+            f"{stats['iterations']} of {options.residual_iterations} iterations, "
+            f"fit threads={options.residual_threads or torch.get_num_threads()}): {stats['seconds']:.2f} s; EPE 3D "
+            f"{epe_mm(out['scene_flow']):.2f} mm -> {epe_mm(fit['scene_flow']):.2f} mm")
 
 
 if __name__ == "__main__":
