@@ -343,6 +343,20 @@ class PWCNet(nn.Module):
         for level in range(2, 7):
             setattr(self, "module" + LEVEL_NAMES[level - 1], Decoder(level))
         self.moduleRefiner = Refiner()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """He-normal (fan-in) weights and zero biases, as PWC-Net's own training code does.
+
+        Why it matters: with PyTorch's default init the pyramid features come out around 1e-2,
+        so the cost volume (a channel mean of their products) starts around 1e-5; the decoders
+        then learn to ignore it and training from scratch never gets past predicting zero flow.
+        """
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+                nn.init.kaiming_normal_(module.weight, mode="fan_in")
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
 
     def forward(self, source: torch.Tensor, target: torch.Tensor, intermediates: Optional[dict] = None
                 ) -> Tuple[torch.Tensor, ...]:

@@ -94,7 +94,7 @@ def _write_predictions(dataset, out, scale_gt: float):
         t_path, f_path = prediction_paths(out, dataset.name(i))
         io.write_graph_node_deformations(t_path, scale_gt * io.read_graph_node_deformations(dataset.path(i, "graph_node_deformations")))
         flow = io.read_scene_flow(dataset.path(i, "scene_flow"))
-        io.write_flow(f_path, np.where(np.isfinite(flow), scale_gt * flow, -np.inf).astype(np.float32))
+        io.write_flow(f_path, np.where(np.isfinite(flow), scale_gt * np.nan_to_num(flow), -np.inf).astype(np.float32))
 
 
 def test_evaluate_known_predictions(split, tmp_path):

@@ -350,3 +350,33 @@ def test_unexpected_and_foreign_tensors_are_refused(reference_state):
         load_reference_state_dicts({"encoder.weight": torch.zeros(3)})
     with pytest.raises(CheckpointError, match="unexpected tensor 'optimizer.step'"):
         load_reference_state_dicts({"flow_net.a": torch.zeros(1), "optimizer.step": torch.zeros(1)})
+
+
+def test_fresh_pwcnet_sees_its_cost_volume():
+    """Training from scratch needs PWC-Net's He init: with PyTorch's default one the cost volume
+    starts ~1e-5 and the decoders learn to ignore it (zero flow forever)."""
+    torch.manual_seed(0)
+    net = PWCNet()
+    for name, module in net.named_modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+            fan_in = module.weight[0].numel()  # torch's (and PWC-Net's) fan-in, also for deconvs
+            if module.weight.numel() >= 1000:  # enough samples for a tight estimate of the std
+                assert abs(module.weight.std().item() / (2.0 / fan_in) ** 0.5 - 1) < 0.1, name
+            assert module.bias is None or not module.bias.any(), name
+    volumes = []
+    original = correlation
+
+    def spy(first, second, **kwargs):
+        volumes.append(original(first, second, **kwargs))
+        return volumes[-1]
+
+    image = torch.rand(1, 3, 64, 128, generator=torch.Generator().manual_seed(1))
+    import model.pwcnet as pwcnet_module
+    try:
+        pwcnet_module.correlation = spy
+        with torch.no_grad():
+            net(image, torch.roll(image, 2, dims=-1))
+    finally:
+        pwcnet_module.correlation = original
+    assert len(volumes) == 5
+    assert volumes[-1].abs().mean() > 1e-3  # level 2
