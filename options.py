@@ -110,6 +110,12 @@ class TrackerOptions:
     network_width: int = opt(0, "resize frames to this width (aspect kept) before the network, "
                                 "0 = run it at the frames' own size; stored in checkpoints, so a "
                                 "network trained at 320 px runs at 320 px on any frame")
+    cost_volume: str = opt("normalized", "flow network cost volume: the reference's mean of "
+                                         "feature products (its weights need it), or the same of "
+                                         "features normalised per pixel, which trains from scratch "
+                                         "where the product volume stalls; a checkpoint's own "
+                                         "choice always wins when it is loaded",
+                           choices=("product", "normalized"))
     dis_preset: str = opt("medium", "DIS optical flow preset", choices=("ultrafast", "fast", "medium"))
     dis_weights: str = opt("photometric", "DIS correspondence weights: all 1, or from the colour "
                                           "difference between a pixel and its match",

@@ -161,6 +161,22 @@ def transposed_as_phases(weight: torch.Tensor) -> torch.Tensor:
     return phases.reshape(c_in, 4 * c_out, 3, 3).transpose(0, 1)
 
 
+COST_VOLUMES = ("product", "normalized")
+
+
+def normalize_features(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """(B, C, H, W) features centred and scaled to unit RMS over channels at every pixel.
+
+    The "normalized" cost volume correlates these, so each entry is a correlation coefficient in
+    [-1, 1]. Why: the "product" volume of leaky-ReLU features is dominated by the product of
+    their (positive) means, which barely depends on the displacement; the decoders then learn to
+    ignore the volume and a network trained from scratch predicts the mean flow for thousands of
+    steps. Zero vectors (warped from outside the image) stay zero.
+    """
+    x = x - x.mean(dim=1, keepdim=True)
+    return x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + eps)
+
+
 def _conv3x3(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation)
 
@@ -200,9 +216,10 @@ class Decoder(nn.Module):
     ``moduleFiv`` (dense convs), ``moduleSix`` (flow predictor).
     """
 
-    def __init__(self, level: int):
+    def __init__(self, level: int, cost_volume: str = "product"):
         super().__init__()
         self.level = level
+        self.cost_volume = cost_volume
         if level < 6:
             self.moduleUpflow = _upconv(2)
             self.moduleUpfeat = _upconv(STACK_CHANNELS[level + 1])
@@ -262,13 +279,15 @@ class Decoder(nn.Module):
             (B, C_stack, h, w) dense stack, newest conv output first.
         """
         level = self.level
+        correlate = correlation if self.cost_volume == "product" else \
+            (lambda a, b: correlation(normalize_features(a), normalize_features(b)))
         if previous is None:
-            volume = correlation(first, second)
+            volume = correlate(first, second)
         else:
             upflow = self.moduleUpflow(previous[0])
             upfeat = previous[1]
             warped = self.warp(second, upflow * self.flow_scale)
-            volume = correlation(first, warped)
+            volume = correlate(first, warped)
             if record is not None:
                 record.update({f"upflow_L{level}": upflow, f"upfeat_L{level}": upfeat, f"warped_tgt_L{level}": warped})
         if record is not None:
@@ -335,22 +354,29 @@ class PWCNet(nn.Module):
     (B, 2, H/2^l, W/2^l) (channel 0 = x; 20 * flow is in full-resolution pixels; flow2 includes
     the refiner) and the (B, 565, H/4, W/4) level-2 dense feature stack. Outputs are in
     channels-last memory format; call ``.contiguous()`` where NCHW strides matter.
+
+    ``cost_volume``: "product" is the reference's (its weights need it); "normalized" correlates
+    features normalised per pixel (``normalize_features``), this project's choice for training
+    from scratch. The two have the same parameters.
     """
 
-    def __init__(self):
+    def __init__(self, cost_volume: str = "product"):
         super().__init__()
+        if cost_volume not in COST_VOLUMES:
+            raise ValueError(f"cost_volume must be one of {COST_VOLUMES}, got {cost_volume!r}")
+        self.cost_volume = cost_volume
         self.moduleExtractor = Extractor()
         for level in range(2, 7):
-            setattr(self, "module" + LEVEL_NAMES[level - 1], Decoder(level))
+            setattr(self, "module" + LEVEL_NAMES[level - 1], Decoder(level, cost_volume))
         self.moduleRefiner = Refiner()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """He-normal (fan-in) weights and zero biases, as PWC-Net's own training code does.
 
-        Why it matters: with PyTorch's default init the pyramid features come out around 1e-2,
-        so the cost volume (a channel mean of their products) starts around 1e-5; the decoders
-        then learn to ignore it and training from scratch never gets past predicting zero flow.
+        With PyTorch's default init the pyramid features come out around 1e-2 and the product
+        cost volume around 1e-5. He init alone did not let our from-scratch runs leave the
+        zero-flow plateau either; the "normalized" cost volume did (see ``normalize_features``).
         """
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):

@@ -155,7 +155,7 @@ class Tracker(nn.Module):
         self.options = options
         self.solver_options = solver_options
         if options.flow == "network":
-            self.flow_net = PWCNet()
+            self.flow_net = PWCNet(options.cost_volume)
             self.mask_net = MaskNet()
 
     # ------------------------------------------------------------------------------------------

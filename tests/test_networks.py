@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from model.cost_volume import correlation
 from model.masknet import MaskNet
-from model.pwcnet import PWCNet, narrow_conv3x3, transposed_as_phases
+from model.pwcnet import PWCNet, narrow_conv3x3, normalize_features, transposed_as_phases
 from model.reference_weights import deterministic_reference_state_dict, split_tracker_state_dict
 from tests.conftest import FIXTURES, assert_close, require
 from tests.reference.pwcnet_reference import correlation_reference, masknet_reference, pwcnet_reference
@@ -380,3 +380,30 @@ def test_fresh_pwcnet_sees_its_cost_volume():
         pwcnet_module.correlation = original
     assert len(volumes) == 5
     assert volumes[-1].abs().mean() > 1e-3  # level 2
+
+
+def test_normalized_cost_volume_finds_a_shift_the_product_volume_misses():
+    """Features with a large shared positive part (as leaky-ReLU features have): the product
+    volume peaks wherever the mean part is largest, the normalised one at the true shift, with
+    correlation coefficients in [-1, 1] and exactly 1 there."""
+    generator = torch.Generator().manual_seed(3)
+    pattern = torch.randn(1, 16, 24, 40, generator=generator)
+    ramp = torch.linspace(0, 4, 40).expand(1, 16, 24, 40)
+    first = 5 + ramp + 0.3 * pattern
+    dy, dx = 1, -2
+    second = torch.roll(first, shifts=(dy, dx), dims=(2, 3))  # second[y+dy, x+dx] = first[y, x]
+    inner = (slice(5, -5), slice(5, -5))
+    expected = (dy + 4) * 9 + (dx + 4)
+    product = correlation(first, second)[0].argmax(0)[inner]
+    normalized = correlation(normalize_features(first), normalize_features(second))[0]
+    assert (product == expected).float().mean() < 0.5
+    assert (normalized.argmax(0)[inner] == expected).all()
+    assert torch.allclose(normalized[expected][inner], torch.ones(()), atol=1e-4)
+    assert normalized.abs().max() <= 1 + 1e-4
+    assert normalize_features(torch.zeros(1, 4, 2, 2)).eq(0).all()  # warped from outside: stays 0
+
+
+def test_cost_volume_is_checked_and_keeps_the_parameters():
+    assert list(PWCNet("normalized").state_dict()) == list(PWCNet().state_dict())
+    with pytest.raises(ValueError, match="cost_volume"):
+        PWCNet("cosine")

@@ -10,8 +10,8 @@ import torch
 from dataset.deepdeform import DeepDeformDataset, collate
 from model.reference_weights import deterministic_reference_state_dict
 from model.tracker import NetworkFrame, Tracker
-from options import SolverOptions, SyntheticOptions, TrackerOptions
-from tests.conftest import FIXTURES, REPO, require
+from options import SolverOptions, TrackerOptions
+from tests.conftest import FIXTURES, REPO, require, small_synthetic_split
 from utils.checkpoints import load_tracker, save_checkpoint
 
 SHAPES = os.path.join(FIXTURES, "nnrt_reference", "state_dict_shapes.json")
@@ -19,11 +19,7 @@ SHAPES = os.path.join(FIXTURES, "nnrt_reference", "state_dict_shapes.json")
 
 @pytest.fixture(scope="module")
 def split(tmp_path_factory):
-    from dataset.synthetic import generate
-
-    root = str(tmp_path_factory.mktemp("tracker_data"))
-    generate(root, "test", 2, 21, SyntheticOptions(width=320, height=240), progress=False)
-    return root
+    return small_synthetic_split(tmp_path_factory, "tracker_data", 2, 21)
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +80,22 @@ def test_our_checkpoints_rebuild_the_model(split, tmp_path):
         a, b = tracker.eval()(batch), loaded.eval()(batch)
     assert torch.equal(a["flow"].nan_to_num(), b["flow"].nan_to_num())
     assert torch.equal(a["translations"], b["translations"])
+
+
+def test_a_checkpoint_keeps_its_cost_volume(tmp_path):
+    """The cost volume is part of what the weights mean: options asked for at load time cannot
+    change it, and a reference-layout checkpoint (no options stored) gets the product volume."""
+    tracker = Tracker(TrackerOptions(flow="network", cost_volume="product"))
+    path = str(tmp_path / "product.pt")
+    save_checkpoint(path, tracker)
+    messages = []
+    loaded = load_tracker(path, TrackerOptions(flow="network", cost_volume="normalized"), log=messages.append)
+    assert loaded.options.cost_volume == "product" and loaded.flow_net.cost_volume == "product"
+    assert messages and "'product' cost volume" in messages[0]
+    reference_layout = str(tmp_path / "reference.pt")
+    torch.save({"state_dict": tracker.state_dict()}, reference_layout)
+    assert load_tracker(reference_layout, log=messages.append).flow_net.cost_volume == "product"
+    assert Tracker(TrackerOptions(flow="network")).flow_net.cost_volume == "normalized"
 
 
 def _generate(split, out, *args):

@@ -204,7 +204,12 @@ def load_tracker(path: str, tracker_options=None, solver_options=None, log=print
     obj = read_checkpoint(path)
     stored_tracker, stored_solver = checkpoint_options(obj)
     options = tracker_options or from_dict(TrackerOptions, stored_tracker)
-    options = dataclasses.replace(options, flow="network")
+    # The cost volume is part of what the weights mean: the checkpoint's own choice wins, and a
+    # reference-layout checkpoint (no options stored) was trained with the product volume.
+    cost_volume = stored_tracker.get("cost_volume", "product")
+    if options.cost_volume != cost_volume and tracker_options is not None:
+        log(f"{path}: using the checkpoint's '{cost_volume}' cost volume (not '{options.cost_volume}')")
+    options = dataclasses.replace(options, flow="network", cost_volume=cost_volume)
     solver = solver_options or from_dict(SolverOptions, stored_solver)
     try:
         flow_state, mask_state = load_reference_state_dicts(obj)
