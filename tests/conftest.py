@@ -38,6 +38,16 @@ def assert_close(actual, expected, atol=1e-6, rtol=1e-6, what="tensor"):
             f"{float(expected[index]):.6e} (atol {atol}, rtol {rtol})")
 
 
+def small_synthetic_split(tmp_path_factory, name: str, pairs: int, seed: int) -> str:
+    """A quick 320x240 synthetic split "test" of `pairs` pairs under a fresh temporary root."""
+    from dataset.synthetic import generate
+    from options import SyntheticOptions
+
+    root = str(tmp_path_factory.mktemp(name))
+    generate(root, "test", pairs, seed, SyntheticOptions(width=320, height=240), progress=False)
+    return root
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -11,19 +11,14 @@ import torch
 
 from dataset import io
 from dataset.deepdeform import DatasetError, DeepDeformDataset, collate, rotate_target
-from options import SyntheticOptions
-from tests.conftest import REPO
+from tests.conftest import REPO, small_synthetic_split
 from utils.image_proc import backproject_depth
 from utils.metrics import evaluation_mask, prediction_paths
 
 
 @pytest.fixture(scope="module")
 def split(tmp_path_factory):
-    from dataset.synthetic import generate
-
-    root = str(tmp_path_factory.mktemp("synthetic"))
-    generate(root, "test", 3, 7, SyntheticOptions(width=320, height=240), progress=False)
-    return root
+    return small_synthetic_split(tmp_path_factory, "synthetic", 3, 7)
 
 
 def _run(script, *args):

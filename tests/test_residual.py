@@ -12,8 +12,8 @@ import torch
 from dataset.deepdeform import DeepDeformDataset, collate
 from model.residual import ResidualDeformer, fit_residual, geman_mcclure, surface_normals
 from model.tracker import Tracker
-from options import ResidualOptions, SolverOptions, SyntheticOptions, TrackerOptions
-from tests.conftest import REPO
+from options import ResidualOptions, SolverOptions, TrackerOptions
+from tests.conftest import REPO, small_synthetic_split
 from utils.metrics import prediction_paths
 
 # Small and quick: the tests check behaviour, the defaults are tuned for 640x480 frames.
@@ -22,11 +22,7 @@ FAST = ResidualOptions(residual_iterations=60, residual_time_budget=0, residual_
 
 @pytest.fixture(scope="module")
 def split(tmp_path_factory):
-    from dataset.synthetic import generate
-
-    root = str(tmp_path_factory.mktemp("synthetic_residual"))
-    generate(root, "test", 2, 11, SyntheticOptions(width=320, height=240), progress=False)
-    return root
+    return small_synthetic_split(tmp_path_factory, "synthetic_residual", 2, 11)
 
 
 @pytest.fixture(scope="module")
