@@ -60,11 +60,23 @@ def test_stages_resume_and_checkpoints(data, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     state = torch.load(os.path.join(ws, "s1", "checkpoints", "last.pt"), weights_only=True)
     assert state["tracker_options"]["network_width"] == 160 and state["train_options"]["run_solver"]
-    # the shipped-format checkpoint rebuilds a tracker by itself
+    # a training checkpoint, and its weights-only release, rebuild a tracker by themselves
     from utils.checkpoints import load_tracker
 
-    tracker = load_tracker(os.path.join(ws, "s1", "checkpoints", "last.pt"))
+    s1 = os.path.join(ws, "s1", "checkpoints", "last.pt")
+    tracker = load_tracker(s1)
     assert tracker.options.network_width == 160
+    release = str(tmp_path / "release.pt")
+    result = subprocess.run([sys.executable, "-m", "utils.checkpoints", s1, release, "--history", best],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    state = torch.load(release, weights_only=True)
+    assert not {"optimizer", "scheduler", "rng"} & set(state)
+    assert [h["train_options"]["stage"] for h in state["history"]] == ["0_flow", "1_solver"]
+    assert os.path.getsize(release) < 0.6 * os.path.getsize(s1)  # no Adam moments
+    released = load_tracker(release)
+    for key, value in tracker.state_dict().items():
+        assert torch.equal(released.state_dict()[key], value), key
 
 
 def test_failed_solves_are_counted_not_fatal(data, tmp_path):
@@ -97,3 +109,14 @@ def test_two_processes_under_torchrun(data, tmp_path):
     state = torch.load(os.path.join(tmp_path, "ddp", "checkpoints", "last.pt"), weights_only=True)
     assert state["iteration"] == 2
     assert result.stderr.count("done:") + result.stdout.count("done:") == 1   # rank 0 only
+
+
+def test_run_train_goes_through_the_four_stages(data, tmp_path):
+    ws = str(tmp_path / "ws")
+    result = subprocess.run(["bash", os.path.join(REPO, "run_train.sh"), data, "tiny", ws, "--max-iterations", "1",
+                             "--val-every", "1", *SMALL], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    release = torch.load(os.path.join(ws, "tiny.pt"), weights_only=True)
+    assert [h["train_options"]["stage"] for h in release["history"]] == ["0_flow", "1_solver", "2_mask", "3_refine"]
+    assert release["train_options"]["stage"] == "3_refine" and release["tracker_options"]["use_mask"]
+    assert release["history"][1]["file"].endswith(os.path.join("tiny_1_solver", "checkpoints", "best.pt"))

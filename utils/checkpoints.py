@@ -174,6 +174,33 @@ def save_checkpoint(path: str, tracker: nn.Module, extra: Optional[dict] = None)
         torch.save(payload, handle)
 
 
+# What a released checkpoint keeps of a training checkpoint: the model, the options that built
+# and trained it, and where it stood; not the optimiser, scheduler or RNG states (two thirds of
+# the file), which only --resume needs.
+RELEASE_KEYS = ("format", "version", "tracker_options", "solver_options", "model", "iteration",
+                "best", "stats", "train_options", "data_options")
+
+
+def export_checkpoint(source: str, out: str, history: Optional[list] = None) -> dict:
+    """Writes the weights-only release of training checkpoint `source` to `out` (atomically).
+
+    `history` (e.g. the training checkpoints of the earlier stages, with their options) is stored
+    under "history", so the release says how it was made. Returns the written payload."""
+    from utils.fileio import atomic_open
+
+    obj = read_checkpoint(source)
+    if obj.get("format") != FORMAT:
+        raise CheckpointError(f"{source}: not one of our training checkpoints (format "
+                              f"{obj.get('format')!r}, expected {FORMAT!r})")
+    payload = {key: obj[key] for key in RELEASE_KEYS if key in obj}
+    payload["exported_from"] = os.path.basename(source)
+    if history:
+        payload["history"] = history
+    with atomic_open(out, "wb") as handle:
+        torch.save(payload, handle)
+    return payload
+
+
 def read_checkpoint(path: str) -> dict:
     """Loads a checkpoint file (ours or the reference's) on CPU, with a clear error."""
     if not os.path.isfile(path):
@@ -234,3 +261,40 @@ SHIPPED_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspat
 def default_checkpoint() -> Optional[str]:
     """The checkpoint shipped in checkpoints/, when there is one."""
     return SHIPPED_CHECKPOINT if os.path.isfile(SHIPPED_CHECKPOINT) else None
+
+
+def stage_summary(path: str) -> dict:
+    """What `history` records of one training checkpoint: file, iteration, best score, options."""
+    obj = read_checkpoint(path)
+    return {"file": path, "iteration": obj.get("iteration"), "best": obj.get("best"),
+            "train_options": obj.get("train_options"), "data_options": obj.get("data_options")}
+
+
+def main(argv=None) -> int:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="python -m utils.checkpoints",
+        description="Export a training checkpoint as a weights-only release (model and the "
+                    "options that built and trained it; no optimiser state), e.g. for checkpoints/.")
+    parser.add_argument("source", help="training checkpoint (WORKSPACE/EXPERIMENT/checkpoints/best.pt)")
+    parser.add_argument("out", help="release file to write")
+    parser.add_argument("--history", nargs="*", default=[],
+                        help="training checkpoints of the earlier stages, recorded in the release")
+    args = parser.parse_args(argv)
+    try:
+        history = [stage_summary(path) for path in args.history] + [stage_summary(args.source)]
+        payload = export_checkpoint(args.source, args.out, history)
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    size = os.path.getsize(args.out) / 2 ** 20
+    print(f"wrote {args.out} ({size:.1f} MiB): iteration {payload.get('iteration')} of stage "
+          f"{(payload.get('train_options') or {}).get('stage')}, best validation EPE 3D "
+          f"{payload.get('best')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
