@@ -36,11 +36,15 @@ def main(argv=None) -> int:
         if first.init:
             stored_tracker, stored_solver = checkpoint_options(read_checkpoint(first.init))
         args = build_parser(first.stage, stored_tracker, stored_solver).parse_args(argv)
-        from utils.trainer import Trainer
+        from utils.trainer import Interrupted, Trainer
 
         trainer = Trainer(from_args(args, TrainOptions), from_args(args, TrackerOptions),
                           from_args(args, SolverOptions), from_args(args, DataOptions))
-        trainer.run()
+        try:
+            trainer.run()
+        except Interrupted as stop:
+            print(f"interrupted: {stop}", file=sys.stderr)
+            return 130  # what a shell reports for Ctrl-C, so run_train.sh stops here too
     except (CheckpointError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -1,9 +1,12 @@
 """Training: the stages run, checkpoints carry everything, --resume continues, failed solves are
 counted and skipped, and two processes train under torchrun."""
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -120,3 +123,29 @@ def test_run_train_goes_through_the_four_stages(data, tmp_path):
     assert [h["train_options"]["stage"] for h in release["history"]] == ["0_flow", "1_solver", "2_mask", "3_refine"]
     assert release["train_options"]["stage"] == "3_refine" and release["tracker_options"]["use_mask"]
     assert release["history"][1]["file"].endswith(os.path.join("tiny_1_solver", "checkpoints", "best.pt"))
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_the_step_and_resume_continues(data, tmp_path, signal_number):
+    """Ctrl-C or a batch system's SIGTERM: the step in flight finishes, last.pt is written at
+    that iteration, the exit status is 130, and --resume goes on from there."""
+    ws = str(tmp_path / "ws")
+    args = [os.path.join(REPO, "train.py"), "--stage", "0_flow", "--experiment", "sig", "--dataset-dir", data,
+            "--workspace", ws, "--max-iterations", "100000", "--val-every", "100000",
+            "--checkpoint-every", "100000", *SMALL]
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as stderr:
+        process = subprocess.Popen([sys.executable, *args], stdout=subprocess.DEVNULL, stderr=stderr, cwd=REPO)
+        deadline = time.time() + 300
+        while not re.search(r"\| *[2-9]\d*/100000", log.read_text()) and time.time() < deadline:
+            assert process.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
+        process.send_signal(signal_number)
+        assert process.wait(timeout=300) == 130, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "stopping after this step" in text and "--resume continues" in text
+    state = torch.load(os.path.join(ws, "sig", "checkpoints", "last.pt"), weights_only=True)
+    assert state["iteration"] >= 2 and f"at iteration {state['iteration']}:" in text
+    result = _train(*args[1:], "--resume", "--max-iterations", str(state["iteration"] + 1))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"at iteration {state['iteration']}" in result.stdout + result.stderr

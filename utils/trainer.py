@@ -13,6 +13,9 @@ import dataclasses
 import math
 import os
 import random
+import signal
+import sys
+import threading
 import time
 from typing import Dict, Optional
 
@@ -47,6 +50,37 @@ class ResumableSampler(DistributedSampler):
 
 def _to(batch: Dict, device) -> Dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+class Interrupted(Exception):
+    """Training stopped on SIGINT or SIGTERM, after the step in flight and a save of last.pt."""
+
+
+class StopRequests:
+    """While active, SIGINT (Ctrl-C) and SIGTERM (a batch system's pre-emption) only set
+    `signal`; the training loop reads it after each step, writes last.pt and stops, so nothing
+    is lost and --resume continues exactly there. A second signal acts at once, as usual."""
+
+    def __enter__(self) -> "StopRequests":
+        self.signal, self.previous = None, {}
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self.previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def _handle(self, number, frame) -> None:
+        self.signal = signal.Signals(number).name
+        self._restore()
+        print(f"\n{self.signal}: stopping after this step and saving last.pt (send it again to "
+              f"stop at once)", file=sys.stderr, flush=True)
+
+    def _restore(self) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+        self.previous = {}
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
 
 
 class Trainer:
@@ -312,41 +346,50 @@ class Trainer:
                    disable=not self.main, dynamic_ncols=True)
         start = time.perf_counter()
         last_metrics: Dict[str, float] = {}
-        while self.iteration < o.max_iterations:
-            self.sampler.set_epoch(self.epoch)
-            self.train_set.epoch = self.epoch
-            loader = DataLoader(self.train_set, batch_size=o.batch_size, sampler=self.sampler,
-                                collate_fn=collate, num_workers=o.num_workers, drop_last=True,
-                                persistent_workers=False)
-            for batch in loader:
-                values = self.step(_to(batch, self.device))
-                self.iteration += 1
-                self.sampler.start += o.batch_size
-                bar.update(1)
-                bar.set_postfix(loss=f"{values['total']:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.1e}")
-                if self.main and self.iteration % o.log_every == 0:
-                    for key, value in values.items():
-                        self.writer.add_scalar(f"train/{key}", value, self.iteration)
-                    self.writer.add_scalar("train/learning_rate", self.scheduler.get_last_lr()[0], self.iteration)
-                    self.writer.add_scalar("train/failed_solves_total", self.stats["failed_solves"], self.iteration)
-                done = self.iteration >= o.max_iterations
-                if self.val_set is not None and (self.iteration % o.val_every == 0 or done):
-                    if self.main:
-                        last_metrics = self.validate()
-                        bar.write(f"iteration {self.iteration}: " + ", ".join(
-                            f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in last_metrics.items()))
-                        if last_metrics["epe_3d_mm"] < self.best:
-                            self.best = last_metrics["epe_3d_mm"]
-                            self.save("best.pt")
-                    if self.distributed:
-                        dist.barrier()
-                if self.main and (self.iteration % o.checkpoint_every == 0 or done):
-                    self.save("last.pt")
-                if done:
-                    break
-            else:
-                self.epoch += 1
-                self.sampler.start = 0
+        with StopRequests() as stop:
+            while self.iteration < o.max_iterations:
+                self.sampler.set_epoch(self.epoch)
+                self.train_set.epoch = self.epoch
+                loader = DataLoader(self.train_set, batch_size=o.batch_size, sampler=self.sampler,
+                                    collate_fn=collate, num_workers=o.num_workers, drop_last=True,
+                                    persistent_workers=False)
+                for batch in loader:
+                    values = self.step(_to(batch, self.device))
+                    self.iteration += 1
+                    self.sampler.start += o.batch_size
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{values['total']:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.1e}")
+                    if self.main and self.iteration % o.log_every == 0:
+                        for key, value in values.items():
+                            self.writer.add_scalar(f"train/{key}", value, self.iteration)
+                        self.writer.add_scalar("train/learning_rate", self.scheduler.get_last_lr()[0], self.iteration)
+                        self.writer.add_scalar("train/failed_solves_total", self.stats["failed_solves"], self.iteration)
+                    done = self.iteration >= o.max_iterations
+                    if self.val_set is not None and (self.iteration % o.val_every == 0 or done):
+                        if self.main:
+                            last_metrics = self.validate()
+                            bar.write(f"iteration {self.iteration}: " + ", ".join(
+                                f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in last_metrics.items()))
+                            if last_metrics["epe_3d_mm"] < self.best:
+                                self.best = last_metrics["epe_3d_mm"]
+                                self.save("best.pt")
+                        if self.distributed:
+                            dist.barrier()
+                    if self.main and (self.iteration % o.checkpoint_every == 0 or done
+                                      or stop.signal is not None):
+                        self.save("last.pt")
+                    if stop.signal is not None:
+                        bar.close()
+                        if self.main:
+                            self.writer.flush()
+                        raise Interrupted(f"{stop.signal} at iteration {self.iteration}: saved "
+                                          f"{os.path.join(self.checkpoint_dir, 'last.pt')}; "
+                                          f"--resume continues from it")
+                    if done:
+                        break
+                else:
+                    self.epoch += 1
+                    self.sampler.start = 0
         bar.close()
         if self.main:
             if self.val_set is None:
