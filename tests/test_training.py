@@ -76,6 +76,9 @@ def test_stages_resume_and_checkpoints(data, tmp_path):
     state = torch.load(release, weights_only=True)
     assert not {"optimizer", "scheduler", "rng"} & set(state)
     assert [h["train_options"]["stage"] for h in state["history"]] == ["0_flow", "1_solver"]
+    # inference solver by default, the training one kept beside it
+    assert state["solver_options"]["robust_loss"] == "cauchy"
+    assert state["training_solver_options"]["robust_loss"] == "none"
     assert os.path.getsize(release) < 0.6 * os.path.getsize(s1)  # no Adam moments
     released = load_tracker(release)
     for key, value in tracker.state_dict().items():

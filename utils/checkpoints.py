@@ -181,11 +181,19 @@ RELEASE_KEYS = ("format", "version", "tracker_options", "solver_options", "model
                 "best", "stats", "train_options", "data_options")
 
 
-def export_checkpoint(source: str, out: str, history: Optional[list] = None) -> dict:
+def export_checkpoint(source: str, out: str, history: Optional[list] = None,
+                      training_solver: bool = False) -> dict:
     """Writes the weights-only release of training checkpoint `source` to `out` (atomically).
 
     `history` (e.g. the training checkpoints of the earlier stages, with their options) is stored
-    under "history", so the release says how it was made. Returns the written payload."""
+    under "history", so the release says how it was made. The release solves as in training (the
+    match count sets the data/ARAP balance the weighting head learned) but with the default
+    robust reweighting, which training leaves off to keep the reference's gradients: on our
+    real-frame synthetic pairs it lowered EPE 3D from 28.1 to 26.9 mm. `training_solver` keeps the
+    training options as they were; either way they are also stored under
+    "training_solver_options". Returns the written payload."""
+    from options import SolverOptions
+
     from utils.fileio import atomic_open
 
     obj = read_checkpoint(source)
@@ -193,6 +201,10 @@ def export_checkpoint(source: str, out: str, history: Optional[list] = None) -> 
         raise CheckpointError(f"{source}: not one of our training checkpoints (format "
                               f"{obj.get('format')!r}, expected {FORMAT!r})")
     payload = {key: obj[key] for key in RELEASE_KEYS if key in obj}
+    if not training_solver and "solver_options" in payload:
+        payload["training_solver_options"] = dict(payload["solver_options"])
+        defaults = SolverOptions()
+        payload["solver_options"].update(robust_loss=defaults.robust_loss, robust_scale=defaults.robust_scale)
     payload["exported_from"] = os.path.basename(source)
     if history:
         payload["history"] = history
@@ -282,10 +294,13 @@ def main(argv=None) -> int:
     parser.add_argument("out", help="release file to write")
     parser.add_argument("--history", nargs="*", default=[],
                         help="training checkpoints of the earlier stages, recorded in the release")
+    parser.add_argument("--training-solver", action="store_true",
+                        help="solve with the training options as they are (plain least squares) "
+                             "instead of adding the default robust reweighting")
     args = parser.parse_args(argv)
     try:
         history = [stage_summary(path) for path in args.history] + [stage_summary(args.source)]
-        payload = export_checkpoint(args.source, args.out, history)
+        payload = export_checkpoint(args.source, args.out, history, args.training_solver)
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
