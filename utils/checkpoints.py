@@ -244,9 +244,11 @@ def load_tracker(path: str, tracker_options=None, solver_options=None, log=print
     stored_tracker, stored_solver = checkpoint_options(obj)
     options = tracker_options or from_dict(TrackerOptions, stored_tracker)
     # The cost volume is part of what the weights mean: the checkpoint's own choice wins, and a
-    # reference-layout checkpoint (no options stored) was trained with the product volume.
+    # reference-layout checkpoint (no options stored) was trained with the product volume. Only
+    # overriding a stored choice is worth a message: for reference checkpoints the flag's
+    # default simply does not apply.
     cost_volume = stored_tracker.get("cost_volume", "product")
-    if options.cost_volume != cost_volume and tracker_options is not None:
+    if tracker_options is not None and "cost_volume" in stored_tracker and options.cost_volume != cost_volume:
         log(f"{path}: using the checkpoint's '{cost_volume}' cost volume (not '{options.cost_volume}')")
     options = dataclasses.replace(options, flow="network", cost_volume=cost_volume)
     solver = solver_options or from_dict(SolverOptions, stored_solver)
