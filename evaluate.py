@@ -14,7 +14,7 @@ import os
 import sys
 
 from dataset.io import FormatError
-from utils.fileio import atomic_write_bytes
+from dataset.fileio import atomic_write_bytes
 from utils.metrics import EvaluationError, evaluate_split, pooled
 
 

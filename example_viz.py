@@ -26,7 +26,7 @@ from model.residual import fit_residual
 from model.tracker import Tracker
 from options import GraphOptions, ResidualOptions, SolverOptions, TrackerOptions, add_options, from_args
 from utils.checkpoints import CheckpointError, checkpoint_options, default_checkpoint, load_tracker, read_checkpoint
-from utils.graph import GraphError, build_graph
+from dataset.graph import GraphError, build_graph
 from utils.metrics import pair_errors
 
 REPO = os.path.dirname(os.path.abspath(__file__))

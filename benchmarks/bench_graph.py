@@ -2,7 +2,7 @@
 
     python benchmarks/bench_graph.py [--repeats 20] [--threads 2] [--write]
 
-Prints a table of the median time of each step of utils.graph.build_graph (with 2 threads and
+Prints a table of the median time of each step of dataset.graph.build_graph (with 2 threads and
 with 1), the graph's size and anchoring, and last `speedup_vs_reference=X` against the reference
 implementation's 0.62 s on this kind of machine (the figure of issue 2: the reference code is
 not run here). --write puts the table into BENCHMARKS.md.
@@ -18,7 +18,7 @@ import torch
 
 from dataset import io
 from options import GraphOptions
-from utils.graph import build_graph
+from dataset.graph import build_graph
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ258 = os.path.join(os.path.dirname(REPO), "shared", "deepdeform_samples", "train", "seq258")

@@ -19,7 +19,7 @@ import torch
 
 from model.masknet import MaskNet
 from model.pwcnet import PWCNet
-from model.reference_weights import deterministic_reference_state_dict, split_tracker_state_dict
+from tests.reference.reference_weights import deterministic_reference_state_dict, split_tracker_state_dict
 from tests.reference import pwcnet_reference
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -25,8 +25,8 @@ from model.correspondences import build_matches
 from model.warp import warp_points
 from options import GraphOptions, SolverOptions
 from tests.reference import dense_solver
-from utils.graph import build_graph
-from utils.image_proc import backproject_depth
+from dataset.graph import build_graph
+from model.image_proc import backproject_depth
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ258 = os.path.join(os.path.dirname(REPO), "shared", "deepdeform_samples", "train", "seq258")

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from dataset import io
 from options import DataOptions
-from utils import image_proc
+from model import image_proc
 
 GROUND_TRUTH_KEYS = ("optical_flow", "scene_flow", "node_deformations")
 NODE_KEYS = ("nodes", "edges", "edges_weights", "clusters", "node_deformations")

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from utils.fileio import PathLike, atomic_open, atomic_write_bytes
+from dataset.fileio import PathLike, atomic_open, atomic_write_bytes
 
 
 class FormatError(ValueError):

@@ -15,6 +15,7 @@ import sys
 from typing import Dict, List, Optional
 
 from dataset import io
+from dataset.graph import run_split
 from options import GraphOptions, add_options, from_args
 
 
@@ -72,13 +73,11 @@ def add_pair(root: str, split: str, sequence: str, source: str, target: str, obj
 def make_split(root: str, split: str, pairs: List[Dict[str, str]],
                graph_options: Optional[GraphOptions] = None) -> List[Dict]:
     """pairs: dicts with sequence, source, target, object. Writes labels and graph files."""
-    import create_graph_data
-
     graph_options = graph_options or GraphOptions()
     labels = [add_pair(root, split, p["sequence"], p["source"], p["target"], p["object"],
                        graph_options.node_coverage, graph_options.mode) for p in pairs]
     io.write_labels(os.path.join(root, f"{split}_graphs.json"), labels)
-    create_graph_data.run_split(root, split, graph_options, overwrite=False)
+    run_split(root, split, graph_options, overwrite=False)
     return labels
 
 
@@ -108,7 +107,7 @@ def main(argv=None) -> int:
                 masks = glob.glob(os.path.join(sequence, "mask", f"{parts[0]}_*.png"))
                 obj = os.path.basename(masks[0])[len(parts[0]) + 1:-4] if masks else "object"
             pairs.append({"sequence": sequence, "source": parts[0], "target": parts[1], "object": obj})
-    from utils.graph import GraphError
+    from dataset.graph import GraphError
 
     try:
         labels = make_split(args.out, args.split, pairs, from_args(args, GraphOptions))

@@ -63,8 +63,8 @@ from tqdm import tqdm
 
 from dataset import io
 from options import GraphOptions, SyntheticOptions, add_options, from_args, to_dict
-from utils import image_proc
-from utils.graph import GraphError, build_graph
+from model import image_proc
+from dataset.graph import GraphError, build_graph
 
 SHAPES = ("cloth", "bump", "cylinder", "blob")
 MOTIONS = ("bend", "twist", "rbf", "bulge", "large")
@@ -919,7 +919,7 @@ def make_pair(rng: np.random.Generator, options: SyntheticOptions, index: int = 
     (H, W) float32 metres in whole mm (0 = missing), as stored; source_mask (H, W) bool;
     optical_flow (2, H, W) float32 pixels and scene_flow (3, H, W) float32 metres, -inf where
     invalid; scene_flow_all (3, H, W) float32, the scene flow of every source object pixel with
-    depth, visible in the target or not (NaN elsewhere); graph (utils.graph.DeformationGraph,
+    depth, visible in the target or not (NaN elsewhere); graph (dataset.graph.DeformationGraph,
     node deformations from scene_flow_all); stats {mean_flow_px, mean_motion_m,
     valid_fraction}. Raises SceneError (or GraphError) when this draw gives no usable pair.
     """

@@ -20,7 +20,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from utils.ext import C
+from model.ext import C
 
 MAX_LEVELS = 64
 FEATURES_PER_LEVEL = (1, 2, 4, 8)

@@ -29,7 +29,7 @@ import torch
 
 from model.warp import so3_exp, skew
 from options import SolverOptions
-from utils.ext import C
+from model.ext import C
 
 STATUS_CONVERGED = "converged"
 STATUS_MAX_ITERATIONS = "max_iterations"

@@ -162,7 +162,7 @@ def test_missing_and_malformed_files(tmp_path):
 
 
 def test_atomic_write_leaves_no_half_file(tmp_path):
-    from utils.fileio import atomic_open
+    from dataset.fileio import atomic_open
 
     path = tmp_path / "out.bin"
     path.write_bytes(b"old")

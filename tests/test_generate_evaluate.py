@@ -12,7 +12,7 @@ import torch
 from dataset import io
 from dataset.deepdeform import DatasetError, DeepDeformDataset, collate, rotate_target
 from tests.conftest import REPO, small_synthetic_split
-from utils.image_proc import backproject_depth
+from model.image_proc import backproject_depth
 from utils.metrics import evaluation_mask, prediction_paths
 
 

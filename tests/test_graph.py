@@ -10,9 +10,9 @@ import torch
 from dataset import io
 from options import GraphOptions
 from tests.conftest import REPO, SEQ258, require
-from utils import image_proc
-from utils.ext import C
-from utils.graph import GraphError, build_graph
+from model import image_proc
+from model.ext import C
+from dataset.graph import GraphError, build_graph
 
 INTR = {"fx": 300.0, "fy": 300.0, "cx": 79.5, "cy": 59.5}
 

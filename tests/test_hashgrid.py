@@ -7,7 +7,7 @@ import torch
 from model.hashgrid import HashGridEncoder, _HashEncode, hash_encode, level_resolutions
 from tests.conftest import assert_close
 from tests.reference.hashgrid_reference import PRIMES, hash_encode_reference, reference_resolutions
-from utils.ext import C
+from model.ext import C
 
 
 def level_kinds(resolutions, dim, table_size):

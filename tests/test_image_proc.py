@@ -5,8 +5,8 @@ import torch
 
 from tests.conftest import assert_close
 from tests.reference import image_reference as ref
-from utils import image_proc
-from utils.ext import C
+from model import image_proc
+from model.ext import C
 
 INTR = {"fx": 50.0, "fy": 52.0, "cx": 9.5, "cy": 7.25}
 

@@ -10,7 +10,7 @@ import torch
 from dataset import io, synthetic
 from options import GraphOptions, SyntheticOptions
 from tests.conftest import REPO, SEQ017, SEQ258, require
-from utils import image_proc
+from model import image_proc
 
 WIDTH, HEIGHT = 320, 240
 PAIRS = 5  # one per motion family, in the default order

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dataset.deepdeform import DeepDeformDataset, collate
-from model.reference_weights import deterministic_reference_state_dict
+from tests.reference.reference_weights import deterministic_reference_state_dict
 from model.tracker import NetworkFrame, Tracker
 from options import SolverOptions, TrackerOptions
 from tests.conftest import FIXTURES, REPO, require, small_synthetic_split

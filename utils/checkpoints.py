@@ -163,7 +163,7 @@ def save_checkpoint(path: str, tracker: nn.Module, extra: Optional[dict] = None)
     and `extra` (training state) atomically."""
     import dataclasses
 
-    from utils.fileio import atomic_open
+    from dataset.fileio import atomic_open
 
     payload = {"format": FORMAT, "version": FORMAT_VERSION,
                "tracker_options": dataclasses.asdict(tracker.options),
@@ -194,7 +194,7 @@ def export_checkpoint(source: str, out: str, history: Optional[list] = None,
     "training_solver_options". Returns the written payload."""
     from options import SolverOptions
 
-    from utils.fileio import atomic_open
+    from dataset.fileio import atomic_open
 
     obj = read_checkpoint(source)
     if obj.get("format") != FORMAT:

@@ -233,7 +233,7 @@ class DemoViewer:
         self.handlers[key](self.vis)
 
     def capture(self, path: str) -> None:
-        from utils.fileio import atomic_open
+        from dataset.fileio import atomic_open
 
         image = np.asarray(self.vis.capture_screen_float_buffer(do_render=True))
         import cv2

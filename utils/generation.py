@@ -28,7 +28,7 @@ from dataset.deepdeform import DeepDeformDataset, collate, make_subset
 from model.residual import fit_residual
 from model.tracker import Tracker
 from options import ResidualOptions
-from utils.fileio import atomic_write_bytes
+from dataset.fileio import atomic_write_bytes
 from utils.metrics import prediction_paths
 
 

@@ -8,7 +8,7 @@ from typing import Dict, Tuple, Union
 import numpy as np
 import torch
 
-from utils.ext import C
+from model.ext import C
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 Intrinsics = Dict[str, float]

@@ -15,11 +15,12 @@ from typing import Dict, Optional
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from dataset import io
 from options import GraphOptions
-from utils import image_proc
-from utils.ext import C
+from model import image_proc
+from model.ext import C
 
 GRAPH_KINDS = ("graph_nodes", "graph_edges", "graph_edges_weights", "graph_clusters",
                "pixel_anchors", "pixel_weights", "graph_node_deformations")
@@ -205,3 +206,52 @@ def build_graph(depth: np.ndarray, intrinsics: Dict[str, float], mask: Optional[
                "nodes": num_valid, "valid_depth_pixels": int(valid_depth.sum()),
                "anchored_pixels": int((pixel_anchors >= 0).all(axis=2).sum())},
     )
+
+
+def graph_for_files(depth_path, intrinsics, mask_path=None, scene_flow_path=None,
+                    options: GraphOptions = GraphOptions()) -> DeformationGraph:
+    """build_graph on files: the depth, optional mask and scene flow; errors name the file."""
+    depth = io.read_depth(depth_path)
+    mask = io.read_mask(mask_path) if mask_path else None
+    scene_flow = io.read_scene_flow(scene_flow_path) if scene_flow_path else None
+    if mask is not None and mask.shape != depth.shape:
+        raise GraphError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]}, depth "
+                         f"{depth_path} is {depth.shape[1]}x{depth.shape[0]}")
+    if mask is not None and not mask.any():
+        raise GraphError(f"{mask_path}: the mask is empty")
+    if scene_flow is not None and scene_flow.shape[1:] != depth.shape:
+        raise GraphError(f"{scene_flow_path}: scene flow is {scene_flow.shape[2]}x{scene_flow.shape[1]}, "
+                         f"depth {depth_path} is {depth.shape[1]}x{depth.shape[0]}")
+    try:
+        return build_graph(depth, intrinsics, mask=mask, scene_flow=scene_flow, options=options)
+    except GraphError as error:
+        raise GraphError(f"{depth_path}: {error}") from error
+
+
+def source_mask_path(root: str, label: dict) -> Optional[str]:
+    """The label's source mask, or <sequence>/mask/<source>_<object>.png when present, or None."""
+    if "source_mask" in label:
+        return os.path.join(root, label["source_mask"])
+    sequence = os.path.dirname(os.path.dirname(os.path.join(root, label["source_depth"])))
+    path = os.path.join(sequence, "mask", f"{label['source_id']}_{label['object_id']}.png")
+    return path if os.path.isfile(path) else None
+
+
+def run_split(root: str, split: str, options: GraphOptions, overwrite: bool) -> int:
+    """Makes the graph files of every pair of the split that lacks them; returns how many."""
+    labels = io.read_labels(os.path.join(root, f"{split}_graphs.json"))
+    built = 0
+    for label in tqdm(labels, desc=f"graphs {split}"):
+        name = io.pair_name(label)
+        kinds = [k for k in GRAPH_KINDS if k in label]
+        if not overwrite and all(os.path.isfile(os.path.join(root, label[k])) for k in kinds):
+            continue
+        scene_flow = os.path.join(root, label["scene_flow"]) if "scene_flow" in label else None
+        try:
+            graph = graph_for_files(os.path.join(root, label["source_depth"]), label["intrinsics"],
+                                    source_mask_path(root, label), scene_flow, options)
+        except (GraphError, io.FormatError) as error:
+            raise GraphError(f"pair {name}: {error}") from error
+        graph.save_to({k: os.path.join(root, label[k]) for k in kinds})
+        built += 1
+    return built
