@@ -1,4 +1,4 @@
-"""The DeepDeform-format dataset reader (DESIGN.md 4): a torch Dataset over `<split>_graphs.json`.
+"""The DeepDeform-format dataset reader: a torch Dataset over `<split>_graphs.json` (formats: io.py).
 
 Each item is one source/target pair (shapes for H x W frames, N graph nodes, K edges per node):
     name                 str   `<seq_id>_<object_id>_<source_id>_<target_id>`
@@ -23,8 +23,9 @@ import torch
 from torch.utils.data import Dataset
 
 from dataset import io
-from options import DataOptions
+from dataset.graph import build_graph
 from model import image_proc
+from options import DataOptions, GraphOptions
 
 GROUND_TRUTH_KEYS = ("optical_flow", "scene_flow", "node_deformations")
 NODE_KEYS = ("nodes", "edges", "edges_weights", "clusters", "node_deformations")
@@ -32,10 +33,6 @@ NODE_KEYS = ("nodes", "edges", "edges_weights", "clusters", "node_deformations")
 
 class DatasetError(ValueError):
     """A pair cannot be loaded: names the pair and the file or key at fault."""
-
-
-def labels_path(root: str, split: str) -> str:
-    return os.path.join(root, f"{split}_graphs.json")
 
 
 def has_ground_truth(label: Dict) -> bool:
@@ -60,7 +57,7 @@ class DeepDeformDataset(Dataset):
         self.options = options
         self.augment = augment
         self.seed = seed
-        path = labels_path(root, split)
+        path = io.labels_path(root, split)
         try:
             self.labels = io.read_labels(path)
         except io.FormatError as error:
@@ -180,6 +177,31 @@ class DeepDeformDataset(Dataset):
             angle = math.radians(rng.uniform(-max_angle, max_angle))
             rotate_target(item, intr, angle)
         return intr
+
+
+def read_pair_files(source_color: str, source_depth: str, target_color: str, target_depth: str,
+                    intrinsics: str, mask: Optional[str] = None,
+                    graph_options: GraphOptions = GraphOptions(), name: str = "custom") -> Dict:
+    """A dataset item (see the module docstring) of a pair given as files, not as a split: the
+    deformation graph is built on the fly from the source depth (and the optional object mask;
+    default: all valid depth). No ground truth. Raises ValueError naming the file whose size
+    differs, GraphError, or io.FormatError."""
+    intr = io.read_intrinsics(intrinsics)
+    depth = io.read_depth(source_depth)
+    item = {"name": name, "source_color": io.read_color(source_color),
+            "target_color": io.read_color(target_color), "source_depth": depth,
+            "target_depth": io.read_depth(target_depth)}
+    for key, path in (("source_color", source_color), ("target_color", target_color),
+                      ("target_depth", target_depth)):
+        if item[key].shape[:2] != depth.shape:
+            raise ValueError(f"{path}: {item[key].shape[1]}x{item[key].shape[0]} differs from the "
+                             f"source depth {source_depth} ({depth.shape[1]}x{depth.shape[0]})")
+    graph = build_graph(depth, intr, mask=io.read_mask(mask) if mask else None, options=graph_options)
+    item.update(nodes=graph.nodes, edges=graph.edges.astype(np.int64), edges_weights=graph.edges_weights,
+                clusters=graph.clusters[:, 0].astype(np.int64),
+                pixel_anchors=graph.pixel_anchors.astype(np.int64), pixel_weights=graph.pixel_weights)
+    return finish_item(item, intr)
+
 
 def finish_item(item: Dict, intr: Dict[str, float], boundary_distance: float = 0.1) -> Dict:
     """Numpy arrays of a pair (colours uint8 (H, W, 3), depths metres (H, W), graph arrays, and

@@ -1,4 +1,4 @@
-"""Embedded deformation graph of a depth frame (DESIGN.md 5.1), over the csrc/graph ops.
+"""Embedded deformation graph of a depth frame (docs/DESIGN.md 5.1), over the csrc/graph ops.
 
     graph = build_graph(depth_m, intrinsics, mask=mask, scene_flow=scene_flow)
     graph.save(out_dir, name)        # DIR/<kind>/NAME.bin in the DeepDeform formats
@@ -21,10 +21,6 @@ from dataset import io
 from options import GraphOptions
 from model import image_proc
 from model.ext import C
-
-GRAPH_KINDS = ("graph_nodes", "graph_edges", "graph_edges_weights", "graph_clusters",
-               "pixel_anchors", "pixel_weights", "graph_node_deformations")
-
 
 class GraphError(ValueError):
     """The frame cannot carry a deformation graph (no valid depth, object too small, ...)."""
@@ -50,7 +46,7 @@ class DeformationGraph:
 
     def save(self, out_dir: str, name: str) -> Dict[str, str]:
         """Writes DIR/<kind>/NAME.bin for every kind (node deformations only when known)."""
-        return self.save_to({kind: os.path.join(out_dir, kind, name + ".bin") for kind in GRAPH_KINDS})
+        return self.save_to({kind: os.path.join(out_dir, kind, name + ".bin") for kind in io.GRAPH_KINDS})
 
     def save_to(self, paths: Dict[str, str]) -> Dict[str, str]:
         """Writes every kind to paths[kind] (a DeepDeform label's graph paths); node deformations
@@ -239,11 +235,11 @@ def source_mask_path(root: str, label: dict) -> Optional[str]:
 
 def run_split(root: str, split: str, options: GraphOptions, overwrite: bool) -> int:
     """Makes the graph files of every pair of the split that lacks them; returns how many."""
-    labels = io.read_labels(os.path.join(root, f"{split}_graphs.json"))
+    labels = io.read_labels(io.labels_path(root, split))
     built = 0
     for label in tqdm(labels, desc=f"graphs {split}"):
         name = io.pair_name(label)
-        kinds = [k for k in GRAPH_KINDS if k in label]
+        kinds = [k for k in io.GRAPH_KINDS if k in label]
         if not overwrite and all(os.path.isfile(os.path.join(root, label[k])) for k in kinds):
             continue
         scene_flow = os.path.join(root, label["scene_flow"]) if "scene_flow" in label else None

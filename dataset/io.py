@@ -1,4 +1,4 @@
-"""Readers and writers of the DeepDeform file formats (DESIGN.md section 4), all little-endian.
+"""Readers and writers of the DeepDeform file formats (docs/DESIGN.md section 4), all little-endian.
 
 Every reader checks the header against the file size and raises `FormatError` naming the file,
 what was expected and what was found; every writer writes atomically (temporary file, then
@@ -320,12 +320,20 @@ def write_intrinsics(path: PathLike, intrinsics: Dict[str, float]) -> None:
 # --------------------------------------------------------------------------------------------
 # Labels JSON
 
-LABEL_PATH_KEYS = (
-    "source_color", "source_depth", "target_color", "target_depth", "graph_nodes", "graph_edges",
-    "graph_edges_weights", "graph_clusters", "pixel_anchors", "pixel_weights",
-)
-LABEL_GROUND_TRUTH_KEYS = ("optical_flow", "scene_flow", "graph_node_deformations")
+# The graph files of a pair, in the order labels list them: a label key and a folder name each
+# (DIR/<kind>/NAME.bin). The last, the ground-truth node deformations, exists only where the
+# pair has a ground-truth scene flow.
+GRAPH_KINDS = ("graph_nodes", "graph_edges", "graph_edges_weights", "graph_clusters",
+               "pixel_anchors", "pixel_weights", "graph_node_deformations")
+GROUND_TRUTH_GRAPH_KIND = "graph_node_deformations"
+LABEL_PATH_KEYS = ("source_color", "source_depth", "target_color", "target_depth") + GRAPH_KINDS[:-1]
+LABEL_GROUND_TRUTH_KEYS = ("optical_flow", "scene_flow", GROUND_TRUTH_GRAPH_KIND)
 LABEL_ID_KEYS = ("seq_id", "object_id", "source_id", "target_id")
+
+
+def labels_path(root: PathLike, split: str) -> str:
+    """`<root>/<split>_graphs.json`, the labels of one split."""
+    return os.path.join(os.fspath(root), f"{split}_graphs.json")
 
 
 def pair_name(label: Dict) -> str:
@@ -361,3 +369,33 @@ def read_labels(path: PathLike) -> List[Dict]:
 
 def write_labels(path: PathLike, labels: List[Dict]) -> None:
     atomic_write_bytes(path, (json.dumps(labels, indent=1) + "\n").encode())
+
+
+# --------------------------------------------------------------------------------------------
+# Predictions (what generate.py writes and evaluate.py reads), one pair `<name>` per file pair:
+#     <dir>/<name>_node_translations.bin   graph_node_deformations layout, one row per graph node
+#     <dir>/<name>_sceneflow.sflow         (3, H, W) scene flow, -inf where not predicted
+
+
+def prediction_paths(predictions_dir: PathLike, name: str):
+    """(node translations path, scene flow path) of pair `name` in `predictions_dir`."""
+    predictions_dir = os.fspath(predictions_dir)
+    return (os.path.join(predictions_dir, f"{name}_node_translations.bin"),
+            os.path.join(predictions_dir, f"{name}_sceneflow.sflow"))
+
+
+def write_prediction(predictions_dir: PathLike, name: str, translations: np.ndarray,
+                     scene_flow: np.ndarray) -> None:
+    """translations (N, 3); scene_flow (3, H, W) with NaN where not predicted (written -inf).
+    Each file is written atomically."""
+    translations_path, flow_path = prediction_paths(predictions_dir, name)
+    scene_flow = np.where(np.isfinite(scene_flow), scene_flow, -np.inf).astype(np.float32)
+    write_flow(flow_path, scene_flow)
+    write_graph_node_deformations(translations_path, np.asarray(translations).astype(np.float32))
+
+
+def read_prediction(predictions_dir: PathLike, name: str):
+    """(translations (N, 3) float32, scene flow (3, H, W) float32) of pair `name`; FormatError
+    naming the file when one is missing or malformed."""
+    translations_path, flow_path = prediction_paths(predictions_dir, name)
+    return read_graph_node_deformations(translations_path), read_scene_flow(flow_path)

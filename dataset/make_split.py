@@ -15,7 +15,7 @@ import sys
 from typing import Dict, List, Optional
 
 from dataset import io
-from dataset.graph import run_split
+from dataset.graph import GraphError, run_split
 from options import GraphOptions, add_options, from_args
 
 
@@ -62,11 +62,10 @@ def add_pair(root: str, split: str, sequence: str, source: str, target: str, obj
             _link(path, os.path.join(seq_dir, kind, os.path.basename(path)))
             label[key] = os.path.join(rel, kind, os.path.basename(path))
     stem = f"{obj}_{source}_{target}_{mode}_{coverage:.2f}"
-    for kind in ("graph_nodes", "graph_edges", "graph_edges_weights", "graph_clusters",
-                 "pixel_anchors", "pixel_weights"):
-        label[kind] = os.path.join(rel, kind, stem + ".bin")
-    if "scene_flow" in label:
-        label["graph_node_deformations"] = os.path.join(rel, "graph_node_deformations", stem + ".bin")
+    for kind in io.GRAPH_KINDS:
+        # Ground-truth node deformations come from the scene flow: only where there is one.
+        if kind != io.GROUND_TRUTH_GRAPH_KIND or "scene_flow" in label:
+            label[kind] = os.path.join(rel, kind, stem + ".bin")
     return label
 
 
@@ -76,7 +75,7 @@ def make_split(root: str, split: str, pairs: List[Dict[str, str]],
     graph_options = graph_options or GraphOptions()
     labels = [add_pair(root, split, p["sequence"], p["source"], p["target"], p["object"],
                        graph_options.node_coverage, graph_options.mode) for p in pairs]
-    io.write_labels(os.path.join(root, f"{split}_graphs.json"), labels)
+    io.write_labels(io.labels_path(root, split), labels)
     run_split(root, split, graph_options, overwrite=False)
     return labels
 
@@ -107,8 +106,6 @@ def main(argv=None) -> int:
                 masks = glob.glob(os.path.join(sequence, "mask", f"{parts[0]}_*.png"))
                 obj = os.path.basename(masks[0])[len(parts[0]) + 1:-4] if masks else "object"
             pairs.append({"sequence": sequence, "source": parts[0], "target": parts[1], "object": obj})
-    from dataset.graph import GraphError
-
     try:
         labels = make_split(args.out, args.split, pairs, from_args(args, GraphOptions))
     except (io.FormatError, GraphError) as error:

@@ -13,7 +13,8 @@ from dataset import io
 from dataset.deepdeform import DatasetError, DeepDeformDataset, collate, rotate_target
 from tests.conftest import REPO, small_synthetic_split
 from model.image_proc import backproject_depth
-from utils.metrics import evaluation_mask, prediction_paths
+from dataset.io import prediction_paths
+from utils.metrics import evaluation_mask
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The 4D hash-grid residual deformer and its per-pair fit (model/residual.py, DESIGN.md 5.7)."""
+"""The 4D hash-grid residual deformer and its per-pair fit (model/residual.py, docs/DESIGN.md 5.7)."""
 import json
 import os
 import subprocess
@@ -14,7 +14,7 @@ from model.residual import ResidualDeformer, fit_residual, geman_mcclure, surfac
 from model.tracker import Tracker
 from options import ResidualOptions, SolverOptions, TrackerOptions
 from tests.conftest import REPO, small_synthetic_split
-from utils.metrics import prediction_paths
+from dataset.io import prediction_paths
 
 # Small and quick: the tests check behaviour, the defaults are tuned for 640x480 frames.
 FAST = ResidualOptions(residual_iterations=60, residual_time_budget=0, residual_points=2048)

@@ -19,17 +19,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from dataset import io
 from dataset.deepdeform import DeepDeformDataset, collate, make_subset
+from dataset.fileio import atomic_write_bytes
 from model.residual import fit_residual
 from model.tracker import Tracker
 from options import ResidualOptions
-from dataset.fileio import atomic_write_bytes
-from utils.metrics import prediction_paths
 
 
 @dataclass
@@ -40,14 +38,6 @@ class GenerationSummary:
     seconds: float = 0.0
     residual_seconds: Dict[str, float] = field(default_factory=dict)   # name -> fitting seconds
     residual_iterations: Dict[str, int] = field(default_factory=dict)  # name -> Adam steps run
-
-
-def write_prediction(out_dir: str, name: str, translations: np.ndarray, scene_flow: np.ndarray) -> None:
-    """translations (N, 3); scene_flow (3, H, W) with NaN where not predicted (written -inf)."""
-    translations_path, flow_path = prediction_paths(out_dir, name)
-    scene_flow = np.where(np.isfinite(scene_flow), scene_flow, -np.inf).astype(np.float32)
-    io.write_flow(flow_path, scene_flow)
-    io.write_graph_node_deformations(translations_path, translations.astype(np.float32))
 
 
 def generate(dataset: DeepDeformDataset, tracker: Tracker, out_dir: str, shard: int = 0,
@@ -64,7 +54,7 @@ def generate(dataset: DeepDeformDataset, tracker: Tracker, out_dir: str, shard: 
     bar = tqdm(indices, desc=f"generate {dataset.split} [{shard + 1}/{num_shards}]", disable=not progress)
     for index in bar:
         name = dataset.name(index)
-        if not overwrite and all(os.path.isfile(p) for p in prediction_paths(out_dir, name)):
+        if not overwrite and all(os.path.isfile(p) for p in io.prediction_paths(out_dir, name)):
             summary.skipped.append(name)
             continue
         batch = collate([dataset[index]])
@@ -86,7 +76,7 @@ def generate(dataset: DeepDeformDataset, tracker: Tracker, out_dir: str, shard: 
             summary.residual_seconds[name] = fit["stats"][0]["seconds"]
             summary.residual_iterations[name] = fit["stats"][0]["iterations"]
             bar.set_postfix(residual=f"{fit['stats'][0]['seconds']:.1f}s")
-        write_prediction(out_dir, name, out["translations"][0, :num_nodes].cpu().numpy(),
+        io.write_prediction(out_dir, name, out["translations"][0, :num_nodes].cpu().numpy(),
                          scene_flow[0].cpu().numpy())
         summary.written.append(name)
     summary.seconds = time.perf_counter() - start

@@ -1,4 +1,4 @@
-"""The benchmark metrics of DeepDeform (DESIGN.md 5.6), pooled over pairs.
+"""The benchmark metrics of DeepDeform (docs/DESIGN.md 5.6), pooled over pairs.
 
 Graph Error 3D: mean L2 error of the predicted node translations over all nodes of all pairs.
 EPE 3D: mean L2 error of the predicted scene flow over the source pixels that have valid
@@ -6,10 +6,14 @@ ground-truth scene flow, valid depth (0 < z <= 6 m) and 4 valid anchors, over al
 Both in millimetres. Sums and counts are kept per pair so that a split's numbers are exact
 pooled means (not means of per-pair means).
 """
+import os
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
 import numpy as np
+from tqdm import tqdm
+
+from dataset import io
 
 MAX_DEPTH = 6.0
 
@@ -84,13 +88,6 @@ class EvaluationError(ValueError):
                          + "\n  ".join(self.problems))
 
 
-def prediction_paths(predictions_dir: str, name: str):
-    import os
-
-    return (os.path.join(predictions_dir, f"{name}_node_translations.bin"),
-            os.path.join(predictions_dir, f"{name}_sceneflow.sflow"))
-
-
 def evaluate_split(dataset_dir: str, split: str, predictions_dir: str, progress: bool = True):
     """Evaluates `generate.py` (or reference-code) predictions of a split with ground truth.
 
@@ -100,13 +97,7 @@ def evaluate_split(dataset_dir: str, split: str, predictions_dir: str, progress:
     Scene flow predictions may be at the full frame size, or centre-cropped to fewer rows and
     columns (the reference wrote 448 of 480 rows). Returns the list of PairErrors.
     """
-    import os
-
-    from tqdm import tqdm
-
-    from dataset import io
-
-    labels = io.read_labels(os.path.join(dataset_dir, f"{split}_graphs.json"))
+    labels = io.read_labels(io.labels_path(dataset_dir, split))
     problems, results = [], []
     for label in tqdm(labels, desc=f"evaluate {split}", disable=not progress, leave=False):
         name = io.pair_name(label)
@@ -114,7 +105,7 @@ def evaluate_split(dataset_dir: str, split: str, predictions_dir: str, progress:
         if missing_gt:
             raise io.FormatError(f"pair {name}: the labels of split '{split}' have no ground truth "
                                  f"{missing_gt}; evaluation needs it")
-        translations_path, flow_path = prediction_paths(predictions_dir, name)
+        translations_path, flow_path = io.prediction_paths(predictions_dir, name)
         gt_nodes = io.read_graph_node_deformations(os.path.join(dataset_dir, label["graph_node_deformations"]))
         gt_flow = io.read_scene_flow(os.path.join(dataset_dir, label["scene_flow"]))
         depth = io.read_depth(os.path.join(dataset_dir, label["source_depth"]))
@@ -127,8 +118,7 @@ def evaluate_split(dataset_dir: str, split: str, predictions_dir: str, progress:
             problems += pair_problems
             continue
         try:
-            translations = io.read_graph_node_deformations(translations_path)
-            flow = io.read_scene_flow(flow_path)
+            translations, flow = io.read_prediction(predictions_dir, name)
         except io.FormatError as error:
             problems.append(f"{name}: {error}")
             continue
