@@ -1,7 +1,7 @@
-"""Dense correspondences from a flow field, packed as solver matches (DESIGN.md 5.3).
+"""Dense correspondences from a flow field, packed as solver matches (docs/DESIGN.md 5.3).
 
 Source pixel u with back-projected point x and flow f(u) matches target pixel u' = u + f(u) and the
-target point sampled bilinearly there. Pixel centres are at integer coordinates (DESIGN.md 3), so
+target point sampled bilinearly there. Pixel centres are at integer coordinates (docs/DESIGN.md 3), so
 sampling uses align_corners=True with the (W - 1) normalisation: zero flow samples each pixel
 exactly (the reference's grid was stretched by W / (W - 1) and shifted by half a pixel).
 A match is valid when the source depth is valid and at most max_depth, all its anchors exist, u'

@@ -6,7 +6,7 @@ For source features ``first`` and target features ``second`` of one pyramid leve
 
 for dy, dx in -4..4 (dy-major: channel 0 is (-4, -4), channel 8 is (-4, +4), channel 40 is
 (0, 0)), with positions outside ``second`` counting as zero. This is the reference's cupy
-kernel (``../shared/fixtures/nnrt_reference/README.md``); ``tests/reference/pwcnet_reference.py``
+kernel; ``tests/reference/pwcnet_reference.py``
 holds the literal 81-displacement loop it is tested against.
 
 How it is computed, and why. The 81 dot products per pixel are a banded matrix product. Take a

@@ -1,4 +1,4 @@
-"""Multiresolution hash encoding of 3D or 4D points (DESIGN.md 5.7), over csrc/hashgrid.
+"""Multiresolution hash encoding of 3D or 4D points (docs/DESIGN.md 5.7), over csrc/hashgrid.
 
     encoder = HashGridEncoder(input_dim=4)            # (x, y, z, t) in [0, 1]^4
     features = encoder(points)                         # (N, 4) -> (N, 16 * 2)

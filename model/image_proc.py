@@ -1,6 +1,6 @@
 """Image processing on RGB-D frames (Python API over csrc/image).
 
-Conventions (DESIGN.md 3): metres; pixel (x, y) with x right, y down, origin at the top-left
+Conventions (docs/DESIGN.md 3): metres; pixel (x, y) with x right, y down, origin at the top-left
 pixel centre; camera x right, y down, z forward; intrinsics as a dict {fx, fy, cx, cy}.
 """
 from typing import Dict, Tuple, Union

@@ -1,4 +1,4 @@
-"""Training losses (DESIGN.md 5.5), as the reference defines them.
+"""Training losses (docs/DESIGN.md 5.5), as the reference defines them.
 
   flow:  robust L1 of PWC-Net fine-tuning, (|du| + |dv| + 0.01)^0.4 per pixel, on each pyramid
          level against the ground-truth flow downscaled by nearest sampling and divided by 20,
@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from model.tracker import FLOW_SCALE
+from model.pwcnet import FLOW_SCALE
 
 
 def _mean_over_samples(per_pixel: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, int]:

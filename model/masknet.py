@@ -4,7 +4,8 @@ Two transposed convs bring the 565-channel level-2 PWC-Net features to full reso
 16 channels, no activation between or after them); they are concatenated, features first, with
 the 12 auxiliary channels (source RGB, source XYZ, warped target RGB, target XYZ at the flow
 target) and pass a conv + ReLU, three residual blocks ``ReLU(h + conv_b(ReLU(conv_a(h))))`` and a
-1-channel conv + sigmoid. Facts and test vectors: ``../shared/fixtures/nnrt_reference/README.md``.
+1-channel conv + sigmoid, as in the reference tracker (tests/test_networks.py checks it against
+the reference's outputs).
 
 ``state_dict()`` keys match the reference (``upconv1``, ``upconv2``, ``model.0.0.0``,
 ``model.{1,2,3}.block0.0`` / ``.block1.0``, ``model.4``); the reference's batch-norm layers are
@@ -13,13 +14,13 @@ the identity with ``use_batch_norm = False`` and hold no tensors, so they are le
 For CPU speed the full-resolution maps are kept in channels-last memory format: oneDNN runs the
 16-channel 3x3 convs at 448x640 about four times faster than in NCHW, where each call spends most
 of its time reordering to and from its blocked layout. Without autograd recording, each conv runs
-fused with its ReLU, residual addition or sigmoid (``model.pwcnet.conv_act``); with autograd,
+fused with its ReLU, residual addition or sigmoid (``model.fast_conv.conv_act``); with autograd,
 plain convs and in-place ops run.
 """
 import torch
 import torch.nn as nn
 
-from model.pwcnet import cat_channels, conv_act
+from model.fast_conv import cat_channels, conv_act
 
 FEATURE_CHANNELS = 565
 AUX_CHANNELS = 12

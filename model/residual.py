@@ -1,4 +1,4 @@
-"""Instant-NK-style 4D hash-grid residual deformer refining the graph warp (DESIGN.md 5.7).
+"""Instant-NK-style 4D hash-grid residual deformer refining the graph warp (docs/DESIGN.md 5.7).
 
     out = tracker(batch)                                  # the graph warp of a pair
     fit = fit_residual(batch, out, ResidualOptions())     # a fresh deformer per pair, fitted

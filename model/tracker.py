@@ -1,4 +1,4 @@
-"""The tracker: source and target RGB-D in, node motions and a dense warp out (DESIGN.md 5.3-5.4).
+"""The tracker: source and target RGB-D in, node motions and a dense warp out (docs/DESIGN.md 5.3-5.4).
 
     tracker = Tracker(TrackerOptions(flow="dis"), SolverOptions())
     out = tracker(batch)          # batch from dataset.deepdeform.collate (or make_batch)
@@ -10,16 +10,9 @@ Correspondence front-ends (TrackerOptions.flow):
   * gt: the ground-truth optical flow of the batch (oracle studies).
 The correspondences feed the differentiable Gauss-Newton solver (model/solver.py); its node
 motions warp every source pixel that has 4 anchors and valid depth.
-
-Network input size: PWC-Net needs sides that are multiples of 64. With network_input="crop" the
-frames are centre-cropped to the largest multiple of 64 (640x480 -> 640x448, rows 16..463, as
-the reference did), and pixels outside the crop get no flow (hence no match; they are still
-warped). With "pad" the frames are padded by replicating their border to the next multiple of
-64 and the flow is cut back to the frame. With network_width > 0 the frames are first resized
-to that width (a network trained at 320 px then runs on 640 px frames at its own scale, and
-faster), and the flow is resized back and rescaled. Outputs are always at the full input size.
+How frames map to the network input: model/network_frame.py; DIS flow: model/dis_flow.py.
 """
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 import numpy as np
 import torch
@@ -27,119 +20,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.correspondences import bilinear_sample, build_matches, pixel_grid
+from model.dis_flow import dis_flow
 from model.masknet import MaskNet
-from model.pwcnet import PWCNet
+from model.network_frame import NetworkFrame
+from model.pwcnet import FLOW_SCALE, PWCNet
 from model.solver import SolverProblem, solve
 from model.warp import warp_points
 from options import SolverOptions, TrackerOptions
-
-FLOW_SCALE = 20.0  # PWC-Net flows are in units of 20 pixels
-
-
-def network_window(height: int, width: int, mode: str) -> Tuple[int, int, int, int]:
-    """(top, left, net_height, net_width) of the network input within (crop) or around (pad)
-    a frame of height x width; sides become multiples of 64."""
-    if mode == "crop" and height >= 64 and width >= 64:
-        net_h, net_w = 64 * (height // 64), 64 * (width // 64)
-        return (height - net_h) // 2, (width - net_w) // 2, net_h, net_w
-    net_h, net_w = 64 * -(-height // 64), 64 * -(-width // 64)
-    return (net_h - height) // 2, (net_w - width) // 2, net_h, net_w
-
-
-def to_network_frame(image: torch.Tensor, window, mode: str) -> torch.Tensor:
-    """(B, C, H, W) frame -> (B, C, net_h, net_w) network input (crop, or replicate padding)."""
-    top, left, net_h, net_w = window
-    height, width = image.shape[-2:]
-    if net_h <= height and net_w <= width:
-        return image[..., top:top + net_h, left:left + net_w]
-    return F.pad(image, (left, net_w - width - left, top, net_h - height - top), mode="replicate")
-
-
-def from_network_frame(image: torch.Tensor, window, height: int, width: int, fill: float) -> torch.Tensor:
-    """(B, C, net_h, net_w) network output -> (B, C, H, W) frame, `fill` outside a crop."""
-    top, left, net_h, net_w = window
-    if net_h <= height and net_w <= width:
-        out = image.new_full(image.shape[:2] + (height, width), fill)
-        out[..., top:top + net_h, left:left + net_w] = image
-        return out
-    return image[..., top:top + height, left:left + width]
-
-
-class NetworkFrame:
-    """How a (H, W) frame maps to the network input: an optional resize to `network_width`
-    (aspect kept), then the crop or pad of `network_window`."""
-
-    def __init__(self, height: int, width: int, network_width: int, mode: str):
-        self.height, self.width, self.mode = height, width, mode
-        self.scale = network_width / width if network_width and network_width != width else 1.0
-        self.size = (max(1, round(height * self.scale)), max(1, round(width * self.scale)))
-        self.window = network_window(*self.size, mode)
-
-    def _resize(self, image: torch.Tensor, size, mode: str) -> torch.Tensor:
-        if tuple(image.shape[-2:]) == tuple(size):
-            return image
-        if mode == "nearest":
-            return F.interpolate(image, size=size, mode="nearest")
-        return F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
-
-    def image_in(self, image: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
-        """(B, C, H, W) frame -> (B, C, net_h, net_w)."""
-        return to_network_frame(self._resize(image, self.size, mode), self.window, self.mode)
-
-    def flow_in(self, flow: torch.Tensor) -> torch.Tensor:
-        """(B, 2, H, W) flow in frame pixels (NaN = unknown) -> network-frame pixels (nearest)."""
-        return to_network_frame(self._resize(flow, self.size, "nearest") * self.scale, self.window, self.mode)
-
-    def map_out(self, image: torch.Tensor, fill: float) -> torch.Tensor:
-        """(B, C, net_h, net_w) -> (B, C, H, W), `fill` where the network saw nothing."""
-        out = from_network_frame(image, self.window, *self.size, fill)
-        if self.scale == 1.0:
-            return out
-        known = torch.isfinite(out).all(dim=1, keepdim=True)
-        values = F.interpolate(torch.nan_to_num(out), size=(self.height, self.width), mode="bilinear",
-                               align_corners=False)
-        known = F.interpolate(known.to(out.dtype), size=(self.height, self.width), mode="nearest") > 0.5
-        return torch.where(known, values, torch.full_like(values, fill))
-
-    def flow_out(self, flow: torch.Tensor) -> torch.Tensor:
-        """(B, 2, net_h, net_w) network-frame pixels -> (B, 2, H, W) frame pixels, NaN outside."""
-        return self.map_out(flow, float("nan")) / self.scale
-
-
-def dis_flow(source_rgb: np.ndarray, target_rgb: np.ndarray, options: TrackerOptions
-             ) -> Tuple[np.ndarray, np.ndarray]:
-    """DIS optical flow between two (H, W, 3) uint8 RGB frames.
-
-    Returns flow (2, H, W) float32 in pixels (NaN where the forward-backward check fails) and
-    weights (H, W) float32 in [0, 1].
-    """
-    import cv2
-
-    presets = {"ultrafast": cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST,
-               "fast": cv2.DISOPTICAL_FLOW_PRESET_FAST, "medium": cv2.DISOPTICAL_FLOW_PRESET_MEDIUM}
-    dis = cv2.DISOpticalFlow_create(presets[options.dis_preset])
-    source_gray = cv2.cvtColor(source_rgb, cv2.COLOR_RGB2GRAY)
-    target_gray = cv2.cvtColor(target_rgb, cv2.COLOR_RGB2GRAY)
-    forward = dis.calc(source_gray, target_gray, None)                      # (H, W, 2)
-    height, width = source_gray.shape
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-    map_x, map_y = xs + forward[..., 0], ys + forward[..., 1]
-    valid = (map_x >= 0) & (map_x <= width - 1) & (map_y >= 0) & (map_y <= height - 1)
-    if options.dis_consistency > 0:
-        backward = dis.calc(target_gray, source_gray, None)
-        back_at_match = cv2.remap(backward, map_x, map_y, cv2.INTER_LINEAR,
-                                  borderMode=cv2.BORDER_CONSTANT, borderValue=(1e6, 1e6))
-        valid &= np.linalg.norm(forward + back_at_match, axis=-1) <= options.dis_consistency
-    if options.dis_weights == "photometric":
-        warped = cv2.remap(target_rgb, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-        difference = (warped.astype(np.float32) - source_rgb.astype(np.float32)) / 255.0
-        # Gaussian of the mean colour difference; sigma 0.1 of the colour range.
-        weights = np.exp(-(difference ** 2).mean(axis=-1) / (2 * 0.1 ** 2)).astype(np.float32)
-    else:
-        weights = np.ones((height, width), dtype=np.float32)
-    flow = forward.transpose(2, 0, 1).copy()
-    flow[:, ~valid] = np.nan
-    return flow, weights
 
 
 class Tracker(nn.Module):

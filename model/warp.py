@@ -1,4 +1,4 @@
-"""Warp of points by the motion of an embedded deformation graph (DESIGN.md 5.2).
+"""Warp of points by the motion of an embedded deformation graph (docs/DESIGN.md 5.2).
 
 A point x anchored to nodes a_1..a_4 with skinning weights w_1..w_4 moves to
     x' = sum_k w_k (R_{a_k} (x - g_{a_k}) + g_{a_k} + t_{a_k}).

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from model.cost_volume import correlation
 from model.masknet import MaskNet
-from model.pwcnet import PWCNet, narrow_conv3x3, normalize_features, transposed_as_phases
+from model.fast_conv import narrow_conv3x3, transposed_as_phases
+from model.pwcnet import PWCNet, normalize_features
 from tests.reference.reference_weights import deterministic_reference_state_dict, split_tracker_state_dict
 from tests.conftest import FIXTURES, assert_close, require
 from tests.reference.pwcnet_reference import correlation_reference, masknet_reference, pwcnet_reference

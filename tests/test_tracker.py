@@ -9,7 +9,8 @@ import torch
 
 from dataset.deepdeform import DeepDeformDataset, collate
 from tests.reference.reference_weights import deterministic_reference_state_dict
-from model.tracker import NetworkFrame, Tracker
+from model.network_frame import NetworkFrame
+from model.tracker import Tracker
 from options import SolverOptions, TrackerOptions
 from tests.conftest import FIXTURES, REPO, require, small_synthetic_split
 from utils.checkpoints import load_tracker, save_checkpoint

@@ -1,0 +1,45 @@
+"""OpenCV's DIS optical flow as a correspondence front-end that needs no checkpoint.
+
+Flow from the source to the target frame, a forward-backward consistency check (matches whose
+backward flow does not lead back are dropped) and uniform or photometric match weights.
+"""
+from typing import Tuple
+
+import cv2
+import numpy as np
+
+from options import TrackerOptions
+
+
+def dis_flow(source_rgb: np.ndarray, target_rgb: np.ndarray, options: TrackerOptions
+             ) -> Tuple[np.ndarray, np.ndarray]:
+    """DIS optical flow between two (H, W, 3) uint8 RGB frames.
+
+    Returns flow (2, H, W) float32 in pixels (NaN where the forward-backward check fails) and
+    weights (H, W) float32 in [0, 1].
+    """
+    presets = {"ultrafast": cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST,
+               "fast": cv2.DISOPTICAL_FLOW_PRESET_FAST, "medium": cv2.DISOPTICAL_FLOW_PRESET_MEDIUM}
+    dis = cv2.DISOpticalFlow_create(presets[options.dis_preset])
+    source_gray = cv2.cvtColor(source_rgb, cv2.COLOR_RGB2GRAY)
+    target_gray = cv2.cvtColor(target_rgb, cv2.COLOR_RGB2GRAY)
+    forward = dis.calc(source_gray, target_gray, None)                      # (H, W, 2)
+    height, width = source_gray.shape
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    map_x, map_y = xs + forward[..., 0], ys + forward[..., 1]
+    valid = (map_x >= 0) & (map_x <= width - 1) & (map_y >= 0) & (map_y <= height - 1)
+    if options.dis_consistency > 0:
+        backward = dis.calc(target_gray, source_gray, None)
+        back_at_match = cv2.remap(backward, map_x, map_y, cv2.INTER_LINEAR,
+                                  borderMode=cv2.BORDER_CONSTANT, borderValue=(1e6, 1e6))
+        valid &= np.linalg.norm(forward + back_at_match, axis=-1) <= options.dis_consistency
+    if options.dis_weights == "photometric":
+        warped = cv2.remap(target_rgb, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        difference = (warped.astype(np.float32) - source_rgb.astype(np.float32)) / 255.0
+        # Gaussian of the mean colour difference; sigma 0.1 of the colour range.
+        weights = np.exp(-(difference ** 2).mean(axis=-1) / (2 * 0.1 ** 2)).astype(np.float32)
+    else:
+        weights = np.ones((height, width), dtype=np.float32)
+    flow = forward.transpose(2, 0, 1).copy()
+    flow[:, ~valid] = np.nan
+    return flow, weights
