@@ -15,7 +15,6 @@ Bad input (a missing file, no valid depth, an object too small for 4 nodes) exit
 and one line saying what is wrong.
 """
 import argparse
-import os
 import sys
 
 from dataset import io

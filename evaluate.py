@@ -1,4 +1,4 @@
-"""Graph Error 3D and EPE 3D of predictions on a DeepDeform-format split (DESIGN.md 5.6).
+"""Graph Error 3D and EPE 3D of predictions on a DeepDeform-format split (docs/DESIGN.md 5.6).
 
     python evaluate.py --dataset-dir D --split S --predictions P
 

@@ -21,22 +21,24 @@ import numpy as np
 import torch
 
 from dataset import io
-from dataset.deepdeform import DatasetError, DeepDeformDataset, collate, finish_item
+from dataset.deepdeform import DatasetError, DeepDeformDataset, collate, read_pair_files
+from dataset.graph import GraphError
 from model.residual import fit_residual
-from model.tracker import Tracker
-from options import GraphOptions, ResidualOptions, SolverOptions, TrackerOptions, add_options, from_args
-from utils.checkpoints import CheckpointError, checkpoint_options, default_checkpoint, load_tracker, read_checkpoint
-from dataset.graph import GraphError, build_graph
+from options import GraphOptions, ResidualOptions, RunOptions, SolverOptions, TrackerOptions, add_options, from_args
+from utils.checkpoints import (CheckpointError, build_tracker, default_checkpoint, default_checkpoint_for,
+                               parse_with_checkpoint, pick_front_end, setup_run)
+from utils.demo import DemoViewer, demo_data, has_display
 from utils.metrics import pair_errors
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
 
-def build_parser(stored_tracker=None, stored_solver=None) -> argparse.ArgumentParser:
+def build_parser(first=None, stored_tracker=None, stored_solver=None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # The demo runs on the CPU: no --device.
+    add_options(parser, RunOptions, "run", defaults={"dataset_dir": os.path.join(REPO, "example_data")},
+                only=("dataset_dir", "threads"))
     data = parser.add_argument_group("the pair")
-    data.add_argument("--dataset-dir", default=os.path.join(REPO, "example_data"),
-                      help="DeepDeform-format dataset holding the pair (default: example_data/)")
     data.add_argument("--split", default="demo", help="split of the dataset (default: demo)")
     data.add_argument("--index", type=int, default=0, help="pair of the split (default: 0)")
     for key in ("source-color", "source-depth", "target-color", "target-depth", "intrinsics", "mask"):
@@ -47,7 +49,6 @@ def build_parser(stored_tracker=None, stored_solver=None) -> argparse.ArgumentPa
     parser.add_argument("--headless", action="store_true", help="render the views to PNG instead of a window "
                                                                 "(automatic without a display)")
     parser.add_argument("--out", default="demo_output", help="folder of the PNG files (headless)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     parser.add_argument("--residual", action="store_true",
                         help="refine the alignment with a 4D hash-grid residual deformer fitted to "
                              "the pair (the --residual-* flags; the R key, aligned_refined.png)")
@@ -65,23 +66,10 @@ def load_pair(args):
         if not all(own):
             raise ValueError("your own pair needs --source-color, --source-depth, --target-color, "
                              "--target-depth and --intrinsics")
-        intr = io.read_intrinsics(args.intrinsics)
-        depth = io.read_depth(args.source_depth)
-        mask = io.read_mask(args.mask) if args.mask else None
-        item = {"name": "custom", "source_color": io.read_color(args.source_color),
-                "target_color": io.read_color(args.target_color), "source_depth": depth,
-                "target_depth": io.read_depth(args.target_depth)}
-        for key, path in (("source_color", args.source_color), ("target_color", args.target_color),
-                          ("target_depth", args.target_depth)):
-            if item[key].shape[:2] != depth.shape:
-                raise ValueError(f"{path}: {item[key].shape[1]}x{item[key].shape[0]} differs from the "
-                                 f"source depth {args.source_depth} ({depth.shape[1]}x{depth.shape[0]})")
-        graph = build_graph(depth, intr, mask=mask, options=from_args(args, GraphOptions, prefix="graph_"))
-        item.update(nodes=graph.nodes, edges=graph.edges.astype(np.int64), edges_weights=graph.edges_weights,
-                    clusters=graph.clusters[:, 0].astype(np.int64),
-                    pixel_anchors=graph.pixel_anchors.astype(np.int64), pixel_weights=graph.pixel_weights)
-        print(f"graph built on the fly: {graph.num_nodes} nodes")
-        return collate([finish_item(item, intr)])
+        item = read_pair_files(args.source_color, args.source_depth, args.target_color, args.target_depth,
+                               args.intrinsics, args.mask, from_args(args, GraphOptions, prefix="graph_"))
+        print(f"graph built on the fly: {item['num_nodes']} nodes")
+        return collate([item])
     dataset = DeepDeformDataset(args.dataset_dir, args.split)
     if not 0 <= args.index < len(dataset):
         raise ValueError(f"--index {args.index}: split '{args.split}' of {args.dataset_dir} has {len(dataset)} pair(s)")
@@ -89,27 +77,13 @@ def load_pair(args):
 
 
 def main(argv=None) -> int:
-    from utils.demo import DemoViewer, demo_data, has_display
-
     argv = sys.argv[1:] if argv is None else argv
-    first, _ = build_parser().parse_known_args(argv)
     try:
-        checkpoint = first.checkpoint or (default_checkpoint() if first.flow in (None, "network") else None)
-        stored_tracker, stored_solver = checkpoint_options(read_checkpoint(checkpoint)) if checkpoint else ({}, {})
-        stored_tracker.pop("flow", None)
-        args = build_parser(stored_tracker, stored_solver).parse_args(argv)
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        if args.flow is None:
-            args.flow = "network" if checkpoint else "dis"
+        args, checkpoint = parse_with_checkpoint(build_parser, argv, default_checkpoint_for)
+        setup_run(from_args(args, RunOptions))
+        if pick_front_end(args, checkpoint):
             print(f"flow: {'the network of ' + checkpoint if checkpoint else 'DIS (no checkpoint shipped or given)'}")
-        tracker_options, solver_options = from_args(args, TrackerOptions), from_args(args, SolverOptions)
-        if args.flow == "network":
-            if not checkpoint:
-                raise CheckpointError("--flow network needs --checkpoint (no checkpoint is shipped)")
-            tracker = load_tracker(checkpoint, tracker_options, solver_options)
-        else:
-            tracker = Tracker(tracker_options, solver_options)
+        tracker = build_tracker(args, checkpoint)
         batch = load_pair(args)
         if args.flow == "gt" and "optical_flow" not in batch:
             raise ValueError("--flow gt needs the pair's ground-truth optical flow")
@@ -125,7 +99,7 @@ def main(argv=None) -> int:
     refined = refined_flow = None
     if args.residual:
         fit = fit_residual(batch, out, from_args(args, ResidualOptions), progress=True,
-                           max_depth=solver_options.max_depth)
+                           max_depth=tracker.solver_options.max_depth)
         stats = fit["stats"][0]
         print(f"residual deformer: {stats['iterations']} iterations in {stats['seconds']:.2f} s, mean "
               f"residual {stats['mean_residual_mm']:.2f} mm over {stats['points']} points")

@@ -3,7 +3,7 @@
     python generate.py --dataset-dir D --split S --out P [--flow network|dis|gt] [--checkpoint C]
                        [--shard i --num-shards n] [--residual] [solver, tracker, residual flags]
 
-Writes P/<name>_node_translations.bin and P/<name>_sceneflow.sflow per pair (DESIGN.md 4),
+Writes P/<name>_node_translations.bin and P/<name>_sceneflow.sflow per pair (docs/DESIGN.md 4),
 atomically; pairs already done are skipped, so an interrupted run resumes. Works on splits
 without ground truth (except --flow gt, which needs the optical flow). Without --flow, the
 network front-end is used when a checkpoint is given or shipped (checkpoints/), DIS otherwise.
@@ -15,19 +15,17 @@ import argparse
 import os
 import sys
 
-import torch
-
 from dataset.deepdeform import DatasetError, DeepDeformDataset
 from dataset.io import FormatError
-from model.tracker import Tracker
-from options import ResidualOptions, SolverOptions, TrackerOptions, add_options, from_args
-from utils.checkpoints import CheckpointError, checkpoint_options, default_checkpoint, load_tracker, read_checkpoint
+from options import ResidualOptions, RunOptions, SolverOptions, TrackerOptions, add_options, from_args
+from utils.checkpoints import (CheckpointError, MissingCheckpointError, build_tracker, default_checkpoint,
+                               default_checkpoint_for, parse_with_checkpoint, pick_front_end, setup_run)
 from utils.generation import generate
 
 
-def build_parser(defaults_tracker=None, defaults_solver=None) -> argparse.ArgumentParser:
+def build_parser(first=None, defaults_tracker=None, defaults_solver=None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset-dir", required=True, help="dataset root holding <split>_graphs.json")
+    add_options(parser, RunOptions, "run", required=("dataset_dir",))
     parser.add_argument("--split", required=True, help="split to run on (train, val, test, ...)")
     parser.add_argument("--out", required=True, help="folder for the predictions")
     parser.add_argument("--checkpoint", default=None,
@@ -37,9 +35,6 @@ def build_parser(defaults_tracker=None, defaults_solver=None) -> argparse.Argume
     parser.add_argument("--num-shards", type=int, default=1, help="split the pairs into this many shards")
     parser.add_argument("--limit", type=int, default=None, help="run at most this many pairs of the shard")
     parser.add_argument("--overwrite", action="store_true", help="recompute pairs that already have predictions")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="torch device (default: cuda when available)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--residual", action="store_true",
                         help="refine each pair's graph warp with a fitted 4D hash-grid residual "
@@ -52,31 +47,18 @@ def build_parser(defaults_tracker=None, defaults_solver=None) -> argparse.Argume
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    # Options stored in the checkpoint become the defaults; flags given here still win.
-    first, _ = build_parser().parse_known_args(argv)
-    checkpoint = first.checkpoint or (default_checkpoint() if first.flow in (None, "network") else None)
-    stored_tracker, stored_solver = {}, {}
     try:
-        if checkpoint:
-            stored_tracker, stored_solver = checkpoint_options(read_checkpoint(checkpoint))
-        stored_tracker.pop("flow", None)
-        args = build_parser(stored_tracker, stored_solver).parse_args(argv)
-        if args.flow is None:
-            args.flow = "network" if checkpoint else "dis"
-            if not checkpoint:
-                print("no checkpoint given or shipped: using --flow dis")
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        tracker_options = from_args(args, TrackerOptions)
-        solver_options = from_args(args, SolverOptions)
+        args, checkpoint = parse_with_checkpoint(build_parser, argv, default_checkpoint_for)
+        if pick_front_end(args, checkpoint) and not checkpoint:
+            print("no checkpoint given or shipped: using --flow dis")
+        device = setup_run(from_args(args, RunOptions))
+        try:
+            tracker = build_tracker(args, checkpoint)
+        except MissingCheckpointError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
         if args.flow == "network":
-            if not checkpoint:
-                print("error: --flow network needs --checkpoint (no checkpoint is shipped)", file=sys.stderr)
-                return 2
-            tracker = load_tracker(checkpoint, tracker_options, solver_options)
             print(f"flow network from {checkpoint}")
-        else:
-            tracker = Tracker(tracker_options, solver_options)
         dataset = DeepDeformDataset(args.dataset_dir, args.split)
         if args.flow == "gt":
             missing = [dataset.name(i) for i in range(len(dataset)) if "optical_flow" not in dataset.labels[i]]
@@ -86,7 +68,7 @@ def main(argv=None) -> int:
                 return 2
         residual = from_args(args, ResidualOptions) if args.residual else None
         summary = generate(dataset, tracker, args.out, args.shard, args.num_shards, args.overwrite,
-                           args.device, args.limit, progress=not args.quiet, residual=residual)
+                           device, args.limit, progress=not args.quiet, residual=residual)
     except (CheckpointError, DatasetError, FormatError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -8,7 +8,7 @@ a flag; checkpoints store these dataclasses as dicts so a model is rebuilt from 
 import argparse
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Type, TypeVar, get_args, get_origin, get_type_hints
+from typing import Any, Dict, Optional, Sequence, Type, TypeVar, get_args, get_origin, get_type_hints
 
 T = TypeVar("T")
 
@@ -19,7 +19,7 @@ def opt(default: Any, help: str, choices: Optional[tuple] = None) -> Any:  # noq
 
 
 # ----------------------------------------------------------------------------------------------
-# Deformation graph (DESIGN.md 5.1)
+# Deformation graph (docs/DESIGN.md 5.1)
 
 
 @dataclass
@@ -45,7 +45,7 @@ class GraphOptions:
 
 
 # ----------------------------------------------------------------------------------------------
-# Gauss-Newton solver (DESIGN.md 5.3)
+# Gauss-Newton solver (docs/DESIGN.md 5.3)
 
 
 @dataclass
@@ -128,14 +128,25 @@ class TrackerOptions:
 
 
 # ----------------------------------------------------------------------------------------------
-# Training (train.py; DESIGN.md 5.5)
+# A run of a script: which data, which device, how many threads (generate.py, example_viz.py and
+# train.py share these flags; a script may override a default or leave a flag out with `only`)
 
 
 @dataclass
-class TrainOptions:
+class RunOptions:
+    dataset_dir: str = opt("data/synthetic", "dataset root holding <split>_graphs.json")
+    device: str = opt("auto", "cpu, cuda, or auto (cuda when available)")
+    threads: int = opt(0, "CPU threads for torch (0 = torch's default)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Training (train.py)
+
+
+@dataclass
+class TrainOptions(RunOptions):
     stage: str = opt("0_flow", "training stage (a preset of the options below, see STAGES)",
                      choices=("0_flow", "1_solver", "2_mask", "3_refine"))
-    dataset_dir: str = opt("data/synthetic", "dataset root holding <split>_graphs.json")
     train_split: str = opt("train", "split to train on (needs ground truth)")
     val_split: str = opt("val", "split to validate on (needs ground truth); empty = no validation")
     experiment: str = opt("default", "experiment name: outputs go to WORKSPACE/EXPERIMENT/")
@@ -174,12 +185,10 @@ class TrainOptions:
     checkpoint_every: int = opt(500, "write checkpoints/last.pt every this many steps")
     num_workers: int = opt(1, "data-loading worker processes")
     seed: int = opt(0, "random seed (data order, augmentation, match subsampling)")
-    device: str = opt("auto", "cpu, cuda, or auto (cuda when available)")
-    threads: int = opt(0, "CPU threads for torch (0 = torch's default)")
 
 
 # Each stage is a named preset of TrainOptions / TrackerOptions / SolverOptions fields
-# (DESIGN.md 5.5); flags given on the command line override the preset.
+# (docs/DESIGN.md 5.5); flags given on the command line override the preset.
 STAGES: Dict[str, Dict[str, Dict[str, Any]]] = {
     "0_flow": {"train": dict(use_flow_loss=True, use_graph_loss=False, use_warp_loss=False,
                              run_solver=False, freeze_flow=False, freeze_mask=True),
@@ -207,19 +216,27 @@ def _flag(name: str) -> str:
 
 
 def add_options(parser: argparse.ArgumentParser, group: Type, title: Optional[str] = None,
-                defaults: Optional[Dict[str, Any]] = None, prefix: str = "") -> None:
+                defaults: Optional[Dict[str, Any]] = None, prefix: str = "",
+                only: Optional[Sequence[str]] = None, required: Sequence[str] = ()) -> None:
     """Adds one flag per field of the dataclass `group` (defaults may be overridden). A prefix
-    (e.g. "graph_") keeps two groups with a field of the same name apart: --graph-max-depth."""
+    (e.g. "graph_") keeps two groups with a field of the same name apart: --graph-max-depth.
+    `only` limits the flags to these fields (`from_args` gives the others their defaults);
+    fields in `required` must be given on the command line."""
     section = parser.add_argument_group(title or group.__name__)
     hints = get_type_hints(group)
     for f in dataclasses.fields(group):
+        if only is not None and f.name not in only:
+            continue
         kind = hints[f.name]
         if get_origin(kind) is not None and type(None) in get_args(kind):  # Optional[X]
             kind = next(a for a in get_args(kind) if a is not type(None))
         default = (defaults or {}).get(f.name, f.default)
         help_text = f.metadata.get("help", "") + f" (default: {default})"
         name = prefix + f.name
-        if kind is bool:
+        if f.name in required:
+            section.add_argument(_flag(name), dest=name, type=kind, required=True,
+                                 choices=f.metadata.get("choices"), help=f.metadata.get("help", ""))
+        elif kind is bool:
             section.add_argument(_flag(name), dest=name, default=default, help=help_text,
                                  action=argparse.BooleanOptionalAction)
         else:
@@ -228,8 +245,10 @@ def add_options(parser: argparse.ArgumentParser, group: Type, title: Optional[st
 
 
 def from_args(args: argparse.Namespace, group: Type[T], prefix: str = "") -> T:
-    """Builds the dataclass `group` from parsed flags added by `add_options` (same prefix)."""
-    return group(**{f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(group)})
+    """Builds the dataclass `group` from parsed flags added by `add_options` (same prefix);
+    fields left out of the parser (`only`) keep their defaults."""
+    return group(**{f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(group)
+                    if hasattr(args, prefix + f.name)})
 
 
 def to_dict(options: Any) -> Dict[str, Any]:
@@ -243,7 +262,7 @@ def from_dict(group: Type[T], values: Dict[str, Any]) -> T:
 
 
 # ----------------------------------------------------------------------------------------------
-# Synthetic data (DESIGN.md 5.8, dataset/synthetic.py)
+# Synthetic data (docs/DESIGN.md 5.8, dataset/synthetic.py)
 
 
 @dataclass
@@ -288,7 +307,7 @@ class SyntheticOptions:
 
 
 # ----------------------------------------------------------------------------------------------
-# 4D hash-grid residual deformer (DESIGN.md 5.7, model/residual.py)
+# 4D hash-grid residual deformer (docs/DESIGN.md 5.7, model/residual.py)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Staged training of the tracker (DESIGN.md 5.5).
+"""Staged training of the tracker (docs/DESIGN.md 5.5).
 
     python train.py --stage {0_flow,1_solver,2_mask,3_refine} --dataset-dir D --train-split S
                     --val-split V --experiment NAME --workspace W [--init CKPT] [--resume]
@@ -14,11 +14,14 @@ import sys
 
 from options import (STAGES, TRAIN_SOLVER_DEFAULTS, DataOptions, SolverOptions, TrackerOptions,
                      TrainOptions, add_options, from_args)
-from utils.checkpoints import CheckpointError, checkpoint_options, read_checkpoint
+from utils.checkpoints import CheckpointError, parse_with_checkpoint
+from utils.trainer import Interrupted, Trainer
 
 
-def build_parser(stage: str = "0_flow", stored_tracker=None, stored_solver=None) -> argparse.ArgumentParser:
+def build_parser(first=None, stored_tracker=None, stored_solver=None) -> argparse.ArgumentParser:
+    """The flags of train.py; the stage named in a first pass (`first`) sets the presets."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    stage = first.stage if first is not None else "0_flow"
     preset = STAGES[stage]
     add_options(parser, TrainOptions, "training", defaults={"stage": stage, **preset.get("train", {})})
     add_options(parser, TrackerOptions, "tracker",
@@ -30,14 +33,9 @@ def build_parser(stage: str = "0_flow", stored_tracker=None, stored_solver=None)
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    first, _ = build_parser().parse_known_args(argv)
     try:
-        stored_tracker, stored_solver = ({}, {})
-        if first.init:
-            stored_tracker, stored_solver = checkpoint_options(read_checkpoint(first.init))
-        args = build_parser(first.stage, stored_tracker, stored_solver).parse_args(argv)
-        from utils.trainer import Interrupted, Trainer
-
+        # Tracker options stored in the --init checkpoint become the defaults.
+        args, _ = parse_with_checkpoint(build_parser, argv, lambda first: first.init)
         trainer = Trainer(from_args(args, TrainOptions), from_args(args, TrackerOptions),
                           from_args(args, SolverOptions), from_args(args, DataOptions))
         try:

@@ -1,4 +1,6 @@
-"""Checkpoint loading.
+"""Checkpoints: loading ours and the reference's, saving, releasing, and building the tracker a
+script runs (`parse_with_checkpoint` + `build_tracker`, shared by generate.py, example_viz.py and
+train.py).
 
 Reference-layout checkpoints (DeformableFriends/NeuralTracking):
 
@@ -11,12 +13,19 @@ Reference-layout checkpoints (DeformableFriends/NeuralTracking):
 and ``model.masknet.MaskNet``; ``check_state_dict`` refuses anything that would not load
 exactly, naming the tensor, the expected and found shapes and the file.
 """
+import argparse
+import dataclasses
 import os
+import sys
 from collections import OrderedDict
-from typing import Mapping, Optional, Tuple, Union
+from typing import Callable, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+
+from dataset.fileio import atomic_open
+from model.tracker import Tracker
+from options import RunOptions, SolverOptions, TrackerOptions, from_args, from_dict
 
 FLOW_PREFIX = "flow_net."
 MASK_PREFIX = "mask_net."
@@ -161,10 +170,6 @@ FORMAT_VERSION = 1
 def save_checkpoint(path: str, tracker: nn.Module, extra: Optional[dict] = None) -> None:
     """Writes the tracker (state dict with reference key names, tracker and solver options)
     and `extra` (training state) atomically."""
-    import dataclasses
-
-    from dataset.fileio import atomic_open
-
     payload = {"format": FORMAT, "version": FORMAT_VERSION,
                "tracker_options": dataclasses.asdict(tracker.options),
                "solver_options": dataclasses.asdict(tracker.solver_options),
@@ -192,10 +197,6 @@ def export_checkpoint(source: str, out: str, history: Optional[list] = None,
     real-frame synthetic pairs it lowered EPE 3D from 28.1 to 26.9 mm. `training_solver` keeps the
     training options as they were; either way they are also stored under
     "training_solver_options". Returns the written payload."""
-    from options import SolverOptions
-
-    from dataset.fileio import atomic_open
-
     obj = read_checkpoint(source)
     if obj.get("format") != FORMAT:
         raise CheckpointError(f"{source}: not one of our training checkpoints (format "
@@ -235,11 +236,6 @@ def load_tracker(path: str, tracker_options=None, solver_options=None, log=print
     """Builds a network tracker from a checkpoint: ours (options stored in it; `tracker_options`
     and `solver_options`, when given, replace them) or a reference-layout one (a full tracker
     state dict, or a flow-only PWC-Net one, which disables the weighting head)."""
-    import dataclasses
-
-    from model.tracker import Tracker
-    from options import SolverOptions, TrackerOptions, from_dict
-
     obj = read_checkpoint(path)
     stored_tracker, stored_solver = checkpoint_options(obj)
     options = tracker_options or from_dict(TrackerOptions, stored_tracker)
@@ -284,10 +280,66 @@ def stage_summary(path: str) -> dict:
             "train_options": obj.get("train_options"), "data_options": obj.get("data_options")}
 
 
-def main(argv=None) -> int:
-    import argparse
-    import sys
+# ----------------------------------------------------------------------------------------------
+# The tracker a script runs. Options stored in the checkpoint become the defaults of the tracker
+# and solver flags (flags given still win); then the front-end is picked and the tracker built.
 
+
+class MissingCheckpointError(CheckpointError):
+    """--flow network without a checkpoint given or shipped."""
+
+
+def default_checkpoint_for(args: argparse.Namespace) -> Optional[str]:
+    """--checkpoint, else the shipped checkpoint when the network front-end may be wanted."""
+    return args.checkpoint or (default_checkpoint() if args.flow in (None, "network") else None)
+
+
+def parse_with_checkpoint(make_parser: Callable[..., argparse.ArgumentParser], argv: Sequence[str],
+                          checkpoint_of: Callable[[argparse.Namespace], Optional[str]]
+                          ) -> Tuple[argparse.Namespace, Optional[str]]:
+    """Parses `argv` twice: a first pass (``make_parser(None, {}, {})``, unknown flags allowed)
+    names the checkpoint (``checkpoint_of(first)``); its stored tracker options (but the
+    front-end) and solver options then become the defaults of the second, full pass
+    (``make_parser(first, stored_tracker, stored_solver)``). Returns (args, checkpoint)."""
+    first, _ = make_parser(None, {}, {}).parse_known_args(argv)
+    checkpoint = checkpoint_of(first)
+    stored_tracker, stored_solver = checkpoint_options(read_checkpoint(checkpoint)) if checkpoint else ({}, {})
+    stored_tracker.pop("flow", None)
+    return make_parser(first, stored_tracker, stored_solver).parse_args(argv), checkpoint
+
+
+def pick_front_end(args: argparse.Namespace, checkpoint: Optional[str]) -> bool:
+    """Without --flow: the network front-end when there is a checkpoint, DIS otherwise (sets
+    args.flow). Returns whether the choice was made here (the scripts then say so)."""
+    if args.flow is not None:
+        return False
+    args.flow = "network" if checkpoint else "dis"
+    return True
+
+
+def build_tracker(args: argparse.Namespace, checkpoint: Optional[str], log=print) -> Tracker:
+    """The tracker of parsed tracker and solver flags (after `pick_front_end`); the network
+    front-end loads `checkpoint` (MissingCheckpointError without one)."""
+    pick_front_end(args, checkpoint)
+    tracker_options, solver_options = from_args(args, TrackerOptions), from_args(args, SolverOptions)
+    if args.flow != "network":
+        return Tracker(tracker_options, solver_options)
+    if not checkpoint:
+        raise MissingCheckpointError("--flow network needs --checkpoint (no checkpoint is shipped)")
+    return load_tracker(checkpoint, tracker_options, solver_options, log=log)
+
+
+def setup_run(run: RunOptions) -> str:
+    """Applies --threads and returns the torch device --device names ("auto": cuda when
+    available)."""
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    if run.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return run.device
+
+
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m utils.checkpoints",
         description="Export a training checkpoint as a weights-only release (model and the "

@@ -16,7 +16,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
+import cv2
 import numpy as np
+import torch
+
+from dataset.fileio import atomic_open
+from model.correspondences import bilinear_sample
 
 KEYS_HELP = __doc__.split("Keys (as in the reference demo):\n", 1)[1].split("Without a display", 1)[0]
 VIEW_FILES = {"source": "source.png", "target": "target.png", "both": "both.png",
@@ -233,11 +238,7 @@ class DemoViewer:
         self.handlers[key](self.vis)
 
     def capture(self, path: str) -> None:
-        from dataset.fileio import atomic_open
-
         image = np.asarray(self.vis.capture_screen_float_buffer(do_render=True))
-        import cv2
-
         ok, encoded = cv2.imencode(".png", cv2.cvtColor((255 * image).astype(np.uint8), cv2.COLOR_RGB2BGR))
         if not ok:
             raise RuntimeError(f"{path}: PNG encoding failed")
@@ -276,7 +277,6 @@ def has_display() -> bool:
 
 def demo_data(batch: Dict, out: Dict, max_lines: int = 400, refined=None, seed: int = 0) -> DemoData:
     """DemoData of sample 0 of a tracked batch (tracker outputs `out`)."""
-    import torch
 
     def np_(t):
         return t.detach().cpu().numpy() if torch.is_tensor(t) else t
@@ -292,8 +292,6 @@ def demo_data(batch: Dict, out: Dict, max_lines: int = 400, refined=None, seed: 
     rng = np.random.default_rng(seed)
     keep = np.sort(rng.permutation(matches.sample.numel())[:max_lines])
     match_source = np_(matches.source_points)[keep]
-    from model.correspondences import bilinear_sample
-
     target_at = bilinear_sample(batch["target_points"][:1], matches.target_pixels[keep][None, None])
     match_target = np_(target_at[0, :, 0]).T
     object_mask = warp_mask[source_valid]

@@ -1,4 +1,4 @@
-"""Staged training of the tracker (DESIGN.md 5.5): what train.py runs.
+"""Staged training of the tracker (docs/DESIGN.md 5.5): what train.py runs.
 
 One process, or several under `torchrun` (DistributedDataParallel: gloo on CPU, NCCL on GPU;
 a distributed sampler; TensorBoard, checkpoints and validation on rank 0 only).
@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Dict, Optional
+from typing import Dict
 
 import numpy as np
 import torch
@@ -28,9 +28,10 @@ from tqdm import tqdm
 
 from dataset.deepdeform import DeepDeformDataset, collate
 from model import losses
+from model.correspondences import bilinear_sample, pixel_grid
 from model.tracker import Tracker
 from options import DataOptions, SolverOptions, TrackerOptions, TrainOptions, to_dict
-from utils.checkpoints import CheckpointError, load_tracker, read_checkpoint, save_checkpoint
+from utils.checkpoints import CheckpointError, load_tracker, read_checkpoint, save_checkpoint, setup_run
 from utils.metrics import pair_errors, pooled
 from utils.visualization import flow_to_color, gray_to_rgb, tensor_image
 
@@ -90,9 +91,7 @@ class Trainer:
         self.data_options = data
         self.log = log
         self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-        if train.threads:
-            torch.set_num_threads(train.threads)
-        cuda = train.device == "cuda" or (train.device == "auto" and torch.cuda.is_available())
+        cuda = setup_run(train) == "cuda"
         if self.distributed:
             dist.init_process_group(backend="nccl" if cuda else "gloo")
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -249,8 +248,6 @@ class Trainer:
 
     @staticmethod
     def _mask_labels(batch: Dict, out: Dict):
-        from model.correspondences import bilinear_sample, pixel_grid
-
         flow = out["flow"]
         B, _, H, W = flow.shape
         pixels = pixel_grid(H, W, flow.device, flow.dtype)[None] + torch.nan_to_num(flow).permute(0, 2, 3, 1)
