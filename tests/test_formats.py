@@ -49,7 +49,7 @@ def test_graph_binaries_round_trip(tmp_path):
 
 
 def test_independent_reader_of_the_official_layouts(tmp_path):
-    """What we write is what a struct-based reader of DESIGN.md 4 reads."""
+    """What we write is what a struct-based reader of docs/DESIGN.md 4 reads."""
     anchors = RNG.integers(-1, 50, (3, 4, 4)).astype(np.int32)
     edges = RNG.integers(-1, 9, (9, 8)).astype(np.int32)
     flow = _flow(3, 2, 3)
