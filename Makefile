@@ -1,5 +1,5 @@
 # make setup       everything ready on a fresh machine (idempotent; a second run takes seconds)
-# make test        setup, then the test suite
+# make test        setup, then the import layering, the linter and the test suite
 # make demo        setup, then the two-frame demo on example_data/ (headless without a display)
 # make cuda-check  compile every csrc/*/*.cu with nvcc (syntax and device code; no GPU needed)
 # make bench       run the benchmarks in benchmarks/
@@ -38,7 +38,11 @@ $(VENV)/.ext-built: $(VENV)/.editable $(EXT_SOURCES)
 	flock build/.lock env MAX_JOBS=2 $(PY) setup.py -q build_ext --inplace
 	touch $@
 
+# The layering (import-linter's "layers" contract in pyproject.toml) and the linter (ruff, a
+# small rule set, also in pyproject.toml) run before the tests, so an upward import fails CI.
 test: setup
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check --no-cache .
 	$(PY) -m pytest -p no:dash $(PYTEST_FLAGS) tests
 
 demo: setup

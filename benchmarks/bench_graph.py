@@ -13,7 +13,6 @@ import platform
 import re
 import statistics
 
-import numpy as np
 import torch
 
 from dataset import io
