@@ -55,7 +55,7 @@ def build_parser(first=None, stored_tracker=None, stored_solver=None) -> argpars
     add_options(parser, TrackerOptions, "tracker", defaults={"flow": None, **(stored_tracker or {})})
     add_options(parser, SolverOptions, "solver", defaults=stored_solver)
     add_options(parser, GraphOptions, "graph (your own pair)", prefix="graph_")
-    add_options(parser, ResidualOptions, "residual deformer (with --residual)")
+    add_options(parser, ResidualOptions, "residual deformer (with --residual)", prefix="residual_")
     return parser
 
 
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
           + " -> ".join(f"{e:.4g}" for e in result.energies[0]))
     refined = refined_flow = None
     if args.residual:
-        fit = fit_residual(batch, out, from_args(args, ResidualOptions), progress=True,
+        fit = fit_residual(batch, out, from_args(args, ResidualOptions, prefix="residual_"), progress=True,
                            max_depth=tracker.solver_options.max_depth)
         stats = fit["stats"][0]
         print(f"residual deformer: {stats['iterations']} iterations in {stats['seconds']:.2f} s, mean "

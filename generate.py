@@ -41,7 +41,7 @@ def build_parser(first=None, defaults_tracker=None, defaults_solver=None) -> arg
                              "deformer (the --residual-* flags); node translations stay the graph's")
     add_options(parser, TrackerOptions, "tracker", defaults={"flow": None, **(defaults_tracker or {})})
     add_options(parser, SolverOptions, "solver", defaults=defaults_solver)
-    add_options(parser, ResidualOptions, "residual deformer (with --residual)")
+    add_options(parser, ResidualOptions, "residual deformer (with --residual)", prefix="residual_")
     return parser
 
 
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
                 print(f"error: --flow gt needs ground-truth optical flow; {len(missing)} pair(s) of split "
                       f"'{args.split}' have none (first: {missing[0]})", file=sys.stderr)
                 return 2
-        residual = from_args(args, ResidualOptions) if args.residual else None
+        residual = from_args(args, ResidualOptions, prefix="residual_") if args.residual else None
         summary = generate(dataset, tracker, args.out, args.shard, args.num_shards, args.overwrite,
                            device, args.limit, progress=not args.quiet, residual=residual)
     except (CheckpointError, DatasetError, FormatError, ValueError) as error:

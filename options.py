@@ -312,61 +312,63 @@ class SyntheticOptions:
 
 @dataclass
 class ResidualOptions:
-    residual_levels: int = opt(8, "hash encoding: resolution levels L")
-    residual_features: int = opt(2, "hash encoding: features per level F", choices=(1, 2, 4, 8))
-    residual_log2_table_size: int = opt(15, "hash encoding: 2^T table rows per level (a pair has "
-                                            "about 50k points, so a small table rarely collides "
-                                            "and keeps each Adam step cheap)")
-    residual_base_resolution: int = opt(4, "hash encoding: cells per axis of the coarsest level "
-                                           "over the object's bounding cube")
-    residual_max_resolution: int = opt(128, "hash encoding: cells per axis of the finest level "
-                                            "(128 over a 60 cm object: 5 mm cells)")
-    residual_margin: float = opt(0.1, "margin in metres added on every side of the source "
-                                      "object's bounding box before normalising it to [0, 1]")
-    residual_hidden: int = opt(64, "width of the MLP's hidden layers")
-    residual_layers: int = opt(2, "number of hidden layers of the MLP")
-    residual_max: float = opt(0.03, "largest residual displacement in metres, per axis "
-                                    "(max * tanh of the MLP output)")
-    residual_iterations: int = opt(150, "Adam steps of the fit per pair (a fixed budget)")
-    residual_time_budget: float = opt(5.0, "stop the fit of a pair after this many seconds even "
-                                           "if iterations remain (0 = no limit)")
-    residual_learning_rate: float = opt(1e-2, "Adam learning rate of the table and the MLP")
-    residual_points: int = opt(2048, "source points drawn per step (with their right and lower "
-                                     "neighbours for the smoothness term)")
-    residual_plane_weight: float = opt(3.0, "weight of the point-to-plane distance to the target "
-                                            "surface at the warped point's projection")
-    residual_plane_scale: float = opt(0.005, "scale in metres of the robust (Geman-McClure) "
-                                             "point-to-plane term")
-    residual_target_smoothing: float = opt(1.0, "sigma in pixels of the edge-aware Gaussian "
-                                                "smoothing of the target surface before the "
-                                                "point-to-plane term (depth noise; 0 = raw)")
-    residual_occlusion: float = opt(0.03, "the point-to-plane and colour terms ignore a point "
-                                          "whose depth differs from the target depth at its "
-                                          "projection by more than this many metres (occluded "
-                                          "or an outlier)")
-    residual_color_weight: float = opt(1.0, "weight of the colour term (source colour against "
-                                            "the target colour at the projection)")
-    residual_color_scale: float = opt(0.1, "scale of the robust (Geman-McClure) colour term, in "
-                                           "units of the [0, 1] colour range")
-    residual_match_weight: float = opt(1.0, "weight of the correspondence term (distance to the "
-                                            "matches' target points, times the match weights)")
-    residual_match_scale: float = opt(0.01, "scale in metres of the robust (Geman-McClure) "
-                                            "correspondence term")
-    residual_magnitude_weight: float = opt(0.01, "weight of the squared residual (keeps it small)")
-    residual_smoothness_weight: float = opt(50.0, "weight of the squared difference between "
-                                                  "neighbouring source pixels of the refined warp's "
-                                                  "detail (its part not in the low-passed graph "
-                                                  "warp)")
-    residual_flow_blur: float = opt(8.0, "sigma in pixels (of a 640-pixel-wide frame; scaled with "
-                                         "the width) of the low-pass of the graph warp's scene "
-                                         "flow that the smoothness term keeps (0 = smooth the "
-                                         "residual itself)")
-    residual_neighbor_distance: float = opt(0.02, "neighbouring pixels farther apart than this "
-                                                  "many metres (a depth edge) are not smoothed "
-                                                  "together")
-    residual_threads: int = opt(1, "CPU threads torch uses during the fit (then restored; 0 = "
-                                   "leave torch's setting): a step's tensors have a few thousand "
-                                   "rows, so thread hand-offs cost more than they save, and on a "
-                                   "busy machine far more (40 steps: 1.6 s with 1 thread, 16 s "
-                                   "with 2 on a 2-core machine with one core taken)")
-    residual_seed: int = opt(0, "seed of the table initialisation and the point sampling")
+    """Flags --residual-* (scripts add them with prefix="residual_")."""
+
+    levels: int = opt(8, "hash encoding: resolution levels L")
+    features: int = opt(2, "hash encoding: features per level F", choices=(1, 2, 4, 8))
+    log2_table_size: int = opt(15, "hash encoding: 2^T table rows per level (a pair has "
+                               "about 50k points, so a small table rarely collides "
+                               "and keeps each Adam step cheap)")
+    base_resolution: int = opt(4, "hash encoding: cells per axis of the coarsest level "
+                               "over the object's bounding cube")
+    max_resolution: int = opt(128, "hash encoding: cells per axis of the finest level "
+                              "(128 over a 60 cm object: 5 mm cells)")
+    margin: float = opt(0.1, "margin in metres added on every side of the source "
+                        "object's bounding box before normalising it to [0, 1]")
+    hidden: int = opt(64, "width of the MLP's hidden layers")
+    layers: int = opt(2, "number of hidden layers of the MLP")
+    max: float = opt(0.03, "largest residual displacement in metres, per axis "
+                     "(max * tanh of the MLP output)")
+    iterations: int = opt(150, "Adam steps of the fit per pair (a fixed budget)")
+    time_budget: float = opt(5.0, "stop the fit of a pair after this many seconds even "
+                             "if iterations remain (0 = no limit)")
+    learning_rate: float = opt(1e-2, "Adam learning rate of the table and the MLP")
+    points: int = opt(2048, "source points drawn per step (with their right and lower "
+                      "neighbours for the smoothness term)")
+    plane_weight: float = opt(3.0, "weight of the point-to-plane distance to the target "
+                              "surface at the warped point's projection")
+    plane_scale: float = opt(0.005, "scale in metres of the robust (Geman-McClure) "
+                             "point-to-plane term")
+    target_smoothing: float = opt(1.0, "sigma in pixels of the edge-aware Gaussian "
+                                  "smoothing of the target surface before the "
+                                  "point-to-plane term (depth noise; 0 = raw)")
+    occlusion: float = opt(0.03, "the point-to-plane and colour terms ignore a point "
+                           "whose depth differs from the target depth at its "
+                           "projection by more than this many metres (occluded "
+                           "or an outlier)")
+    color_weight: float = opt(1.0, "weight of the colour term (source colour against "
+                              "the target colour at the projection)")
+    color_scale: float = opt(0.1, "scale of the robust (Geman-McClure) colour term, in "
+                             "units of the [0, 1] colour range")
+    match_weight: float = opt(1.0, "weight of the correspondence term (distance to the "
+                              "matches' target points, times the match weights)")
+    match_scale: float = opt(0.01, "scale in metres of the robust (Geman-McClure) "
+                             "correspondence term")
+    magnitude_weight: float = opt(0.01, "weight of the squared residual (keeps it small)")
+    smoothness_weight: float = opt(50.0, "weight of the squared difference between "
+                                   "neighbouring source pixels of the refined warp's "
+                                   "detail (its part not in the low-passed graph "
+                                   "warp)")
+    flow_blur: float = opt(8.0, "sigma in pixels (of a 640-pixel-wide frame; scaled with "
+                           "the width) of the low-pass of the graph warp's scene "
+                           "flow that the smoothness term keeps (0 = smooth the "
+                           "residual itself)")
+    neighbor_distance: float = opt(0.02, "neighbouring pixels farther apart than this "
+                                   "many metres (a depth edge) are not smoothed "
+                                   "together")
+    threads: int = opt(1, "CPU threads torch uses during the fit (then restored; 0 = "
+                       "leave torch's setting): a step's tensors have a few thousand "
+                       "rows, so thread hand-offs cost more than they save, and on a "
+                       "busy machine far more (40 steps: 1.6 s with 1 thread, 16 s "
+                       "with 2 on a 2-core machine with one core taken)")
+    seed: int = opt(0, "seed of the table initialisation and the point sampling")

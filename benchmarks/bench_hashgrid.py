@@ -132,8 +132,8 @@ def time_residual_fit(flow: str) -> str:
         return 1000 * float((scene_flow[0] - batch["scene_flow"][0]).permute(1, 2, 0)[mask].norm(dim=1).mean())
 
     return (f"residual fit ({dataset.name(0)}, --flow {flow}, {stats['points']} points, "
-            f"{stats['iterations']} of {options.residual_iterations} iterations, "
-            f"fit threads={options.residual_threads or torch.get_num_threads()}): {stats['seconds']:.2f} s; EPE 3D "
+            f"{stats['iterations']} of {options.iterations} iterations, "
+            f"fit threads={options.threads or torch.get_num_threads()}): {stats['seconds']:.2f} s; EPE 3D "
             f"{epe_mm(out['scene_flow']):.2f} mm -> {epe_mm(fit['scene_flow']):.2f} mm")
 
 

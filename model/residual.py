@@ -14,20 +14,20 @@ t = 1, so a source point moves to y = graph_warp(x) + r(x, 1).
 The fit is self-supervised (no ground truth): starting from r = 0 it optimises the table and the
 MLP with Adam so that y
   * lies on the target surface: point-to-plane distance to the target point at y's projection,
-    whose target depth must be valid, free of depth edges and within `residual_occlusion` of y's
+    whose target depth must be valid, free of depth edges and within `--residual-occlusion` of y's
     depth (otherwise the point is occluded in the target or an outlier, and the term skips it);
   * keeps its colour: source colour against the target colour at y's projection;
   * agrees with the tracker's correspondences: distance to the match's target point, times the
     match weight;
   * stays small (squared residual) and smooth: the squared difference between neighbouring
     source pixels (on the same surface) of the refined warp's detail y - w_low, where w_low is
-    the graph warp with its scene flow low-passed in the image (Gaussian, `residual_flow_blur`
+    the graph warp with its scene flow low-passed in the image (Gaussian, `--residual-flow-blur`
     pixels). The graph warp is rougher than real motion at the pixel scale: it jumps wherever
     a pixel's set of 4 anchors changes, and blends disagreeing node motions over a few pixels.
     Smoothing the scene flow itself would remove that roughness but also penalise rotations and
     bends (which move neighbours apart); smoothing only the detail keeps the graph's large-scale
     motion, whatever it is, and asks the residual to take out the roughness while the data terms
-    shape it. With `residual_flow_blur` 0 the term is the residual's own smoothness.
+    shape it. With `--residual-flow-blur` 0 the term is the residual's own smoothness.
 The three data terms are robust (Geman-McClure: quadratic for small errors, bounded for large
 ones, so occlusions and wrong matches stop pulling). Geometric terms are in squared millimetres.
 The point-to-plane term sees the target surface after a light edge-aware smoothing: depth noise
@@ -75,22 +75,22 @@ class ResidualDeformer(nn.Module):
                 or bool((bounds_max < bounds_min).any())):
             raise ValueError(f"bounds must be two (3,) corners with min <= max, found "
                              f"{bounds_min.tolist()} and {bounds_max.tolist()}")
-        if options.residual_max <= 0:
-            raise ValueError(f"residual_max must be positive, found {options.residual_max}")
-        side = float((bounds_max - bounds_min).max()) + 2 * options.residual_margin
+        if options.max <= 0:
+            raise ValueError(f"--residual-max must be positive, found {options.max}")
+        side = float((bounds_max - bounds_min).max()) + 2 * options.margin
         if side <= 0:
-            raise ValueError("the bounding box and margin are empty: give residual_margin > 0")
+            raise ValueError("the bounding box and margin are empty: give --residual-margin > 0")
         self.register_buffer("origin", (bounds_min + bounds_max) / 2 - side / 2)
         self.side = side
-        self.max_residual = float(options.residual_max)
-        self.encoder = HashGridEncoder(4, options.residual_levels, options.residual_features,
-                                       options.residual_log2_table_size,
-                                       options.residual_base_resolution,
-                                       options.residual_max_resolution)
+        self.max_residual = float(options.max)
+        self.encoder = HashGridEncoder(4, options.levels, options.features,
+                                       options.log2_table_size,
+                                       options.base_resolution,
+                                       options.max_resolution)
         layers, width = [], self.encoder.output_dim
-        for _ in range(options.residual_layers):
-            layers += [nn.Linear(width, options.residual_hidden), nn.ReLU()]
-            width = options.residual_hidden
+        for _ in range(options.layers):
+            layers += [nn.Linear(width, options.hidden), nn.ReLU()]
+            width = options.hidden
         layers.append(nn.Linear(width, 3))
         self.mlp = nn.Sequential(*layers)
         self._initialise(generator)
@@ -209,7 +209,7 @@ class _PairData:
             inside = (ys + dy < H) & (xs + dx < W)
             other[inside] = index[ys[inside] + dy, xs[inside] + dx]
             distance = (self.source - self.source[other.clamp(min=0)]).norm(dim=1)
-            close = distance <= options.residual_neighbor_distance
+            close = distance <= options.neighbor_distance
             return torch.where((other >= 0) & close, other, torch.full_like(other, -1))
 
         self.right, self.down = neighbour(0, 1), neighbour(1, 0)
@@ -219,7 +219,7 @@ class _PairData:
         # for 640-pixel-wide frames, so that it covers the same part of the object at any size.
         flow = torch.zeros(3, H, W, dtype=self.source.dtype, device=mask.device)
         flow[:, ys, xs] = (self.warped - self.source).T
-        low = low_pass(flow[None], mask[None], options.residual_flow_blur * W / 640)[0]
+        low = low_pass(flow[None], mask[None], options.flow_blur * W / 640)[0]
         self.low_warped = self.source + low[:, ys, xs].T                                   # (P, 3)
 
         # The matches of this sample, per point: target point and weight (0 = no match).
@@ -235,7 +235,7 @@ class _PairData:
         self.match_weight[point[keep]] = matches.weights[mine][keep].to(self.source.dtype).clamp(0, 1)
 
         target_points = smooth_surface(batch["target_points"][b:b + 1].clone(),
-                                       options.residual_target_smoothing)
+                                       options.target_smoothing)
         normals, normal_valid = surface_normals(target_points)
         # One image to sample per step: target xyz, normal, normal validity.
         self.target_geometry = torch.cat((target_points, normals, normal_valid[:, None].to(normals.dtype)),
@@ -271,23 +271,23 @@ def _losses(deformer: ResidualDeformer, data: _PairData, chosen: torch.Tensor,
         geometry = bilinear_sample(data.target_geometry, pixels)[0, :, 0].T           # (K, 7)
         depth, depth_valid = sample_target_depth(data.target_depth, pixels, max_depth)
         visible = (depth_valid[0, 0] & (geometry[:, 6] >= 0.999)
-                   & ((y[:, 2] - depth[0, 0]).abs() <= options.residual_occlusion))
+                   & ((y[:, 2] - depth[0, 0]).abs() <= options.occlusion))
     normal = F.normalize(geometry[:, 3:6], dim=1)
     distance = MM * ((y - geometry[:, :3]) * normal).sum(dim=1)
-    plane = geman_mcclure(distance[visible] ** 2, MM * options.residual_plane_scale)
+    plane = geman_mcclure(distance[visible] ** 2, MM * options.plane_scale)
 
     # Colour: differentiable through the projection, which is what moves y along the surface.
     target_color = bilinear_sample(data.target_color, pixels)[0, :, 0].T
     color_error = ((target_color - data.color[chosen]) ** 2).sum(dim=1)
     # Normalised to [0, 1) per point (colours have no millimetres): a colour outlier costs at
-    # most residual_color_weight.
-    color_scale = options.residual_color_scale
+    # most --residual-color-weight.
+    color_scale = options.color_scale
     color = geman_mcclure(color_error[visible], color_scale) / color_scale ** 2
 
     weight = data.match_weight[chosen]
     matched = weight > 0
     match_error = (MM * (y - data.match_target[chosen])[matched]) ** 2
-    match = weight[matched] * geman_mcclure(match_error.sum(dim=1), MM * options.residual_match_scale)
+    match = weight[matched] * geman_mcclure(match_error.sum(dim=1), MM * options.match_scale)
 
     magnitude = ((MM * residual) ** 2).sum(dim=1)
     # Smoothness of the detail y - w_low between each point and its right and lower neighbour.
@@ -314,20 +314,20 @@ def _fit_one(data: _PairData, options: ResidualOptions, max_depth: float, start:
         return data.source.clone(), {"iterations": 0, "seconds": time.perf_counter() - start,
                                      "points": 0, "losses": losses, "mean_residual_mm": 0.0}
     device = data.source.device
-    generator = torch.Generator().manual_seed(options.residual_seed)
+    generator = torch.Generator().manual_seed(options.seed)
     deformer = ResidualDeformer(data.source.min(dim=0).values.cpu(),
                                 data.source.max(dim=0).values.cpu(), options, generator).to(device)
     # Instant-NGP's Adam settings: beta2 0.99 and a tiny epsilon, so that rarely hit table rows
     # still take full-size steps.
-    optimiser = torch.optim.Adam(deformer.parameters(), lr=options.residual_learning_rate,
+    optimiser = torch.optim.Adam(deformer.parameters(), lr=options.learning_rate,
                                  betas=(0.9, 0.99), eps=1e-15)
-    weights = {"plane": options.residual_plane_weight, "color": options.residual_color_weight,
-               "match": options.residual_match_weight, "magnitude": options.residual_magnitude_weight,
-               "smoothness": options.residual_smoothness_weight}
-    K = min(options.residual_points, P)
-    bar = tqdm(total=options.residual_iterations, desc=desc, disable=not progress, leave=False)
-    while iterations < options.residual_iterations:
-        budget = options.residual_time_budget
+    weights = {"plane": options.plane_weight, "color": options.color_weight,
+               "match": options.match_weight, "magnitude": options.magnitude_weight,
+               "smoothness": options.smoothness_weight}
+    K = min(options.points, P)
+    bar = tqdm(total=options.iterations, desc=desc, disable=not progress, leave=False)
+    while iterations < options.iterations:
+        budget = options.time_budget
         if budget > 0 and time.perf_counter() - start >= budget:
             break
         chosen = torch.randperm(P, generator=generator)[:K].to(device)
@@ -366,7 +366,7 @@ def fit_residual(batch: Dict, out: Dict, options: ResidualOptions = ResidualOpti
 
     Every sample of the batch gets its own fresh deformer (fitted one after another), each
     within its own time budget. Works on tensors made under torch.inference_mode (it copies what
-    it needs). On a CPU, torch runs with options.residual_threads threads meanwhile.
+    it needs). On a CPU, torch runs with options.threads threads meanwhile.
 
     Returns a dict with warped_points (B, H, W, 3) = graph warp + residual, scene_flow
     (B, 3, H, W) = warped_points - source points, residual (B, H, W, 3), all metres and NaN
@@ -375,8 +375,8 @@ def fit_residual(batch: Dict, out: Dict, options: ResidualOptions = ResidualOpti
     """
     B, H, W, _ = out["warped_points"].shape
     threads = torch.get_num_threads()
-    if options.residual_threads > 0 and out["warped_points"].device.type == "cpu":
-        torch.set_num_threads(options.residual_threads)
+    if options.threads > 0 and out["warped_points"].device.type == "cpu":
+        torch.set_num_threads(options.threads)
     try:
         with torch.inference_mode(False), torch.enable_grad():
             source = batch["source_points"].permute(0, 2, 3, 1).clone()

@@ -17,7 +17,7 @@ from tests.conftest import REPO, small_synthetic_split
 from dataset.io import prediction_paths
 
 # Small and quick: the tests check behaviour, the defaults are tuned for 640x480 frames.
-FAST = ResidualOptions(residual_iterations=60, residual_time_budget=0, residual_points=2048)
+FAST = ResidualOptions(iterations=60, time_budget=0, points=2048)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def fitted(tracked):
 
 
 def _deformer(**overrides):
-    options = ResidualOptions(**{"residual_log2_table_size": 12, **overrides})
+    options = ResidualOptions(**{"log2_table_size": 12, **overrides})
     return ResidualDeformer(torch.tensor([-0.3, -0.2, 0.8]), torch.tensor([0.3, 0.2, 1.2]), options,
                             torch.Generator().manual_seed(0))
 
@@ -54,7 +54,7 @@ def _points(n=500):
 
 
 def test_deformer_shapes_bounded_and_zero_at_t0():
-    deformer = _deformer(residual_max=0.02)
+    deformer = _deformer(max=0.02)
     points = _points()
     residual = deformer(points, 1.0)
     assert residual.shape == (500, 3) and residual.dtype == torch.float32
@@ -80,7 +80,7 @@ def test_deformer_shapes_bounded_and_zero_at_t0():
 
 
 def test_normalised_input_covers_the_object_in_unit_cube():
-    deformer = _deformer(residual_margin=0.05)
+    deformer = _deformer(margin=0.05)
     corners = torch.tensor([[-0.3, -0.2, 0.8], [0.3, 0.2, 1.2]])
     x = deformer.normalise(corners, 0.5)
     assert x.shape == (2, 4) and bool((x > 0).all()) and bool((x < 1).all())
@@ -96,7 +96,7 @@ def test_gradients_reach_the_table_and_every_layer():
     (deformer(points, 0.7) ** 2).sum().backward()
     assert deformer.encoder.table.grad is not None and deformer.encoder.table.grad.abs().sum() > 0
     linears = [m for m in deformer.mlp if isinstance(m, torch.nn.Linear)]
-    assert len(linears) == ResidualOptions().residual_layers + 1
+    assert len(linears) == ResidualOptions().layers + 1
     for layer in linears:
         assert layer.weight.grad.abs().sum() > 0 and layer.bias.grad.abs().sum() > 0
     assert points.grad.abs().sum() > 0
@@ -134,9 +134,9 @@ def test_fit_outputs(tracked, fitted):
     # The refinement is the graph warp plus a bounded residual.
     residual = fitted["warped_points"][mask] - out["warped_points"][mask]
     assert torch.allclose(residual, fitted["residual"][mask], atol=1e-6)
-    assert residual.abs().max() <= FAST.residual_max + 1e-6 and residual.abs().max() > 1e-4
+    assert residual.abs().max() <= FAST.max + 1e-6 and residual.abs().max() > 1e-4
     for stats in fitted["stats"]:
-        assert stats["iterations"] == FAST.residual_iterations and stats["points"] > 1000
+        assert stats["iterations"] == FAST.iterations and stats["points"] > 1000
         assert set(stats["losses"]) == {"plane", "color", "match", "magnitude", "smoothness", "total"}
 
 
@@ -193,8 +193,8 @@ def test_fit_does_not_read_ground_truth(tracked, fitted):
 
 def test_time_budget_is_respected(tracked):
     batch, out = tracked
-    fit_residual(batch, out, ResidualOptions(residual_iterations=1))   # first-call costs out
-    options = ResidualOptions(residual_iterations=100000, residual_time_budget=0.5)
+    fit_residual(batch, out, ResidualOptions(iterations=1))   # first-call costs out
+    options = ResidualOptions(iterations=100000, time_budget=0.5)
     start = time.perf_counter()
     fit = fit_residual(batch, out, options)
     seconds = time.perf_counter() - start
@@ -230,7 +230,7 @@ def test_generate_with_residual(split, tmp_path):
         assert np.array_equal(np.isfinite(graph_flow), np.isfinite(refined_flow))
         finite = np.isfinite(graph_flow)
         difference = np.abs(graph_flow[finite] - refined_flow[finite])
-        assert difference.max() > 1e-4 and difference.max() <= ResidualOptions().residual_max + 1e-5
+        assert difference.max() > 1e-4 and difference.max() <= ResidualOptions().max + 1e-5
     with open(tmp_path / "refined" / "generate_test_shard0of1.json") as f:
         record = json.load(f)
     assert set(record["residual"]["seconds"]) == {dataset.name(i) for i in range(len(dataset))}

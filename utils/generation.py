@@ -84,7 +84,7 @@ def generate(dataset: DeepDeformDataset, tracker: Tracker, out_dir: str, shard: 
               "written": len(summary.written), "skipped": len(summary.skipped),
               "failed_solves": summary.failed_solves, "seconds": round(summary.seconds, 2)}
     if residual is not None:
-        record["residual"] = {"options": dataclasses.asdict(residual),
+        record["residual"] = {"options": {"residual_" + k: v for k, v in dataclasses.asdict(residual).items()},
                               "seconds": {k: round(v, 2) for k, v in summary.residual_seconds.items()},
                               "iterations": summary.residual_iterations}
     atomic_write_bytes(os.path.join(out_dir, f"generate_{dataset.split}_shard{shard}of{num_shards}.json"),
