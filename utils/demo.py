@@ -20,8 +20,12 @@ import cv2
 import numpy as np
 import torch
 
+from dataset.deepdeform import DeepDeformDataset, collate, read_pair_files
 from dataset.fileio import atomic_open
 from model.correspondences import bilinear_sample
+from model.residual import fit_residual
+from options import GraphOptions, ResidualOptions
+from utils.metrics import pair_errors
 
 KEYS_HELP = __doc__.split("Keys (as in the reference demo):\n", 1)[1].split("Without a display", 1)[0]
 VIEW_FILES = {"source": "source.png", "target": "target.png", "both": "both.png",
@@ -303,3 +307,75 @@ def demo_data(batch: Dict, out: Dict, max_lines: int = 400, refined=None, seed: 
         match_source=match_source, match_target=match_target,
         match_weights=np_(matches.weights)[keep],
         refined_object=None if refined is None else np_(refined))
+
+
+# The files of a pair given on the command line (example_viz.py --source-color ...); mask optional.
+PAIR_FILES = ("source_color", "source_depth", "target_color", "target_depth", "intrinsics", "mask")
+
+
+def load_pair(dataset_dir: str, split: str, index: int, own: Dict[str, Optional[str]],
+              graph_options: GraphOptions) -> Dict:
+    """A collated one-pair batch: pair `index` of the split, or the files in `own` (PAIR_FILES
+    keys) when any is given, with the deformation graph built on the fly."""
+    if any(own.get(key) for key in PAIR_FILES[:5]):
+        if not all(own.get(key) for key in PAIR_FILES[:5]):
+            raise ValueError("your own pair needs --source-color, --source-depth, --target-color, "
+                             "--target-depth and --intrinsics")
+        item = read_pair_files(*(own[key] for key in PAIR_FILES[:5]), own.get("mask"), graph_options)
+        print(f"graph built on the fly: {item['num_nodes']} nodes")
+        return collate([item])
+    dataset = DeepDeformDataset(dataset_dir, split)
+    if not 0 <= index < len(dataset):
+        raise ValueError(f"--index {index}: split '{split}' of {dataset_dir} has {len(dataset)} pair(s)")
+    return collate([dataset[index]])
+
+
+def track_pair(tracker, batch: Dict) -> Dict:
+    """The tracker's outputs on a one-pair batch (ValueError when --flow gt lacks ground truth)."""
+    if tracker.options.flow == "gt" and "optical_flow" not in batch:
+        raise ValueError("--flow gt needs the pair's ground-truth optical flow")
+    with torch.inference_mode():
+        return tracker.eval()(batch)
+
+
+def report_and_show(batch: Dict, out: Dict, tracker, residual: Optional[ResidualOptions],
+                    headless_wanted: bool, out_dir: str) -> None:
+    """Prints the solve (and, with ground truth, EPE 3D and Graph Error 3D), fits the residual
+    deformer when `residual` is given, then opens the viewer, or renders the views to `out_dir`
+    without a display (or when `headless_wanted`)."""
+    result = out["solver"]
+    print(f"{batch['name'][0]}: {out['matches'].sample.numel()} correspondences, solve "
+          f"{result.status[0]}{' (' + result.messages[0] + ')' if result.messages[0] else ''}, energy "
+          + " -> ".join(f"{e:.4g}" for e in result.energies[0]))
+    refined = refined_flow = None
+    if residual is not None:
+        fit = fit_residual(batch, out, residual, progress=True, max_depth=tracker.solver_options.max_depth)
+        stats = fit["stats"][0]
+        print(f"residual deformer: {stats['iterations']} iterations in {stats['seconds']:.2f} s, mean "
+              f"residual {stats['mean_residual_mm']:.2f} mm over {stats['points']} points")
+        # DemoData.refined_object: the warp_mask pixels in row-major order, like warped_object.
+        refined = fit["warped_points"][0][out["warp_mask"][0]]
+        refined_flow = fit["scene_flow"]
+    if "scene_flow" in batch:
+        n = int(batch["num_nodes"][0])
+
+        def errors_of(scene_flow):
+            return pair_errors(batch["name"][0], out["translations"][0, :n].numpy(),
+                               batch["node_deformations"][0, :n].numpy(), np.nan_to_num(scene_flow[0].numpy()),
+                               batch["scene_flow"][0].numpy(), batch["source_points"][0, 2].numpy(),
+                               batch["pixel_anchors"][0].numpy())
+
+        errors = errors_of(out["scene_flow"])
+        refined_epe = "" if refined_flow is None else \
+            f", refined by the residual deformer {errors_of(refined_flow).epe_mm:.2f} mm"
+        print(f"EPE 3D: {errors.epe_mm:.2f} mm{refined_epe}; Graph Error 3D: {errors.graph_error_mm:.2f} mm "
+              f"(against the pair's ground truth)")
+    headless = headless_wanted or not has_display()
+    viewer = DemoViewer(demo_data(batch, out, refined=refined), visible=not headless)
+    if headless:
+        written = viewer.render_all(out_dir)
+        viewer.close()
+        print(f"no display{'' if not headless_wanted else ' wanted'}: rendered {len(written)} views to "
+              f"{os.path.abspath(out_dir)}/ (" + ", ".join(os.path.basename(p) for p in written.values()) + ")")
+    else:
+        viewer.run()
