@@ -19,7 +19,7 @@ import sys
 
 from dataset import io
 from dataset.graph import GraphError, graph_for_files, run_split
-from options import GraphOptions, add_options, from_args
+from options import GraphOptions, RunOptions, add_options, from_args
 
 
 def main(argv=None) -> int:
@@ -31,8 +31,8 @@ def main(argv=None) -> int:
     single.add_argument("--scene-flow", help=".sflow ground truth, for graph_node_deformations")
     single.add_argument("--out", help="output folder (DIR/<kind>/NAME.bin)")
     single.add_argument("--name", help="file name stem, e.g. shirt_000000_000110_geodesic_0.05")
-    batch = parser.add_argument_group("a DeepDeform-format split")
-    batch.add_argument("--dataset-dir", help="dataset root holding <split>_graphs.json")
+    batch = add_options(parser, RunOptions, "a DeepDeform-format split", defaults={"dataset_dir": None},
+                        only=("dataset_dir",))
     batch.add_argument("--split", help="split whose missing graph files to make")
     batch.add_argument("--overwrite", action="store_true", help="remake graph files that exist")
     add_options(parser, GraphOptions, "graph")

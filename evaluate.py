@@ -8,19 +8,16 @@ generate.py (full frame size) and of the reference code (448 of 480 rows). Every
 malformed prediction is listed before it fails (exit code 1).
 """
 import argparse
-import csv
-import io as text_io
-import os
 import sys
 
 from dataset.io import FormatError
-from dataset.fileio import atomic_write_bytes
-from utils.metrics import EvaluationError, evaluate_split, pooled
+from options import RunOptions, add_options
+from utils.metrics import EvaluationError, evaluate_split, write_evaluation
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset-dir", required=True, help="dataset root holding <split>_graphs.json")
+    add_options(parser, RunOptions, "run", only=("dataset_dir",), required=("dataset_dir",))
     parser.add_argument("--split", required=True, help="split to evaluate (needs ground truth)")
     parser.add_argument("--predictions", required=True, help="folder of <name>_node_translations.bin "
                                                              "and <name>_sceneflow.sflow files")
@@ -34,19 +31,7 @@ def main(argv=None) -> int:
     except FormatError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    graph_error, epe = pooled(results)
-    table = text_io.StringIO()
-    writer = csv.writer(table)
-    writer.writerow(["pair", "num_nodes", "graph_error_3d_mm", "num_pixels", "epe_3d_mm"])
-    for r in results:
-        writer.writerow([r.name, r.num_nodes, f"{r.graph_error_mm:.4f}", r.num_pixels, f"{r.epe_mm:.4f}"])
-    atomic_write_bytes(os.path.join(args.predictions, f"evaluation_{args.split}.csv"), table.getvalue().encode())
-    summary = (f"Graph Error 3D (mm): {graph_error:.3f}\nEPE 3D (mm): {epe:.3f}\n")
-    atomic_write_bytes(os.path.join(args.predictions, f"evaluation_{args.split}.txt"),
-                       (summary + f"pairs: {len(results)}\nnodes: {sum(r.num_nodes for r in results)}\n"
-                        f"pixels: {sum(r.num_pixels for r in results)}\n"
-                        f"dataset: {os.path.abspath(args.dataset_dir)} split {args.split}\n").encode())
-    print(summary, end="")
+    print(write_evaluation(results, args.dataset_dir, args.split, args.predictions), end="")
     return 0
 
 

@@ -217,11 +217,12 @@ def _flag(name: str) -> str:
 
 def add_options(parser: argparse.ArgumentParser, group: Type, title: Optional[str] = None,
                 defaults: Optional[Dict[str, Any]] = None, prefix: str = "",
-                only: Optional[Sequence[str]] = None, required: Sequence[str] = ()) -> None:
+                only: Optional[Sequence[str]] = None, required: Sequence[str] = ()):
     """Adds one flag per field of the dataclass `group` (defaults may be overridden). A prefix
     (e.g. "graph_") keeps two groups with a field of the same name apart: --graph-max-depth.
     `only` limits the flags to these fields (`from_args` gives the others their defaults);
-    fields in `required` must be given on the command line."""
+    fields in `required` must be given on the command line. Returns the argument group (a
+    script may add its own flags to it)."""
     section = parser.add_argument_group(title or group.__name__)
     hints = get_type_hints(group)
     for f in dataclasses.fields(group):
@@ -242,6 +243,7 @@ def add_options(parser: argparse.ArgumentParser, group: Type, title: Optional[st
         else:
             section.add_argument(_flag(name), dest=name, type=kind, default=default,
                                  choices=f.metadata.get("choices"), help=help_text)
+    return section
 
 
 def from_args(args: argparse.Namespace, group: Type[T], prefix: str = "") -> T:

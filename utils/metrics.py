@@ -6,6 +6,8 @@ ground-truth scene flow, valid depth (0 < z <= 6 m) and 4 valid anchors, over al
 Both in millimetres. Sums and counts are kept per pair so that a split's numbers are exact
 pooled means (not means of per-pair means).
 """
+import csv
+import io as text_io
 import os
 from dataclasses import dataclass
 from typing import Iterable, Optional
@@ -14,6 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dataset import io
+from dataset.fileio import atomic_write_bytes
 
 MAX_DEPTH = 6.0
 
@@ -146,3 +149,22 @@ def evaluate_split(dataset_dir: str, split: str, predictions_dir: str, progress:
     if problems:
         raise EvaluationError(problems)
     return results
+
+
+def write_evaluation(results, dataset_dir: str, split: str, predictions_dir: str) -> str:
+    """Writes the per-pair table <predictions_dir>/evaluation_<split>.csv and the results
+    evaluation_<split>.txt (each atomically); returns the two score lines
+    ("Graph Error 3D (mm): X", "EPE 3D (mm): Y")."""
+    graph_error, epe = pooled(results)
+    table = text_io.StringIO()
+    writer = csv.writer(table)
+    writer.writerow(["pair", "num_nodes", "graph_error_3d_mm", "num_pixels", "epe_3d_mm"])
+    for r in results:
+        writer.writerow([r.name, r.num_nodes, f"{r.graph_error_mm:.4f}", r.num_pixels, f"{r.epe_mm:.4f}"])
+    atomic_write_bytes(os.path.join(predictions_dir, f"evaluation_{split}.csv"), table.getvalue().encode())
+    summary = (f"Graph Error 3D (mm): {graph_error:.3f}\nEPE 3D (mm): {epe:.3f}\n")
+    atomic_write_bytes(os.path.join(predictions_dir, f"evaluation_{split}.txt"),
+                       (summary + f"pairs: {len(results)}\nnodes: {sum(r.num_nodes for r in results)}\n"
+                        f"pixels: {sum(r.num_pixels for r in results)}\n"
+                        f"dataset: {os.path.abspath(dataset_dir)} split {split}\n").encode())
+    return summary
