@@ -11,21 +11,26 @@ A split (every pair whose graph files are missing, with a progress bar):
 writes to the graph paths of each label; the source mask is the label's "source_mask" or
 <sequence>/mask/<source_id>_<object_id>.png when present, and the scene flow the label's.
 
-Bad input (a missing file, no valid depth, an object too small for 4 nodes) exits with status 1
-and one line saying what is wrong.
+Bad input (a missing file, no valid depth, depth in another unit than --depth-scale says, an
+object too small for 4 nodes, an option out of range) exits with status 1 (2 for a flag argparse
+refuses) and one line saying what is wrong, before anything is written; the graph files of a
+frame are moved into place together or not at all. In split mode, existing graph files are
+re-checked (truncated or unusable ones are remade), a pair that fails is reported and the others
+still run, and the run exits with status 1 listing the failed pairs.
 """
 import argparse
+import os
 import sys
 
 from dataset import io
-from dataset.graph import GraphError, graph_for_files, run_split
-from options import GraphOptions, RunOptions, add_options, from_args
+from dataset.graph import GraphError, graph_for_files, graph_output_problem, run_split
+from options import ArgumentParser, GraphOptions, OptionError, RunOptions, add_options, check_flag, from_args
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     single = parser.add_argument_group("one frame")
-    single.add_argument("--depth", help="source depth PNG (uint16 millimetres)")
+    single.add_argument("--depth", help="source depth PNG (uint16, --depth-scale units per metre)")
     single.add_argument("--intrinsics", help="4x4 intrinsics.txt (fx [0,0], fy [1,1], cx [0,2], cy [1,2])")
     single.add_argument("--mask", help="object mask PNG (non-zero = object); default: all valid depth")
     single.add_argument("--scene-flow", help=".sflow ground truth, for graph_node_deformations")
@@ -37,21 +42,32 @@ def main(argv=None) -> int:
     batch.add_argument("--overwrite", action="store_true", help="remake graph files that exist")
     add_options(parser, GraphOptions, "graph")
     args = parser.parse_args(argv)
-    options = from_args(args, GraphOptions)
     try:
+        options = from_args(args, GraphOptions)
         if args.dataset_dir or args.split:
             if not (args.dataset_dir and args.split):
                 parser.error("batch mode needs both --dataset-dir and --split")
-            built = run_split(args.dataset_dir, args.split, options, args.overwrite)
+            from_args(args, RunOptions)   # checks --dataset-dir
+            built, failed = run_split(args.dataset_dir, args.split, options, args.overwrite)
             print(f"made the graphs of {built} pair(s) of split '{args.split}'")
+            if failed:
+                print(f"error: {len(failed)} pair(s) failed (the others were made): "
+                      + "; ".join(failed.values()), file=sys.stderr)
+                return 1
             return 0
         missing = [f for f in ("depth", "intrinsics", "out", "name") if getattr(args, f) is None]
         if missing:
             parser.error("one-frame mode needs " + ", ".join("--" + f.replace("_", "-") for f in missing))
+        if not args.name or os.sep in args.name or args.name in (".", ".."):
+            parser.error(f"--name {args.name!r}: expected a file name stem without '{os.sep}'")
+        check_flag("--out", args.out, str, path="out_dir")
+        problem = graph_output_problem(args.out)
+        if problem:
+            raise GraphError(f"--out {args.out}: {problem}")
         graph = graph_for_files(args.depth, io.read_intrinsics(args.intrinsics), args.mask,
                                 args.scene_flow, options)
         paths = graph.save(args.out, args.name)
-    except (GraphError, io.FormatError) as error:
+    except (GraphError, io.FormatError, OptionError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     anchored = graph.stats["anchored_pixels"] / max(graph.stats["valid_depth_pixels"], 1)

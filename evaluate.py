@@ -11,12 +11,12 @@ import argparse
 import sys
 
 from dataset.io import FormatError
-from options import RunOptions, add_options
+from options import ArgumentParser, OptionError, RunOptions, add_options, check_flag, from_args
 from utils.metrics import EvaluationError, evaluate_split, write_evaluation
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_options(parser, RunOptions, "run", only=("dataset_dir",), required=("dataset_dir",))
     parser.add_argument("--split", required=True, help="split to evaluate (needs ground truth)")
     parser.add_argument("--predictions", required=True, help="folder of <name>_node_translations.bin "
@@ -24,11 +24,14 @@ def main(argv=None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
+        from_args(args, RunOptions)   # checks --dataset-dir
+        check_flag("--predictions", args.predictions, str, path="dir")
+        check_flag("--predictions", args.predictions, str, path="out_dir")   # the results go there
         results = evaluate_split(args.dataset_dir, args.split, args.predictions, progress=not args.quiet)
     except EvaluationError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except FormatError as error:
+    except (FormatError, OptionError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(write_evaluation(results, args.dataset_dir, args.split, args.predictions), end="")

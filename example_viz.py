@@ -20,7 +20,8 @@ import sys
 from dataset import io
 from dataset.deepdeform import DatasetError
 from dataset.graph import GraphError
-from options import GraphOptions, ResidualOptions, RunOptions, SolverOptions, TrackerOptions, add_options, from_args
+from options import (ArgumentParser, GraphOptions, ResidualOptions, RunOptions, SolverOptions, TrackerOptions,
+                     add_options, check_flag, from_args)
 from utils.checkpoints import (CheckpointError, build_tracker, default_checkpoint, default_checkpoint_for,
                                parse_with_checkpoint, pick_front_end, setup_run)
 from utils.demo import PAIR_FILES, load_pair, report_and_show, track_pair
@@ -29,7 +30,7 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 
 
 def build_parser(first=None, stored_tracker=None, stored_solver=None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # The demo runs on the CPU: no --device.
     add_options(parser, RunOptions, "run", defaults={"dataset_dir": os.path.join(REPO, "example_data")},
                 only=("dataset_dir", "threads"))
@@ -59,6 +60,7 @@ def main(argv=None) -> int:
     try:
         args, checkpoint = parse_with_checkpoint(build_parser, argv, default_checkpoint_for)
         setup_run(from_args(args, RunOptions))
+        check_flag("--out", args.out, str, path="out_dir")
         if pick_front_end(args, checkpoint):
             print(f"flow: {'the network of ' + checkpoint if checkpoint else 'DIS (no checkpoint shipped or given)'}")
         tracker = build_tracker(args, checkpoint)

@@ -17,14 +17,15 @@ import sys
 
 from dataset.deepdeform import DatasetError, DeepDeformDataset
 from dataset.io import FormatError
-from options import ResidualOptions, RunOptions, SolverOptions, TrackerOptions, add_options, from_args
+from options import (ArgumentParser, ResidualOptions, RunOptions, SolverOptions, TrackerOptions, add_options,
+                     check_flag, from_args)
 from utils.checkpoints import (CheckpointError, MissingCheckpointError, build_tracker, default_checkpoint,
                                default_checkpoint_for, parse_with_checkpoint, pick_front_end, setup_run)
 from utils.generation import generate
 
 
 def build_parser(first=None, defaults_tracker=None, defaults_solver=None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_options(parser, RunOptions, "run", required=("dataset_dir",))
     parser.add_argument("--split", required=True, help="split to run on (train, val, test, ...)")
     parser.add_argument("--out", required=True, help="folder for the predictions")
@@ -52,6 +53,10 @@ def main(argv=None) -> int:
         if pick_front_end(args, checkpoint) and not checkpoint:
             print("no checkpoint given or shipped: using --flow dis")
         device = setup_run(from_args(args, RunOptions))
+        check_flag("--out", args.out, str, path="out_dir")
+        check_flag("--num-shards", args.num_shards, int, ge=1)
+        check_flag("--shard", args.shard, int, ge=0, lt=args.num_shards)
+        check_flag("--limit", args.limit, int, ge=1)
         try:
             tracker = build_tracker(args, checkpoint)
         except MissingCheckpointError as error:
@@ -80,6 +85,10 @@ def main(argv=None) -> int:
               f"per pair (at most {max(seconds):.2f} s)")
     for name, reason in summary.failed_solves.items():
         print(f"  failed: {name}: {reason}")
+    if summary.bad_pairs:
+        print(f"error: {len(summary.bad_pairs)} pair(s) could not be read (the others were written): "
+              + "; ".join(summary.bad_pairs.values()), file=sys.stderr)
+        return 1
     return 0
 
 

@@ -7,15 +7,33 @@ a flag; checkpoints store these dataclasses as dicts so a model is rebuilt from 
 """
 import argparse
 import dataclasses
+import math
+import os
+import re
+import sys
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Sequence, Type, TypeVar, get_args, get_origin, get_type_hints
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, TypeVar, get_args, get_origin, get_type_hints
 
 T = TypeVar("T")
 
 
-def opt(default: Any, help: str, choices: Optional[tuple] = None) -> Any:  # noqa: A002
-    """A dataclass field with help text (and optional choices) for its command-line flag."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+def opt(default: Any, help: str, choices: Optional[tuple] = None, *,  # noqa: A002
+        ge: Optional[float] = None, gt: Optional[float] = None, le: Optional[float] = None,
+        lt: Optional[float] = None, pattern: Optional[str] = None, expect: Optional[str] = None,
+        path: Optional[str] = None) -> Any:
+    """A dataclass field with help text and what values it accepts, checked by `check_options`
+    wherever options are built (flags, stored dicts):
+
+    choices          the allowed values
+    ge, gt, le, lt   bounds of a number (every float must also be finite)
+    pattern, expect  a regular expression a string must match in full, and how to say it
+    path             (flags only) "file" or "dir": must exist; "out_dir": a folder that is, or
+                     can be made, writable (not a file); "out_file": a file that can be written
+    None is accepted only as the default of an Optional field.
+    """
+    return field(default=default, metadata={"help": help, "choices": choices, "ge": ge, "gt": gt,
+                                            "le": le, "lt": lt, "pattern": pattern,
+                                            "expect": expect, "path": path})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -25,17 +43,20 @@ def opt(default: Any, help: str, choices: Optional[tuple] = None) -> Any:  # noq
 @dataclass
 class GraphOptions:
     node_coverage: float = opt(0.05, "node coverage in metres: every kept vertex lies within this "
-                                     "distance of a node; also the sigma of edge and skinning weights")
-    max_depth: float = opt(6.0, "depths beyond this many metres are treated as invalid")
-    max_triangle_edge: float = opt(0.05, "mesh from depth: longest triangle edge in metres")
-    erosion_iterations: int = opt(10, "mesh erosion passes before node sampling")
-    erosion_min_neighbors: int = opt(4, "erosion drops faces touching a vertex with fewer incident faces")
-    num_neighbors: int = opt(8, "graph edges per node")
-    num_anchors: int = opt(4, "anchor nodes per pixel")
+                                     "distance of a node; also the sigma of edge and skinning weights", gt=0)
+    max_depth: float = opt(6.0, "depths beyond this many metres are treated as invalid", gt=0)
+    depth_scale: float = opt(1000.0, "depth PNG units per metre (1000: millimetres, as DeepDeform; "
+                                     "5000 for TUM-style files)", gt=0)
+    max_triangle_edge: float = opt(0.05, "mesh from depth: longest triangle edge in metres", gt=0)
+    erosion_iterations: int = opt(10, "mesh erosion passes before node sampling", ge=0)
+    erosion_min_neighbors: int = opt(4, "erosion drops faces touching a vertex with fewer incident faces", ge=0)
+    num_neighbors: int = opt(8, "graph edges per node", ge=1)
+    num_anchors: int = opt(4, "anchor nodes per pixel (the pixel_anchors format and the solver "
+                              "hold exactly 4)", choices=(4,))
     max_influence: Optional[float] = opt(None, "geodesic search radius in metres for edges and "
-                                               "anchors (default: 2 x node coverage)")
-    min_edges: int = opt(2, "nodes with fewer edges are removed (repeatedly)")
-    min_cluster_size: int = opt(3, "connected components with fewer nodes are removed")
+                                               "anchors (default: 2 x node coverage)", gt=0)
+    min_edges: int = opt(2, "nodes with fewer edges are removed (repeatedly)", ge=0)
+    min_cluster_size: int = opt(3, "connected components with fewer nodes are removed", ge=1)
     mode: str = opt("geodesic", "distance for edges and anchors: along the mesh or straight-line",
                     choices=("geodesic", "euclidean"))
 
@@ -50,29 +71,29 @@ class GraphOptions:
 
 @dataclass
 class SolverOptions:
-    iterations: int = opt(3, "Gauss-Newton iterations (3 in training, as the reference)")
-    flow_weight: float = opt(0.001, "weight of the projective flow term (squared pixels)")
-    depth_weight: float = opt(1.0, "weight of the depth term (squared metres)")
-    arap_weight: float = opt(1.0, "weight of the as-rigid-as-possible term (squared metres)")
-    lm_damping: float = opt(0.1, "Levenberg-Marquardt damping added to the diagonal of J^T J")
-    max_matches: int = opt(0, "randomly keep at most this many matches per sample (0 = all)")
+    iterations: int = opt(3, "Gauss-Newton iterations (3 in training, as the reference)", ge=1)
+    flow_weight: float = opt(0.001, "weight of the projective flow term (squared pixels)", ge=0)
+    depth_weight: float = opt(1.0, "weight of the depth term (squared metres)", ge=0)
+    arap_weight: float = opt(1.0, "weight of the as-rigid-as-possible term (squared metres)", ge=0)
+    lm_damping: float = opt(0.1, "Levenberg-Marquardt damping added to the diagonal of J^T J", ge=0)
+    max_matches: int = opt(0, "randomly keep at most this many matches per sample (0 = all)", ge=0)
     edge_weighting: bool = opt(False, "weight ARAP edges by K x their graph edge weight "
                                       "(otherwise every edge has weight 1)")
     remove_clusters: bool = opt(True, "drop graph clusters (connected components) whose total "
                                       "match weight is below --min-cluster-weight")
     min_cluster_weight: float = opt(200.0, "least total match weight (correspondence weight x "
-                                           "skinning weight, summed) a cluster needs to be solved")
-    min_nodes: int = opt(4, "a sample with fewer solvable nodes is marked failed")
+                                           "skinning weight, summed) a cluster needs to be solved", ge=0)
+    min_nodes: int = opt(4, "a sample with fewer solvable nodes is marked failed", ge=1)
     max_nodes: int = opt(500, "a sample with more nodes is marked failed (the dense 6N x 6N "
-                              "system grows quadratically)")
-    max_depth: float = opt(6.0, "source points and target depths beyond this many metres are ignored")
+                              "system grows quadratically)", ge=1)
+    max_depth: float = opt(6.0, "source points and target depths beyond this many metres are ignored", gt=0)
     convergence_tolerance: float = opt(1e-6, "a sample has converged (and stops updating) when "
-                                             "its largest increment is below this (radians / metres)")
+                                             "its largest increment is below this (radians / metres)", ge=0)
     robust_loss: str = opt("cauchy", "robust reweighting of matches by their reprojection error "
                                      "from the second iteration on (iteratively reweighted least "
                                      "squares); none is the reference's plain least squares",
                            choices=("none", "huber", "cauchy"))
-    robust_scale: float = opt(3.0, "scale of the robust loss, in pixels of reprojection error")
+    robust_scale: float = opt(3.0, "scale of the robust loss, in pixels of reprojection error", gt=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,14 +102,14 @@ class SolverOptions:
 
 @dataclass
 class DataOptions:
-    crop_height: int = opt(0, "centre-crop frames to this height, intrinsics adjusted (0 = full)")
-    crop_width: int = opt(0, "centre-crop frames to this width, intrinsics adjusted (0 = full)")
+    crop_height: int = opt(0, "centre-crop frames to this height, intrinsics adjusted (0 = full)", ge=0)
+    crop_width: int = opt(0, "centre-crop frames to this width, intrinsics adjusted (0 = full)", ge=0)
     color_jitter: float = opt(0.0, "training augmentation: random gain/bias of each colour "
-                                   "frame, as a fraction (0 = off)")
+                                   "frame, as a fraction (0 = off)", ge=0, le=1)
     rotation_augmentation: float = opt(0.0, "training augmentation: roll the target camera by up "
-                                            "to this many degrees, ground truth kept consistent")
+                                            "to this many degrees, ground truth kept consistent", ge=0, le=180)
     boundary_distance: float = opt(0.1, "target pixels next to a 3D jump larger than this many "
-                                        "metres (or to missing depth) form the boundary mask")
+                                        "metres (or to missing depth) form the boundary mask", gt=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,7 +130,7 @@ class TrackerOptions:
                              choices=("crop", "pad"))
     network_width: int = opt(0, "resize frames to this width (aspect kept) before the network, "
                                 "0 = run it at the frames' own size; stored in checkpoints, so a "
-                                "network trained at 320 px runs at 320 px on any frame")
+                                "network trained at 320 px runs at 320 px on any frame", ge=0)
     cost_volume: str = opt("normalized", "flow network cost volume: the reference's mean of "
                                          "feature products (its weights need it), or the same of "
                                          "features normalised per pixel, which trains from scratch "
@@ -122,9 +143,9 @@ class TrackerOptions:
                            choices=("uniform", "photometric"))
     dis_consistency: float = opt(2.0, "DIS: drop matches whose forward flow and the backward flow "
                                       "at the match disagree by more than this many pixels "
-                                      "(0 = keep all)")
+                                      "(0 = keep all)", ge=0)
     max_depth_jump: float = opt(0.05, "reject a match whose 4 target pixels differ in depth by "
-                                      "more than this many metres (a depth edge)")
+                                      "more than this many metres (a depth edge)", gt=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,9 +155,10 @@ class TrackerOptions:
 
 @dataclass
 class RunOptions:
-    dataset_dir: str = opt("data/synthetic", "dataset root holding <split>_graphs.json")
-    device: str = opt("auto", "cpu, cuda, or auto (cuda when available)")
-    threads: int = opt(0, "CPU threads for torch (0 = torch's default)")
+    dataset_dir: str = opt("data/synthetic", "dataset root holding <split>_graphs.json", path="dir")
+    device: str = opt("auto", "cpu, cuda, or auto (cuda when available)",
+                      pattern=r"auto|cpu|cuda(:\d+)?", expect="auto, cpu, cuda or cuda:N")
+    threads: int = opt(0, "CPU threads for torch (0 = torch's default)", ge=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,18 +172,18 @@ class TrainOptions(RunOptions):
     train_split: str = opt("train", "split to train on (needs ground truth)")
     val_split: str = opt("val", "split to validate on (needs ground truth); empty = no validation")
     experiment: str = opt("default", "experiment name: outputs go to WORKSPACE/EXPERIMENT/")
-    workspace: str = opt("experiments", "folder of all experiments")
-    init: Optional[str] = opt(None, "start from this checkpoint's weights (ours or the reference's)")
+    workspace: str = opt("experiments", "folder of all experiments", path="out_dir")
+    init: Optional[str] = opt(None, "start from this checkpoint's weights (ours or the reference's)", path="file")
     resume: bool = opt(False, "continue WORKSPACE/EXPERIMENT/checkpoints/last.pt (model, optimiser, "
                               "scheduler, RNG state, iteration)")
-    max_iterations: int = opt(30000, "stop after this many optimiser steps")
-    batch_size: int = opt(4, "pairs per optimiser step (per process under torchrun)")
+    max_iterations: int = opt(30000, "stop after this many optimiser steps", ge=1)
+    batch_size: int = opt(4, "pairs per optimiser step (per process under torchrun)", ge=1)
     optimizer: str = opt("sgd", "optimiser", choices=("sgd", "adam"))
-    learning_rate: float = opt(1e-5, "initial learning rate")
-    momentum: float = opt(0.9, "SGD momentum (Adam: beta1)")
-    weight_decay: float = opt(0.0, "weight decay")
-    lr_step: int = opt(10000, "multiply the learning rate by --lr-gamma every this many steps")
-    lr_gamma: float = opt(0.1, "learning-rate decay factor of each step")
+    learning_rate: float = opt(1e-5, "initial learning rate", gt=0)
+    momentum: float = opt(0.9, "SGD momentum (Adam: beta1)", ge=0, lt=1)
+    weight_decay: float = opt(0.0, "weight decay", ge=0)
+    lr_step: int = opt(10000, "multiply the learning rate by --lr-gamma every this many steps", ge=1)
+    lr_gamma: float = opt(0.1, "learning-rate decay factor of each step", gt=0)
     use_flow_loss: bool = opt(True, "robust L1 flow loss on every pyramid level")
     use_graph_loss: bool = opt(False, "L2 loss on node translations (needs the solver)")
     use_warp_loss: bool = opt(False, "L2 loss on warped points (needs the solver)")
@@ -169,22 +191,24 @@ class TrainOptions(RunOptions):
     flow_loss_type: str = opt("robust", "flow loss: the reference's robust L1 (fine-tuning), or "
                                         "PWC-Net's multiscale end-point error (training from scratch)",
                               choices=("robust", "epe"))
-    flow_loss_weight: float = opt(5.0, "weight of the flow loss")
-    graph_loss_weight: float = opt(2.0, "weight of the graph loss")
-    warp_loss_weight: float = opt(2.0, "weight of the warp loss")
-    mask_loss_weight: float = opt(1000.0, "weight of the mask loss")
+    flow_loss_weight: float = opt(5.0, "weight of the flow loss", ge=0)
+    graph_loss_weight: float = opt(2.0, "weight of the graph loss", ge=0)
+    warp_loss_weight: float = opt(2.0, "weight of the warp loss", ge=0)
+    mask_loss_weight: float = opt(1000.0, "weight of the mask loss", ge=0)
     run_solver: bool = opt(False, "run the Gauss-Newton solver in training steps")
     freeze_flow: bool = opt(False, "keep the flow network fixed")
     freeze_mask: bool = opt(True, "keep the weighting head fixed")
     train_max_matches: int = opt(10000, "matches per sample the solver keeps in training steps "
-                                        "(random subset, as the reference)")
-    grad_clip: float = opt(0.0, "clip the gradient norm to this (0 = off)")
-    val_every: int = opt(2000, "validate every this many steps (and at the end)")
-    val_pairs: int = opt(100, "validate on at most this many pairs of the split (0 = all)")
-    log_every: int = opt(20, "write losses to TensorBoard every this many steps")
-    checkpoint_every: int = opt(500, "write checkpoints/last.pt every this many steps")
-    num_workers: int = opt(1, "data-loading worker processes")
-    seed: int = opt(0, "random seed (data order, augmentation, match subsampling)")
+                                        "(random subset, as the reference)", ge=0)
+    grad_clip: float = opt(0.0, "clip the gradient norm to this (0 = off)", ge=0)
+    max_bad_steps: int = opt(10, "a step whose loss or gradient is not finite is skipped with a "
+                                 "warning; this many in a row stop the run", ge=1)
+    val_every: int = opt(2000, "validate every this many steps (and at the end)", ge=1)
+    val_pairs: int = opt(100, "validate on at most this many pairs of the split (0 = all)", ge=0)
+    log_every: int = opt(20, "write losses to TensorBoard every this many steps", ge=1)
+    checkpoint_every: int = opt(500, "write checkpoints/last.pt every this many steps", ge=1)
+    num_workers: int = opt(1, "data-loading worker processes", ge=0)
+    seed: int = opt(0, "random seed (data order, augmentation, match subsampling)", ge=0)
 
 
 # Each stage is a named preset of TrainOptions / TrackerOptions / SolverOptions fields
@@ -246,21 +270,172 @@ def add_options(parser: argparse.ArgumentParser, group: Type, title: Optional[st
     return section
 
 
+class OptionError(ValueError):
+    """An option value outside what its field accepts; the message names the flag (or the stored
+    option and its file), the value and what is allowed, on one line."""
+
+
+# Pairs of fields of one group where the first may not exceed the second.
+ORDERED_FIELDS: Dict[str, List[Tuple[str, str]]] = {
+    "SolverOptions": [("min_nodes", "max_nodes")],
+    "SyntheticOptions": [("large_flow_min", "large_flow_max"), ("min_distance", "max_distance")],
+    "ResidualOptions": [("base_resolution", "max_resolution")],
+}
+
+
+def _allowed(meta: Dict[str, Any], kind: type) -> str:
+    if meta.get("choices"):
+        return "one of " + ", ".join(str(c) for c in meta["choices"])
+    if meta.get("expect"):
+        return meta["expect"]
+    bounds = [f"{sign} {meta[key]:g}" for key, sign in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+              if meta.get(key) is not None]
+    noun = {int: "an integer", float: "a finite number", bool: "true or false"}.get(kind, "a string")
+    return noun + (" " + " and ".join(bounds) if bounds else "")
+
+
+def _value_problem(value: Any, kind: type, meta: Dict[str, Any]) -> Optional[str]:
+    """What is wrong with `value` for a field of type `kind` (None when it is fine)."""
+    if kind is bool:
+        return None if isinstance(value, bool) else "not true or false"
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        return "not an integer"
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return "not a number"
+        if not math.isfinite(value):
+            return "not finite"
+    if kind is str and not isinstance(value, str):
+        return "not a string"
+    if meta.get("choices") and value not in meta["choices"]:
+        return "not allowed"
+    if meta.get("pattern") and not re.fullmatch(meta["pattern"], value):
+        return "not allowed"
+    for key, test in (("gt", lambda v, b: v > b), ("ge", lambda v, b: v >= b),
+                      ("lt", lambda v, b: v < b), ("le", lambda v, b: v <= b)):
+        if meta.get(key) is not None and not test(value, meta[key]):
+            return "out of range"
+    return None
+
+
+def _field_type(group: Type, name: str) -> Tuple[type, bool]:
+    """(the field's type, whether it is Optional)."""
+    kind = get_type_hints(group)[name]
+    if get_origin(kind) is not None and type(None) in get_args(kind):
+        return next(a for a in get_args(kind) if a is not type(None)), True
+    return kind, False
+
+
+def _path_problem(path: str, kind: str) -> Optional[str]:
+    if kind == "file":
+        return None if os.path.isfile(path) else ("a folder, not a file" if os.path.isdir(path)
+                                                  else "no such file")
+    if kind == "dir":
+        return None if os.path.isdir(path) else ("a file, not a folder" if os.path.exists(path)
+                                                 else "no such folder")
+    if kind == "out_file":
+        if os.path.isdir(path):
+            return "is a folder, not a file"
+        if os.path.exists(path) and not os.access(path, os.W_OK):
+            return "cannot be written"
+        problem = output_dir_problem(os.path.dirname(os.path.abspath(path)))
+        return f"its folder {problem}" if problem else None
+    return output_dir_problem(path)
+
+
+def output_dir_problem(path: str) -> Optional[str]:
+    """Why `path` cannot be (made) a writable output folder, or None. Creates nothing: the
+    nearest existing folder on the way must be writable."""
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            return "is a file, not a folder"
+        return None if os.access(path, os.W_OK | os.X_OK) else "is a folder that cannot be written"
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"cannot be made: {parent} is a file"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot be made: {parent} cannot be written"
+    return None
+
+
+def check_options(options: Any, prefix: str = "", source: Optional[str] = None,
+                  paths: bool = False) -> Any:
+    """Checks every field of a group against its metadata (see `opt`) and the ordered pairs of
+    ORDERED_FIELDS; raises OptionError on the first bad one. `source` names where stored values
+    came from (a checkpoint), else the message names the flag. `paths` also checks path fields."""
+    group = type(options)
+
+    def name_of(f_name: str) -> str:
+        return f"{source}: stored option {f_name}" if source else _flag(prefix + f_name)
+
+    for f in dataclasses.fields(group):
+        value = getattr(options, f.name)
+        kind, optional = _field_type(group, f.name)
+        if value is None:
+            if optional:
+                continue
+            raise OptionError(f"{name_of(f.name)}: a value is required")
+        if f.metadata.get("path"):
+            if paths:
+                problem = _path_problem(str(value), f.metadata["path"])
+                if problem:
+                    raise OptionError(f"{name_of(f.name)} {value}: {problem}")
+            continue
+        problem = _value_problem(value, kind, f.metadata)
+        if problem:
+            raise OptionError(f"{name_of(f.name)} {value}: {problem}; expected "
+                              f"{_allowed(f.metadata, kind)}")
+    for low, high in ORDERED_FIELDS.get(group.__name__, []):
+        if getattr(options, low) > getattr(options, high):
+            raise OptionError(f"{name_of(low)} {getattr(options, low)} is greater than "
+                              f"{name_of(high)} {getattr(options, high)}")
+    return options
+
+
 def from_args(args: argparse.Namespace, group: Type[T], prefix: str = "") -> T:
-    """Builds the dataclass `group` from parsed flags added by `add_options` (same prefix);
-    fields left out of the parser (`only`) keep their defaults."""
-    return group(**{f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(group)
-                    if hasattr(args, prefix + f.name)})
+    """Builds the dataclass `group` from parsed flags added by `add_options` (same prefix) and
+    checks it (OptionError naming the flag); fields left out of the parser (`only`) keep their
+    defaults."""
+    options = group(**{f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(group)
+                       if hasattr(args, prefix + f.name)})
+    return check_options(options, prefix, paths=True)
 
 
 def to_dict(options: Any) -> Dict[str, Any]:
     return dataclasses.asdict(options)
 
 
-def from_dict(group: Type[T], values: Dict[str, Any]) -> T:
-    """Rebuilds `group` from a stored dict, ignoring keys that no longer exist."""
+def from_dict(group: Type[T], values: Dict[str, Any], source: str = "stored options") -> T:
+    """Rebuilds `group` from a stored dict (ignoring keys that no longer exist) and checks it;
+    `source` (e.g. the checkpoint's path) is named in an OptionError."""
     names = {f.name for f in dataclasses.fields(group)}
-    return group(**{k: v for k, v in values.items() if k in names})
+    return check_options(group(**{k: v for k, v in values.items() if k in names}), source=source)
+
+
+def check_flag(flag: str, value: Any, kind: type, **meta: Any) -> Any:
+    """Checks a script's own flag (one not in a group) with the same rules as `opt`'s fields;
+    None passes (an unset optional flag)."""
+    if value is None:
+        return value
+    if meta.get("path"):
+        problem = _path_problem(str(value), meta["path"])
+        if problem:
+            raise OptionError(f"{flag} {value}: {problem}")
+        return value
+    problem = _value_problem(value, kind, meta)
+    if problem:
+        raise OptionError(f"{flag} {value}: {problem}; expected {_allowed(meta, kind)}")
+    return value
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block): `PROG: error: MESSAGE (see --help)`."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,43 +444,43 @@ def from_dict(group: Type[T], values: Dict[str, Any]) -> T:
 
 @dataclass
 class SyntheticOptions:
-    out: str = opt("data/synthetic", "dataset root: writes OUT/<split>_graphs.json and OUT/<split>/seqNNNN/")
+    out: str = opt("data/synthetic", "dataset root: writes OUT/<split>_graphs.json and OUT/<split>/seqNNNN/", path="out_dir")
     split: str = opt("train", "split name (train, val, test, ...); also mixed into each pair's seed")
-    pairs: int = opt(100, "number of source/target pairs (finished pairs of an earlier run are kept)")
-    seed: int = opt(0, "random seed; pair i is drawn from a generator seeded by (seed, split, i)")
-    workers: int = opt(1, "worker processes (results do not depend on it)")
-    width: int = opt(640, "image width in pixels (real frames are resized to it)")
-    height: int = opt(480, "image height in pixels (real frames are resized to it)")
+    pairs: int = opt(100, "number of source/target pairs (finished pairs of an earlier run are kept)", ge=1)
+    seed: int = opt(0, "random seed; pair i is drawn from a generator seeded by (seed, split, i)", ge=0)
+    workers: int = opt(1, "worker processes (results do not depend on it)", ge=1)
+    width: int = opt(640, "image width in pixels (real frames are resized to it)", ge=64)
+    height: int = opt(480, "image height in pixels (real frames are resized to it)", ge=48)
     focal: float = opt(0.9, "procedural scenes: focal length in units of the image width "
-                            "(DeepDeform: 575.5 / 640)")
+                            "(DeepDeform: 575.5 / 640)", gt=0)
     shapes: str = opt("cloth,bump,cylinder,blob", "procedural surface families to draw from, "
                                                   "comma-separated")
     motions: str = opt("bend,twist,rbf,bulge,large", "motion families, comma-separated; pair i "
                                                      "gets the (i mod count)-th")
     motion_scale: float = opt(1.0, "multiplies every motion magnitude (angles, shifts, bulges); "
-                                   "not the large family's target image motion")
+                                   "not the large family's target image motion", ge=0)
     large_flow_min: float = opt(30.0, "large motion: least mean optical flow in pixels at 640 px "
-                                      "width (scaled with the width)")
+                                      "width (scaled with the width)", gt=0)
     large_flow_max: float = opt(60.0, "large motion: greatest mean optical flow in pixels at 640 px "
-                                      "width (scaled with the width)")
-    min_distance: float = opt(0.8, "procedural object: nearest distance of its centre, metres")
-    max_distance: float = opt(2.5, "procedural object: farthest distance of its centre, metres")
+                                      "width (scaled with the width)", gt=0)
+    min_distance: float = opt(0.8, "procedural object: nearest distance of its centre, metres", gt=0)
+    max_distance: float = opt(2.5, "procedural object: farthest distance of its centre, metres", gt=0)
     depth_noise: float = opt(1.0, "scale of the depth noise sigma(z) = 1.2 mm + 1.9 mm/m^2 "
-                                  "(z - 0.4 m)^2 (0 = noise-free)")
+                                  "(z - 0.4 m)^2 (0 = noise-free)", ge=0)
     holes: float = opt(1.0, "scale of the number of missing-depth blobs and of the dropout at "
-                            "depth discontinuities (0 = none)")
+                            "depth discontinuities (0 = none)", ge=0)
     grazing_angle: float = opt(80.0, "depth is missing where the view ray meets the surface more "
-                                     "than this many degrees away from its normal")
+                                     "than this many degrees away from its normal", gt=0, le=90)
     illumination: float = opt(1.0, "strength of the brightness and colour change between source "
-                                   "and target (0 = none)")
-    jpeg_quality: int = opt(90, "JPEG quality of the colour images")
+                                   "and target (0 = none)", ge=0)
+    jpeg_quality: int = opt(90, "JPEG quality of the colour images", ge=1, le=100)
     real_frames: Optional[str] = opt(None, "deform the objects of real RGB-D frames instead of "
                                            "procedural surfaces: a folder with color/NAME.jpg|png, "
                                            "depth/NAME.png (uint16 mm), intrinsics.txt and optional "
-                                           "mask/NAME_OBJECT.png")
+                                           "mask/NAME_OBJECT.png", path="dir")
     real_depth_threshold: Optional[float] = opt(None, "real frames without a mask: the object is "
                                                       "the largest region nearer than this many "
-                                                      "metres (default: automatic, Otsu)")
+                                                      "metres (default: automatic, Otsu)", gt=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,61 +491,61 @@ class SyntheticOptions:
 class ResidualOptions:
     """Flags --residual-* (scripts add them with prefix="residual_")."""
 
-    levels: int = opt(8, "hash encoding: resolution levels L")
+    levels: int = opt(8, "hash encoding: resolution levels L", ge=1)
     features: int = opt(2, "hash encoding: features per level F", choices=(1, 2, 4, 8))
     log2_table_size: int = opt(15, "hash encoding: 2^T table rows per level (a pair has "
                                "about 50k points, so a small table rarely collides "
-                               "and keeps each Adam step cheap)")
+                               "and keeps each Adam step cheap)", ge=4, le=24)
     base_resolution: int = opt(4, "hash encoding: cells per axis of the coarsest level "
-                               "over the object's bounding cube")
+                               "over the object's bounding cube", ge=1)
     max_resolution: int = opt(128, "hash encoding: cells per axis of the finest level "
-                              "(128 over a 60 cm object: 5 mm cells)")
+                              "(128 over a 60 cm object: 5 mm cells)", ge=1)
     margin: float = opt(0.1, "margin in metres added on every side of the source "
-                        "object's bounding box before normalising it to [0, 1]")
-    hidden: int = opt(64, "width of the MLP's hidden layers")
-    layers: int = opt(2, "number of hidden layers of the MLP")
+                        "object's bounding box before normalising it to [0, 1]", ge=0)
+    hidden: int = opt(64, "width of the MLP's hidden layers", ge=1)
+    layers: int = opt(2, "number of hidden layers of the MLP", ge=1)
     max: float = opt(0.03, "largest residual displacement in metres, per axis "
-                     "(max * tanh of the MLP output)")
-    iterations: int = opt(150, "Adam steps of the fit per pair (a fixed budget)")
+                     "(max * tanh of the MLP output)", gt=0)
+    iterations: int = opt(150, "Adam steps of the fit per pair (a fixed budget)", ge=1)
     time_budget: float = opt(5.0, "stop the fit of a pair after this many seconds even "
-                             "if iterations remain (0 = no limit)")
-    learning_rate: float = opt(1e-2, "Adam learning rate of the table and the MLP")
+                             "if iterations remain (0 = no limit)", ge=0)
+    learning_rate: float = opt(1e-2, "Adam learning rate of the table and the MLP", gt=0)
     points: int = opt(2048, "source points drawn per step (with their right and lower "
-                      "neighbours for the smoothness term)")
+                      "neighbours for the smoothness term)", ge=1)
     plane_weight: float = opt(3.0, "weight of the point-to-plane distance to the target "
-                              "surface at the warped point's projection")
+                              "surface at the warped point's projection", ge=0)
     plane_scale: float = opt(0.005, "scale in metres of the robust (Geman-McClure) "
-                             "point-to-plane term")
+                             "point-to-plane term", gt=0)
     target_smoothing: float = opt(1.0, "sigma in pixels of the edge-aware Gaussian "
                                   "smoothing of the target surface before the "
-                                  "point-to-plane term (depth noise; 0 = raw)")
+                                  "point-to-plane term (depth noise; 0 = raw)", ge=0)
     occlusion: float = opt(0.03, "the point-to-plane and colour terms ignore a point "
                            "whose depth differs from the target depth at its "
                            "projection by more than this many metres (occluded "
-                           "or an outlier)")
+                           "or an outlier)", gt=0)
     color_weight: float = opt(1.0, "weight of the colour term (source colour against "
-                              "the target colour at the projection)")
+                              "the target colour at the projection)", ge=0)
     color_scale: float = opt(0.1, "scale of the robust (Geman-McClure) colour term, in "
-                             "units of the [0, 1] colour range")
+                             "units of the [0, 1] colour range", gt=0)
     match_weight: float = opt(1.0, "weight of the correspondence term (distance to the "
-                              "matches' target points, times the match weights)")
+                              "matches' target points, times the match weights)", ge=0)
     match_scale: float = opt(0.01, "scale in metres of the robust (Geman-McClure) "
-                             "correspondence term")
-    magnitude_weight: float = opt(0.01, "weight of the squared residual (keeps it small)")
+                             "correspondence term", gt=0)
+    magnitude_weight: float = opt(0.01, "weight of the squared residual (keeps it small)", ge=0)
     smoothness_weight: float = opt(50.0, "weight of the squared difference between "
                                    "neighbouring source pixels of the refined warp's "
                                    "detail (its part not in the low-passed graph "
-                                   "warp)")
+                                   "warp)", ge=0)
     flow_blur: float = opt(8.0, "sigma in pixels (of a 640-pixel-wide frame; scaled with "
                            "the width) of the low-pass of the graph warp's scene "
                            "flow that the smoothness term keeps (0 = smooth the "
-                           "residual itself)")
+                           "residual itself)", ge=0)
     neighbor_distance: float = opt(0.02, "neighbouring pixels farther apart than this "
                                    "many metres (a depth edge) are not smoothed "
-                                   "together")
+                                   "together", gt=0)
     threads: int = opt(1, "CPU threads torch uses during the fit (then restored; 0 = "
                        "leave torch's setting): a step's tensors have a few thousand "
                        "rows, so thread hand-offs cost more than they save, and on a "
                        "busy machine far more (40 steps: 1.6 s with 1 thread, 16 s "
-                       "with 2 on a 2-core machine with one core taken)")
-    seed: int = opt(0, "seed of the table initialisation and the point sampling")
+                       "with 2 on a 2-core machine with one core taken)", ge=0)
+    seed: int = opt(0, "seed of the table initialisation and the point sampling", ge=0)

@@ -12,15 +12,15 @@ W/NAME/tensorboard. Several processes: `torchrun --nproc_per_node=2 train.py ...
 import argparse
 import sys
 
-from options import (STAGES, TRAIN_SOLVER_DEFAULTS, DataOptions, SolverOptions, TrackerOptions,
-                     TrainOptions, add_options, from_args)
+from options import (STAGES, TRAIN_SOLVER_DEFAULTS, ArgumentParser, DataOptions, SolverOptions,
+                     TrackerOptions, TrainOptions, add_options, from_args)
 from utils.checkpoints import CheckpointError, parse_with_checkpoint
 from utils.trainer import Interrupted, Trainer
 
 
 def build_parser(first=None, stored_tracker=None, stored_solver=None) -> argparse.ArgumentParser:
     """The flags of train.py; the stage named in a first pass (`first`) sets the presets."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     stage = first.stage if first is not None else "0_flow"
     preset = STAGES[stage]
     add_options(parser, TrainOptions, "training", defaults={"stage": stage, **preset.get("train", {})})
@@ -29,6 +29,16 @@ def build_parser(first=None, stored_tracker=None, stored_solver=None) -> argpars
     add_options(parser, SolverOptions, "solver", defaults={**(stored_solver or {}), **TRAIN_SOLVER_DEFAULTS})
     add_options(parser, DataOptions, "data")
     return parser
+
+
+def one_line(error: Exception) -> str:
+    """The message of an error; for one re-raised from a data-loading worker (which carries the
+    worker's traceback), the original error's own line."""
+    text = str(error)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return text
 
 
 def main(argv=None) -> int:
@@ -43,8 +53,8 @@ def main(argv=None) -> int:
         except Interrupted as stop:
             print(f"interrupted: {stop}", file=sys.stderr)
             return 130  # what a shell reports for Ctrl-C, so run_train.sh stops here too
-    except (CheckpointError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (CheckpointError, ValueError) as error:   # OptionError, DatasetError, TrainingError
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 1
     return 0
 

@@ -23,12 +23,17 @@ import torch
 from torch.utils.data import Dataset
 
 from dataset import io
-from dataset.graph import build_graph
+from dataset.graph import GraphError, build_graph, check_graph
 from model import image_proc
 from options import DataOptions, GraphOptions
 
 GROUND_TRUTH_KEYS = ("optical_flow", "scene_flow", "node_deformations")
 NODE_KEYS = ("nodes", "edges", "edges_weights", "clusters", "node_deformations")
+
+
+# DeepDeform-format depth is always uint16 millimetres: what to do when a file's is not.
+DEPTH_UNITS_HINT = ("the DeepDeform format stores uint16 millimetres: convert the file (graphs of "
+                    "frames in other units: create_graph_data.py --depth-scale)")
 
 
 class DatasetError(ValueError):
@@ -57,7 +62,7 @@ class DeepDeformDataset(Dataset):
         self.options = options
         self.augment = augment
         self.seed = seed
-        path = io.labels_path(root, split)
+        path = self.labels_file = io.labels_path(root, split)
         try:
             self.labels = io.read_labels(path)
         except io.FormatError as error:
@@ -91,7 +96,10 @@ class DeepDeformDataset(Dataset):
     def __getitem__(self, index: int) -> Dict:
         label = self.labels[index]
         name = io.pair_name(label)
-        intr = {k: float(label["intrinsics"][k]) for k in ("fx", "fy", "cx", "cy")}
+        try:
+            intr = io.label_intrinsics(label, self.labels_file)
+        except io.FormatError as error:
+            raise DatasetError(str(error)) from error
         source_color = self._read(index, "source_color", io.read_color)
         target_color = self._read(index, "target_color", io.read_color)
         source_depth = self._read(index, "source_depth", io.read_depth)
@@ -116,13 +124,11 @@ class DeepDeformDataset(Dataset):
             "pixel_anchors": anchors.astype(np.int64), "pixel_weights": weights,
         }
         num_nodes = item["nodes"].shape[0]
-        for key in ("edges", "edges_weights", "clusters"):
-            if item[key].shape[0] != num_nodes:
-                raise DatasetError(f"pair {name} ({key}): {item[key].shape[0]} rows, but the graph "
-                                   f"has {num_nodes} nodes ({self.path(index, 'graph_' + key)})")
-        if anchors.max(initial=-1) >= num_nodes:
-            raise DatasetError(f"pair {name}: pixel anchors refer to node {anchors.max()}, but the "
-                               f"graph has {num_nodes} nodes ({self.path(index, 'pixel_anchors')})")
+        for key, path_key in (("source_depth", "source_depth"), ("target_depth", "target_depth")):
+            try:
+                io.check_depth(item[key], self.path(index, path_key), hint=DEPTH_UNITS_HINT)
+            except io.FormatError as error:
+                raise DatasetError(f"pair {name} ({key}): {error}") from error
         if has_ground_truth(label):
             item["optical_flow"] = _nan_invalid(self._read(index, "optical_flow", io.read_optical_flow))
             item["scene_flow"] = _nan_invalid(self._read(index, "scene_flow", io.read_scene_flow))
@@ -136,6 +142,12 @@ class DeepDeformDataset(Dataset):
                 if item[key].shape[1:] != shape:
                     raise DatasetError(f"pair {name} ({key}): size {item[key].shape[1:]} differs "
                                        f"from the frames' {shape} ({self.path(index, key)})")
+        try:
+            check_graph(item["nodes"], item["edges"], item["edges_weights"], item["clusters"],
+                        item["pixel_anchors"], item["pixel_weights"], item.get("node_deformations"),
+                        {kind: self.path(index, kind) for kind in io.GRAPH_KINDS if kind in label})
+        except GraphError as error:
+            raise DatasetError(f"pair {name}: {error}") from error
 
         intr = self._crop(item, intr)
         if self.augment:
@@ -187,16 +199,30 @@ def read_pair_files(source_color: str, source_depth: str, target_color: str, tar
     default: all valid depth). No ground truth. Raises ValueError naming the file whose size
     differs, GraphError, or io.FormatError."""
     intr = io.read_intrinsics(intrinsics)
-    depth = io.read_depth(source_depth)
+    depth = io.read_depth(source_depth, graph_options.depth_scale)
     item = {"name": name, "source_color": io.read_color(source_color),
             "target_color": io.read_color(target_color), "source_depth": depth,
-            "target_depth": io.read_depth(target_depth)}
-    for key, path in (("source_color", source_color), ("target_color", target_color),
-                      ("target_depth", target_depth)):
-        if item[key].shape[:2] != depth.shape:
-            raise ValueError(f"{path}: {item[key].shape[1]}x{item[key].shape[0]} differs from the "
+            "target_depth": io.read_depth(target_depth, graph_options.depth_scale)}
+    object_mask = io.read_mask(mask) if mask else None
+    for key, path, array in (("source_color", source_color, item["source_color"]),
+                             ("target_color", target_color, item["target_color"]),
+                             ("target_depth", target_depth, item["target_depth"]),
+                             ("mask", mask, object_mask)):
+        if array is not None and array.shape[:2] != depth.shape:
+            raise ValueError(f"{path}: {array.shape[1]}x{array.shape[0]} differs from the "
                              f"source depth {source_depth} ({depth.shape[1]}x{depth.shape[0]})")
-    graph = build_graph(depth, intr, mask=io.read_mask(mask) if mask else None, options=graph_options)
+    if object_mask is not None and not (object_mask & (depth > 0)).any():
+        raise GraphError(f"{mask}: no valid depth of {source_depth} inside the mask "
+                         f"({int(object_mask.sum())} pixels)")
+    for path, frame_depth, frame_mask in ((source_depth, depth, object_mask),
+                                          (target_depth, item["target_depth"], None)):
+        io.check_depth(frame_depth, path, graph_options.max_depth, mask=frame_mask,
+                       scale=graph_options.depth_scale, hint="--graph-depth-scale")
+    try:
+        graph = build_graph(depth, intr, mask=object_mask, options=graph_options)
+    except GraphError as error:
+        where = source_depth if mask is None else f"{source_depth} within the mask {mask}"
+        raise GraphError(f"{where}: {error}") from error
     item.update(nodes=graph.nodes, edges=graph.edges.astype(np.int64), edges_weights=graph.edges_weights,
                 clusters=graph.clusters[:, 0].astype(np.int64),
                 pixel_anchors=graph.pixel_anchors.astype(np.int64), pixel_weights=graph.pixel_weights)

@@ -8,10 +8,13 @@ Steps: back-projection -> mesh from pixel connectivity -> erosion -> node sampli
 small clusters, with consistent re-indexing -> pixel anchors and skinning weights -> (with a
 scene flow) ground-truth node deformations.
 """
+import contextlib
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -21,6 +24,14 @@ from dataset import io
 from options import GraphOptions
 from model import image_proc
 from model.ext import C
+
+# Anchors per pixel of the pixel_anchors / pixel_weights formats, which the solver needs.
+NUM_ANCHORS = 4
+READERS = {"graph_nodes": io.read_graph_nodes, "graph_edges": io.read_graph_edges,
+           "graph_edges_weights": io.read_graph_edges_weights, "graph_clusters": io.read_graph_clusters,
+           "pixel_anchors": io.read_pixel_anchors, "pixel_weights": io.read_pixel_weights,
+           "graph_node_deformations": io.read_graph_node_deformations}
+
 
 class GraphError(ValueError):
     """The frame cannot carry a deformation graph (no valid depth, object too small, ...)."""
@@ -50,19 +61,102 @@ class DeformationGraph:
 
     def save_to(self, paths: Dict[str, str]) -> Dict[str, str]:
         """Writes every kind to paths[kind] (a DeepDeform label's graph paths); node deformations
-        only when known. Returns the paths written."""
-        paths = dict(paths)
-        io.write_graph_nodes(paths["graph_nodes"], self.nodes)
-        io.write_graph_edges(paths["graph_edges"], self.edges)
-        io.write_graph_edges_weights(paths["graph_edges_weights"], self.edges_weights)
-        io.write_graph_clusters(paths["graph_clusters"], self.clusters)
-        io.write_pixel_anchors(paths["pixel_anchors"], self.pixel_anchors)
-        io.write_pixel_weights(paths["pixel_weights"], self.pixel_weights)
+        only when known. All or nothing: the files are written into a temporary folder and moved
+        into place only when every one is written and every destination folder exists, so a
+        failure leaves no partial set behind. Returns the paths written."""
+        check_graph(self.nodes, self.edges, self.edges_weights, self.clusters, self.pixel_anchors,
+                    self.pixel_weights, self.node_deformations)
+        arrays = {"graph_nodes": (io.write_graph_nodes, self.nodes),
+                  "graph_edges": (io.write_graph_edges, self.edges),
+                  "graph_edges_weights": (io.write_graph_edges_weights, self.edges_weights),
+                  "graph_clusters": (io.write_graph_clusters, self.clusters),
+                  "pixel_anchors": (io.write_pixel_anchors, self.pixel_anchors),
+                  "pixel_weights": (io.write_pixel_weights, self.pixel_weights)}
         if self.node_deformations is not None:
-            io.write_graph_node_deformations(paths["graph_node_deformations"], self.node_deformations)
-        else:
-            paths.pop("graph_node_deformations", None)
+            arrays["graph_node_deformations"] = (io.write_graph_node_deformations, self.node_deformations)
+        paths = {kind: os.fspath(paths[kind]) for kind in arrays}
+        for path in paths.values():
+            folder = os.path.dirname(os.path.abspath(path))
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError as error:
+                raise GraphError(f"{path}: cannot make its folder ({error.strerror}: {error.filename})") from error
+            if os.path.isdir(path):
+                raise GraphError(f"{path}: is a folder, cannot write the graph file there")
+        staging_root = os.path.dirname(os.path.abspath(paths["graph_nodes"]))
+        staging = tempfile.mkdtemp(prefix=".graph.", suffix=".tmp", dir=staging_root)
+        moved = []
+        try:
+            for kind, (write, array) in arrays.items():
+                write(os.path.join(staging, kind), array)
+            for kind, path in paths.items():
+                os.replace(os.path.join(staging, kind), path)
+                moved.append(path)
+        except BaseException:
+            for path in moved:   # a half-moved set is worse than none
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+            raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         return paths
+
+
+def check_graph(nodes: np.ndarray, edges: np.ndarray, edges_weights: np.ndarray,
+                clusters: np.ndarray, pixel_anchors: np.ndarray, pixel_weights: np.ndarray,
+                node_deformations: Optional[np.ndarray] = None,
+                paths: Optional[Dict[str, str]] = None) -> None:
+    """Refuses a graph the solver cannot use, with GraphError naming the file (paths[kind]) and
+    what is wrong: at least one node, finite node positions and weights, edge and anchor indices
+    in [-1, N), 4 anchors per pixel, one row per node in every node file, matching anchor and
+    weight images. Shapes: nodes (N, 3); edges, edges_weights (N, K); clusters (N,) or (N, 1);
+    pixel_anchors, pixel_weights (H, W, 4); node_deformations (N, 3) (may hold non-finite rows:
+    nodes without ground truth)."""
+    paths = paths or {}
+
+    def fail(kind: str, message: str):
+        raise GraphError(f"{paths.get(kind, kind)}: {message}")
+
+    num_nodes = nodes.shape[0]
+    if num_nodes == 0:
+        fail("graph_nodes", "the graph has no nodes")
+    bad = ~np.isfinite(nodes).all(axis=1)
+    if bad.any():
+        fail("graph_nodes", f"{int(bad.sum())} of {num_nodes} node positions are not finite "
+                            f"(first: node {int(np.argmax(bad))})")
+    for kind, array in (("graph_edges", edges), ("graph_edges_weights", edges_weights),
+                        ("graph_clusters", clusters), ("graph_node_deformations", node_deformations)):
+        if array is not None and array.shape[0] != num_nodes:
+            fail(kind, f"{array.shape[0]} rows, but the graph has {num_nodes} nodes "
+                       f"({paths.get('graph_nodes', 'graph_nodes')})")
+    if edges.shape != edges_weights.shape:
+        fail("graph_edges_weights", f"shape {edges_weights.shape} differs from the edges' {edges.shape}")
+    for kind, ids in (("graph_edges", edges), ("pixel_anchors", pixel_anchors)):
+        out = (ids < -1) | (ids >= num_nodes)
+        if out.any():
+            fail(kind, f"{int(out.sum())} index(es) outside [-1, {num_nodes}) for a graph of "
+                       f"{num_nodes} nodes (first: {int(ids[out].flat[0])}; -1 = none)")
+    if not np.isfinite(edges_weights).all():
+        fail("graph_edges_weights", "edge weights are not all finite")
+    if (clusters < 0).any():
+        fail("graph_clusters", "negative cluster id(s)")
+    if pixel_anchors.ndim != 3 or pixel_anchors.shape[2] != NUM_ANCHORS:
+        fail("pixel_anchors", f"{pixel_anchors.shape[-1]} anchors per pixel; the format and the "
+                              f"solver hold exactly {NUM_ANCHORS}")
+    if pixel_weights.shape != pixel_anchors.shape:
+        fail("pixel_weights", f"shape {pixel_weights.shape} differs from the anchors' {pixel_anchors.shape}")
+    if not np.isfinite(pixel_weights).all():
+        fail("pixel_weights", "skinning weights are not all finite")
+
+
+def read_graph(paths: Dict[str, str]) -> Dict[str, np.ndarray]:
+    """Reads and checks (`check_graph`) the graph files paths[kind] for the kinds of io.GRAPH_KINDS
+    present in `paths`; returns kind -> array. Raises FormatError or GraphError naming the file."""
+    arrays = {kind: READERS[kind](path) for kind, path in paths.items() if kind in READERS}
+    check_graph(arrays["graph_nodes"], arrays["graph_edges"], arrays["graph_edges_weights"],
+                arrays["graph_clusters"], arrays["pixel_anchors"], arrays["pixel_weights"],
+                arrays.get("graph_node_deformations"), paths)
+    return arrays
 
 
 def gaussian_weights(distances: np.ndarray, valid: np.ndarray, coverage: float) -> np.ndarray:
@@ -206,8 +300,9 @@ def build_graph(depth: np.ndarray, intrinsics: Dict[str, float], mask: Optional[
 
 def graph_for_files(depth_path, intrinsics, mask_path=None, scene_flow_path=None,
                     options: GraphOptions = GraphOptions()) -> DeformationGraph:
-    """build_graph on files: the depth, optional mask and scene flow; errors name the file."""
-    depth = io.read_depth(depth_path)
+    """build_graph on files: the depth, optional mask and scene flow; errors name the file (and
+    the mask, when the object it cuts out is what fails)."""
+    depth = io.read_depth(depth_path, options.depth_scale)
     mask = io.read_mask(mask_path) if mask_path else None
     scene_flow = io.read_scene_flow(scene_flow_path) if scene_flow_path else None
     if mask is not None and mask.shape != depth.shape:
@@ -218,10 +313,18 @@ def graph_for_files(depth_path, intrinsics, mask_path=None, scene_flow_path=None
     if scene_flow is not None and scene_flow.shape[1:] != depth.shape:
         raise GraphError(f"{scene_flow_path}: scene flow is {scene_flow.shape[2]}x{scene_flow.shape[1]}, "
                          f"depth {depth_path} is {depth.shape[1]}x{depth.shape[0]}")
+    if mask is not None and not (mask & (depth > 0)).any():
+        raise GraphError(f"{mask_path}: no valid depth of {depth_path} inside the mask "
+                         f"({int(mask.sum())} pixels)")
+    # The object's depth tells the unit; a far background must not.
+    io.check_depth(depth, depth_path, options.max_depth, mask=mask, scale=options.depth_scale,
+                   hint="--depth-scale (or --max-depth)")
     try:
         return build_graph(depth, intrinsics, mask=mask, scene_flow=scene_flow, options=options)
     except GraphError as error:
-        raise GraphError(f"{depth_path}: {error}") from error
+        where = depth_path if mask is None else \
+            f"{depth_path} within the mask {mask_path} ({int(mask.sum())} pixels)"
+        raise GraphError(f"{where}: {error}") from error
 
 
 def source_mask_path(root: str, label: dict) -> Optional[str]:
@@ -233,21 +336,57 @@ def source_mask_path(root: str, label: dict) -> Optional[str]:
     return path if os.path.isfile(path) else None
 
 
-def run_split(root: str, split: str, options: GraphOptions, overwrite: bool) -> int:
-    """Makes the graph files of every pair of the split that lacks them; returns how many."""
-    labels = io.read_labels(io.labels_path(root, split))
-    built = 0
+def graph_output_problem(out_dir: str) -> Optional[str]:
+    """Why DIR/<kind>/ folders for a graph set cannot be written under `out_dir`, or None."""
+    for kind in io.GRAPH_KINDS:
+        folder = os.path.join(out_dir, kind)
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            return f"{folder} is a file, not a folder"
+        if os.path.isdir(folder) and not os.access(folder, os.W_OK | os.X_OK):
+            return f"{folder} cannot be written"
+    return None
+
+
+def existing_graph_problem(root: str, label: dict, kinds) -> Optional[str]:
+    """Why the existing graph files of a label are not done (missing, unreadable, failing
+    `check_graph`), or None when they are complete and usable."""
+    paths = {k: os.path.join(root, label[k]) for k in kinds}
+    missing = [p for p in paths.values() if not os.path.isfile(p)]
+    if missing:
+        return "missing " + missing[0]
+    try:
+        read_graph(paths)
+    except (GraphError, io.FormatError) as error:
+        return str(error)
+    return None
+
+
+def run_split(root: str, split: str, options: GraphOptions, overwrite: bool,
+              log=tqdm.write) -> Tuple[int, Dict[str, str]]:
+    """Makes the graph files of every pair of the split that lacks them (or whose files are
+    truncated or fail `check_graph`: remade, with a message). A pair that fails is listed and the
+    rest still run. Returns (how many pairs were made, {pair name: why it failed})."""
+    labels_file = io.labels_path(root, split)
+    labels = io.read_labels(labels_file)
+    built, failed = 0, {}
     for label in tqdm(labels, desc=f"graphs {split}"):
         name = io.pair_name(label)
         kinds = [k for k in io.GRAPH_KINDS if k in label]
-        if not overwrite and all(os.path.isfile(os.path.join(root, label[k])) for k in kinds):
-            continue
+        if not overwrite:
+            problem = existing_graph_problem(root, label, kinds)
+            if problem is None:
+                continue
+            if not problem.startswith("missing "):
+                log(f"pair {name}: remaking its graph: {problem}")
         scene_flow = os.path.join(root, label["scene_flow"]) if "scene_flow" in label else None
         try:
-            graph = graph_for_files(os.path.join(root, label["source_depth"]), label["intrinsics"],
+            intrinsics = io.label_intrinsics(label, labels_file)
+            graph = graph_for_files(os.path.join(root, label["source_depth"]), intrinsics,
                                     source_mask_path(root, label), scene_flow, options)
+            graph.save_to({k: os.path.join(root, label[k]) for k in kinds})
         except (GraphError, io.FormatError) as error:
-            raise GraphError(f"pair {name}: {error}") from error
-        graph.save_to({k: os.path.join(root, label[k]) for k in kinds})
+            failed[name] = f"pair {name}: {error}"
+            log(f"pair {name} failed: {error}")
+            continue
         built += 1
-    return built
+    return built, failed

@@ -226,15 +226,42 @@ def _decode_png(path: PathLike, what: str) -> np.ndarray:
     return image
 
 
-def read_depth(path: PathLike) -> np.ndarray:
-    """uint16 millimetre PNG -> float32 [H, W] metres, 0 = invalid."""
+def read_depth(path: PathLike, scale: float = 1000.0) -> np.ndarray:
+    """uint16 PNG of `scale` units per metre (1000: millimetres) -> float32 [H, W] metres,
+    0 = invalid."""
     depth = _decode_png(path, "depth")
     if depth.dtype != np.uint16 or depth.ndim != 2:
         raise FormatError(
             f"{os.fspath(path)}: depth must be a single-channel uint16 PNG (millimetres), found "
             f"{depth.dtype} with shape {depth.shape}"
         )
-    return depth.astype(np.float32) / 1000.0
+    return depth.astype(np.float32) / float(scale)
+
+
+# A plausible median depth of an RGB-D frame's valid pixels, in metres: depth sensors see from
+# about 0.2 m; far below (or beyond the depth limit) the PNG is almost surely in another unit.
+MIN_PLAUSIBLE_MEDIAN_DEPTH = 0.1
+
+
+def check_depth(depth_m: np.ndarray, path: PathLike, max_depth: float = 6.0,
+                mask: Optional[np.ndarray] = None, scale: float = 1000.0,
+                hint: str = "--depth-scale") -> None:
+    """Refuses a depth frame (H, W) metres without valid pixels (in `mask` when given) or whose
+    median valid depth is not plausible for `scale` PNG units per metre; `hint` is how the user
+    gives another scale, named in the message."""
+    where = os.fspath(path)
+    valid = np.isfinite(depth_m) & (depth_m > 0)
+    if mask is not None:
+        valid &= mask
+    if not valid.any():
+        raise FormatError(f"{where}: no valid depth (every pixel{' in the mask' if mask is not None else ''} "
+                          f"is 0)")
+    median = float(np.median(depth_m[valid]))
+    if not MIN_PLAUSIBLE_MEDIAN_DEPTH <= median <= max_depth:
+        raise FormatError(
+            f"{where}: median depth {median:.4g} m at {scale:g} PNG units per metre is not plausible "
+            f"(expected {MIN_PLAUSIBLE_MEDIAN_DEPTH}..{max_depth:g} m); give the file's units per metre "
+            f"with {hint}")
 
 
 def write_depth(path: PathLike, depth_m: np.ndarray) -> None:
@@ -304,8 +331,9 @@ def read_intrinsics(path: PathLike) -> Dict[str, float]:
             f"{os.fspath(path)}: intrinsics must be a 4x4 (or 3x3) matrix, found shape {matrix.shape}"
         )
     intrinsics = {"fx": matrix[0, 0], "fy": matrix[1, 1], "cx": matrix[0, 2], "cy": matrix[1, 2]}
-    if not (intrinsics["fx"] > 0 and intrinsics["fy"] > 0):
-        raise FormatError(f"{os.fspath(path)}: focal lengths must be positive, found {intrinsics}")
+    if not (intrinsics["fx"] > 0 and intrinsics["fy"] > 0) or not np.isfinite(matrix[:3, :3]).all():
+        raise FormatError(f"{os.fspath(path)}: intrinsics need finite values and positive focal "
+                          f"lengths, found {intrinsics}")
     return {k: float(v) for k, v in intrinsics.items()}
 
 
@@ -342,7 +370,9 @@ def pair_name(label: Dict) -> str:
 
 
 def read_labels(path: PathLike) -> List[Dict]:
-    """Reads `<split>_graphs.json`; every entry must have the path, id and intrinsics keys.
+    """Reads `<split>_graphs.json`; every entry must have the path, id and intrinsics keys, with
+    string paths and numeric intrinsics (their values are checked per pair by
+    `label_intrinsics`, so that one bad pair does not stop a split).
 
     Ground-truth keys (optical_flow, scene_flow, graph_node_deformations) are optional: the
     public test split has none.
@@ -350,7 +380,7 @@ def read_labels(path: PathLike) -> List[Dict]:
     data = _read_bytes(path, "labels")
     try:
         labels = json.loads(data)
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise FormatError(f"{os.fspath(path)}: not valid JSON ({error})") from error
     if not isinstance(labels, list):
         raise FormatError(f"{os.fspath(path)}: expected a JSON list of pairs, found {type(labels).__name__}")
@@ -361,10 +391,28 @@ def read_labels(path: PathLike) -> List[Dict]:
         missing = [k for k in LABEL_PATH_KEYS + LABEL_ID_KEYS + ("intrinsics",) if k not in label]
         if missing:
             raise FormatError(f"{where} ({label.get('seq_id', '?')}): missing keys {missing}")
+        not_paths = [k for k in LABEL_PATH_KEYS + LABEL_GROUND_TRUTH_KEYS
+                     if k in label and not (isinstance(label[k], str) and label[k])]
+        if not_paths:
+            raise FormatError(f"{where} ({pair_name(label)}): {not_paths[0]} must be a file path, "
+                              f"found {label[not_paths[0]]!r}")
         intr = label["intrinsics"]
         if not isinstance(intr, dict) or any(k not in intr for k in ("fx", "fy", "cx", "cy")):
             raise FormatError(f"{where} ({pair_name(label)}): intrinsics must have fx, fy, cx, cy")
+        if any(isinstance(intr[k], bool) or not isinstance(intr[k], (int, float))
+               for k in ("fx", "fy", "cx", "cy")):
+            raise FormatError(f"{where} ({pair_name(label)}): intrinsics must be numbers, found {intr}")
     return labels
+
+
+def label_intrinsics(label: Dict, where: str) -> Dict[str, float]:
+    """{fx, fy, cx, cy} of a label, refused (naming `where`, e.g. the labels file, and the pair)
+    unless the focal lengths are positive and every value finite."""
+    intr = {k: float(label["intrinsics"][k]) for k in ("fx", "fy", "cx", "cy")}
+    if not all(np.isfinite(v) for v in intr.values()) or intr["fx"] <= 0 or intr["fy"] <= 0:
+        raise FormatError(f"{where}: pair {pair_name(label)}: intrinsics need finite values and "
+                          f"positive fx, fy; found {intr}")
+    return intr
 
 
 def write_labels(path: PathLike, labels: List[Dict]) -> None:

@@ -76,7 +76,9 @@ def make_split(root: str, split: str, pairs: List[Dict[str, str]],
     labels = [add_pair(root, split, p["sequence"], p["source"], p["target"], p["object"],
                        graph_options.node_coverage, graph_options.mode) for p in pairs]
     io.write_labels(io.labels_path(root, split), labels)
-    run_split(root, split, graph_options, overwrite=False)
+    _, failed = run_split(root, split, graph_options, overwrite=False)
+    if failed:
+        raise GraphError(f"{len(failed)} pair(s) without a graph: " + "; ".join(failed.values()))
     return labels
 
 
@@ -108,7 +110,7 @@ def main(argv=None) -> int:
             pairs.append({"sequence": sequence, "source": parts[0], "target": parts[1], "object": obj})
     try:
         labels = make_split(args.out, args.split, pairs, from_args(args, GraphOptions))
-    except (io.FormatError, GraphError) as error:
+    except ValueError as error:   # FormatError, GraphError, OptionError
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"split '{args.split}' with {len(labels)} pair(s) in {args.out}")

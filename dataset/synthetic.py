@@ -45,7 +45,6 @@ not depend on how many others are made, and splits made with the same seed do no
 A draw that cannot give a usable pair (object too small or out of view, no graph, large motion
 off its range) is replaced by the next attempt, deterministically.
 """
-import argparse
 import concurrent.futures
 import glob
 import json
@@ -62,7 +61,7 @@ import torch
 from tqdm import tqdm
 
 from dataset import io
-from options import GraphOptions, SyntheticOptions, add_options, from_args, to_dict
+from options import ArgumentParser, GraphOptions, SyntheticOptions, add_options, from_args, to_dict
 from model import image_proc
 from dataset.graph import GraphError, build_graph
 
@@ -1204,7 +1203,7 @@ def generate(out: str, split: str, pairs: int, seed: int, options: SyntheticOpti
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m dataset.synthetic",
         description="Makes synthetic training or test pairs in the DeepDeform format: a textured "
                     "surface (or the object of real RGB-D frames) under a known smooth non-rigid "
@@ -1213,8 +1212,11 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     add_options(parser, SyntheticOptions, "synthetic data")
     add_options(parser, GraphOptions, "deformation graph")
     args = parser.parse_args(argv)
-    options, graph_options = from_args(args, SyntheticOptions), from_args(args, GraphOptions)
-    labels = generate(options.out, options.split, options.pairs, options.seed, options, graph_options)
+    try:
+        options, graph_options = from_args(args, SyntheticOptions), from_args(args, GraphOptions)
+        labels = generate(options.out, options.split, options.pairs, options.seed, options, graph_options)
+    except (ValueError, OSError) as error:   # OptionError, FormatError, GraphError, unwritable --out
+        raise SystemExit(f"error: {error}") from None
     for motion in sorted({label["motion"] for label in labels}):
         stats = [label["stats"] for label in labels if label["motion"] == motion]
         print(f"{motion:>6}: {len(stats)} pairs, mean optical flow "

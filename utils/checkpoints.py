@@ -25,7 +25,8 @@ import torch.nn as nn
 
 from dataset.fileio import atomic_open
 from model.tracker import Tracker
-from options import RunOptions, SolverOptions, TrackerOptions, from_args, from_dict
+from options import (ArgumentParser, OptionError, RunOptions, SolverOptions, TrackerOptions, check_flag, from_args,
+                     from_dict)
 
 FLOW_PREFIX = "flow_net."
 MASK_PREFIX = "mask_net."
@@ -72,10 +73,7 @@ def load_reference_state_dicts(path_or_dict: Union[str, Mapping]) -> Tuple[State
     if isinstance(path_or_dict, str):
         if not os.path.isfile(path_or_dict):
             raise CheckpointError(f"{where}: no such checkpoint file")
-        try:
-            obj = torch.load(path_or_dict, map_location="cpu", weights_only=True)
-        except Exception as error:
-            raise CheckpointError(f"{where}: cannot be read as a PyTorch checkpoint ({error})") from error
+        obj = read_checkpoint(path_or_dict)
     else:
         obj = path_or_dict
     state = _unwrap(obj, where)
@@ -126,6 +124,10 @@ def check_state_dict(module: nn.Module, state: Mapping[str, torch.Tensor], what:
         if tuple(found.shape) != tuple(tensor.shape):
             raise CheckpointError(f"{what}: tensor {key!r} has shape {tuple(found.shape)}, "
                                   f"expected {tuple(tensor.shape)}")
+        if found.is_floating_point() and not bool(torch.isfinite(found).all()):
+            bad = int((~torch.isfinite(found)).sum())
+            raise CheckpointError(f"{what}: tensor {key!r} has {bad} non-finite value(s); the "
+                                  f"weights are broken (e.g. trained with a diverging learning rate)")
     for key, found in state.items():
         if key not in expected:
             shape = tuple(found.shape) if torch.is_tensor(found) else type(found).__name__
@@ -221,14 +223,25 @@ def read_checkpoint(path: str) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({error})") from error
+        # torch's message runs over several lines of advice about weights_only; its first line
+        # says what failed.
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"not a checkpoint: {path} ({first[:160]})") from error
 
 
-def checkpoint_options(obj: Mapping) -> Tuple[dict, dict]:
+def checkpoint_options(obj: Mapping, source: Optional[str] = None) -> Tuple[dict, dict]:
     """(tracker options, solver options) stored in one of our checkpoints; ({}, {}) for a
-    reference-layout checkpoint."""
+    reference-layout checkpoint. With `source` (the file), the stored values are checked first:
+    CheckpointError naming the file and the option out of range."""
     if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
-        return dict(obj.get("tracker_options", {})), dict(obj.get("solver_options", {}))
+        tracker, solver = dict(obj.get("tracker_options", {})), dict(obj.get("solver_options", {}))
+        if source is not None:
+            try:
+                from_dict(TrackerOptions, tracker, source)
+                from_dict(SolverOptions, solver, source)
+            except (TypeError, ValueError) as error:   # OptionError, or a field of another type
+                raise CheckpointError(f"{source}: stored options unusable ({error})") from error
+        return tracker, solver
     return {}, {}
 
 
@@ -238,7 +251,11 @@ def load_tracker(path: str, tracker_options=None, solver_options=None, log=print
     state dict, or a flow-only PWC-Net one, which disables the weighting head)."""
     obj = read_checkpoint(path)
     stored_tracker, stored_solver = checkpoint_options(obj)
-    options = tracker_options or from_dict(TrackerOptions, stored_tracker)
+    try:
+        options = tracker_options or from_dict(TrackerOptions, stored_tracker, path)
+        solver = solver_options or from_dict(SolverOptions, stored_solver, path)
+    except ValueError as error:   # OptionError: a stored option out of range
+        raise CheckpointError(str(error)) from error
     # The cost volume is part of what the weights mean: the checkpoint's own choice wins, and a
     # reference-layout checkpoint (no options stored) was trained with the product volume. Only
     # overriding a stored choice is worth a message: for reference checkpoints the flag's
@@ -247,7 +264,6 @@ def load_tracker(path: str, tracker_options=None, solver_options=None, log=print
     if tracker_options is not None and "cost_volume" in stored_tracker and options.cost_volume != cost_volume:
         log(f"{path}: using the checkpoint's '{cost_volume}' cost volume (not '{options.cost_volume}')")
     options = dataclasses.replace(options, flow="network", cost_volume=cost_volume)
-    solver = solver_options or from_dict(SolverOptions, stored_solver)
     try:
         flow_state, mask_state = load_reference_state_dicts(obj)
     except CheckpointError as error:
@@ -303,7 +319,8 @@ def parse_with_checkpoint(make_parser: Callable[..., argparse.ArgumentParser], a
     (``make_parser(first, stored_tracker, stored_solver)``). Returns (args, checkpoint)."""
     first, _ = make_parser(None, {}, {}).parse_known_args(argv)
     checkpoint = checkpoint_of(first)
-    stored_tracker, stored_solver = checkpoint_options(read_checkpoint(checkpoint)) if checkpoint else ({}, {})
+    stored_tracker, stored_solver = (checkpoint_options(read_checkpoint(checkpoint), checkpoint)
+                                     if checkpoint else ({}, {}))
     stored_tracker.pop("flow", None)
     return make_parser(first, stored_tracker, stored_solver).parse_args(argv), checkpoint
 
@@ -336,11 +353,13 @@ def setup_run(run: RunOptions) -> str:
         torch.set_num_threads(run.threads)
     if run.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if run.device.startswith("cuda") and not torch.cuda.is_available():
+        raise OptionError(f"--device {run.device}: this torch has no CUDA device; use --device cpu")
     return run.device
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m utils.checkpoints",
         description="Export a training checkpoint as a weights-only release (model and the "
                     "options that built and trained it; no optimiser state), e.g. for checkpoints/.")
@@ -353,9 +372,10 @@ def main(argv=None) -> int:
                              "instead of adding the default robust reweighting")
     args = parser.parse_args(argv)
     try:
+        check_flag("OUT", args.out, str, path="out_file")
         history = [stage_summary(path) for path in args.history] + [stage_summary(args.source)]
         payload = export_checkpoint(args.source, args.out, history, args.training_solver)
-    except CheckpointError as error:
+    except (CheckpointError, OptionError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     size = os.path.getsize(args.out) / 2 ** 20

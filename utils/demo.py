@@ -331,11 +331,16 @@ def load_pair(dataset_dir: str, split: str, index: int, own: Dict[str, Optional[
 
 
 def track_pair(tracker, batch: Dict) -> Dict:
-    """The tracker's outputs on a one-pair batch (ValueError when --flow gt lacks ground truth)."""
+    """The tracker's outputs on a one-pair batch (ValueError when --flow gt lacks ground truth, or
+    when the solve failed)."""
     if tracker.options.flow == "gt" and "optical_flow" not in batch:
         raise ValueError("--flow gt needs the pair's ground-truth optical flow")
     with torch.inference_mode():
-        return tracker.eval()(batch)
+        out = tracker.eval()(batch)
+    if not bool(out["solver"].valid[0]):
+        # Views of a failed solve would show a motion that was never found.
+        raise ValueError(f"{batch['name'][0]}: the solve failed ({out['solver'].messages[0]}); nothing to show")
+    return out
 
 
 def report_and_show(batch: Dict, out: Dict, tracker, residual: Optional[ResidualOptions],

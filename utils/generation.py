@@ -5,7 +5,8 @@ Per pair `<name>` it writes, each atomically (temporary file, then rename):
     <out>/<name>_sceneflow.sflow         (3, H, W) scene flow at the full input size for every
                                          source pixel with 4 anchors and valid depth; -inf elsewhere
 Pairs whose two files exist are skipped, so an interrupted run resumes. A failed solve is
-reported and written as the identity motion (zero translations), never stopping the run.
+reported and written as the identity motion (zero translations), never stopping the run; a
+pair whose files cannot be read (or fail their checks) is listed in `bad_pairs` and skipped.
 
 With residual options (generate.py --residual) each solved pair's graph warp is refined by a
 freshly fitted 4D hash-grid residual deformer (model/residual.py): the scene flow written then
@@ -23,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from dataset import io
-from dataset.deepdeform import DeepDeformDataset, collate, make_subset
+from dataset.deepdeform import DatasetError, DeepDeformDataset, collate, make_subset
 from dataset.fileio import atomic_write_bytes
 from model.residual import fit_residual
 from model.tracker import Tracker
@@ -35,6 +36,7 @@ class GenerationSummary:
     written: List[str] = field(default_factory=list)
     skipped: List[str] = field(default_factory=list)
     failed_solves: Dict[str, str] = field(default_factory=dict)   # name -> reason
+    bad_pairs: Dict[str, str] = field(default_factory=dict)       # name -> why it cannot be read
     seconds: float = 0.0
     residual_seconds: Dict[str, float] = field(default_factory=dict)   # name -> fitting seconds
     residual_iterations: Dict[str, int] = field(default_factory=dict)  # name -> Adam steps run
@@ -57,7 +59,13 @@ def generate(dataset: DeepDeformDataset, tracker: Tracker, out_dir: str, shard: 
         if not overwrite and all(os.path.isfile(p) for p in io.prediction_paths(out_dir, name)):
             summary.skipped.append(name)
             continue
-        batch = collate([dataset[index]])
+        try:
+            batch = collate([dataset[index]])
+        except DatasetError as error:
+            # A pair whose files are broken is listed and skipped; the others still run.
+            summary.bad_pairs[name] = str(error)
+            (bar.write if progress else log)(f"skipped: {error}")
+            continue
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         # A fixed generator makes the match subsampling (if enabled) repeatable per pair.
         generator = torch.Generator().manual_seed(index)
@@ -82,7 +90,8 @@ def generate(dataset: DeepDeformDataset, tracker: Tracker, out_dir: str, shard: 
     summary.seconds = time.perf_counter() - start
     record = {"split": dataset.split, "shard": shard, "num_shards": num_shards,
               "written": len(summary.written), "skipped": len(summary.skipped),
-              "failed_solves": summary.failed_solves, "seconds": round(summary.seconds, 2)}
+              "failed_solves": summary.failed_solves, "bad_pairs": summary.bad_pairs,
+              "seconds": round(summary.seconds, 2)}
     if residual is not None:
         record["residual"] = {"options": {"residual_" + k: v for k, v in dataclasses.asdict(residual).items()},
                               "seconds": {k: round(v, 2) for k, v in summary.residual_seconds.items()},

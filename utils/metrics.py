@@ -19,6 +19,10 @@ from dataset import io
 from dataset.fileio import atomic_write_bytes
 
 MAX_DEPTH = 6.0
+# The reference code wrote predictions centre-cropped to sides divisible by this (640x448 of
+# 640x480 frames), the flow network's stride.
+NETWORK_MULTIPLE = 64
+REFERENCE_ROW_MARGIN = 16
 
 
 @dataclass
@@ -82,13 +86,26 @@ def crop_rows_to(array: np.ndarray, height: int, width: Optional[int] = None, ax
     return array[tuple(index)]
 
 
+def accepted_prediction_sizes(height: int, width: int):
+    """(rows, columns) a scene-flow prediction of a height x width frame may have: the full
+    frame (ours), or the reference code's centre crops: 16 rows off the top and the bottom
+    (640x448 of 640x480) and sides rounded down to multiples of the network stride 64."""
+    sizes = [(height, width)]
+    for size in ((height - 2 * REFERENCE_ROW_MARGIN, width),
+                 (height // NETWORK_MULTIPLE * NETWORK_MULTIPLE, width // NETWORK_MULTIPLE * NETWORK_MULTIPLE)):
+        if min(size) > 0 and size not in sizes:
+            sizes.append(size)
+    return sizes
+
+
 class EvaluationError(ValueError):
     """Predictions are missing or malformed; `problems` lists every one of them."""
 
     def __init__(self, problems):
         self.problems = list(problems)
-        super().__init__(f"{len(self.problems)} missing or malformed prediction(s):\n  "
-                         + "\n  ".join(self.problems))
+        # One line, however many: scripts and logs read errors line by line.
+        super().__init__(f"{len(self.problems)} missing or malformed prediction(s): "
+                         + "; ".join(self.problems))
 
 
 def evaluate_split(dataset_dir: str, split: str, predictions_dir: str, progress: bool = True):
@@ -97,8 +114,9 @@ def evaluate_split(dataset_dir: str, split: str, predictions_dir: str, progress:
     Every pair is checked before any number is reported: a missing file, an unreadable one, a
     node count or frame size that does not fit the pair, or a non-finite prediction at an
     evaluated pixel is collected, and all of them are raised together as EvaluationError.
-    Scene flow predictions may be at the full frame size, or centre-cropped to fewer rows and
-    columns (the reference wrote 448 of 480 rows). Returns the list of PairErrors.
+    Scene flow predictions may be at the full frame size, or centre-cropped as the reference code
+    wrote them (`accepted_prediction_sizes`: 448 of 480 rows); any other size is listed as
+    malformed. Returns the list of PairErrors.
     """
     labels = io.read_labels(io.labels_path(dataset_dir, split))
     problems, results = [], []
@@ -130,9 +148,11 @@ def evaluate_split(dataset_dir: str, split: str, predictions_dir: str, progress:
                             f"translations, the graph has {gt_nodes.shape[0]} nodes")
             continue
         height, width = flow.shape[1:]
-        if height > gt_flow.shape[1] or width > gt_flow.shape[2]:
-            problems.append(f"{name}: {flow_path} is {height}x{width}, larger than the "
-                            f"{gt_flow.shape[1]}x{gt_flow.shape[2]} frame")
+        sizes = accepted_prediction_sizes(*gt_flow.shape[1:])
+        if (height, width) not in sizes:
+            problems.append(f"{name}: {flow_path} is {width}x{height}; expected the frame's "
+                            f"{sizes[0][1]}x{sizes[0][0]} or a centre crop of the reference code ("
+                            + " or ".join(f"{w}x{h}" for h, w in sizes[1:]) + ")")
             continue
         if (height, width) != gt_flow.shape[1:]:
             gt_flow = crop_rows_to(gt_flow, height, width, axis=1)

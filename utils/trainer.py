@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 import torch
@@ -51,6 +51,35 @@ class ResumableSampler(DistributedSampler):
 
 def _to(batch: Dict, device) -> Dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+class TrainingError(ValueError):
+    """Training cannot go on without keeping a broken model (non-finite loss, gradient or
+    weights), or ended without a usable best.pt; the message says why."""
+
+
+def _finite_norm(parameters, grads: bool = False) -> bool:
+    """Whether every parameter (or its gradient) is finite, with one reduction per device."""
+    tensors = [(p.grad if grads else p).detach() for p in parameters if not grads or p.grad is not None]
+    if not tensors:
+        return True
+    norms = torch._foreach_norm(tensors)
+    return bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
+
+
+def non_finite_tensor(tree, prefix: str = "") -> Optional[str]:
+    """The name of the first floating-point tensor in a nested dict/list with a non-finite
+    value, or None."""
+    if torch.is_tensor(tree):
+        return prefix if tree.is_floating_point() and not bool(torch.isfinite(tree).all()) else None
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    for key, value in items:
+        found = non_finite_tensor(value, f"{prefix}.{key}" if prefix else str(key))
+        if found:
+            return found
+    if isinstance(tree, float) and not math.isfinite(tree):
+        return prefix
+    return None
 
 
 class Interrupted(Exception):
@@ -91,7 +120,7 @@ class Trainer:
         self.data_options = data
         self.log = log
         self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-        cuda = setup_run(train) == "cuda"
+        cuda = setup_run(train).startswith("cuda")   # OptionError when CUDA is asked for and absent
         if self.distributed:
             dist.init_process_group(backend="nccl" if cuda else "gloo")
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -101,7 +130,8 @@ class Trainer:
                 torch.cuda.set_device(self.device)
         else:
             self.rank, self.world = 0, 1
-            self.device = torch.device("cuda" if cuda else "cpu")
+            self.device = torch.device(train.device if train.device.startswith("cuda")
+                                       else "cuda" if cuda else "cpu")
         self.main = self.rank == 0
         self.dir = os.path.join(train.workspace, train.experiment)
         self.checkpoint_dir = os.path.join(self.dir, "checkpoints")
@@ -148,9 +178,15 @@ class Trainer:
             self.val_set = DeepDeformDataset(train.dataset_dir, train.val_split,
                                              dataclasses.replace(data, color_jitter=0.0, rotation_augmentation=0.0),
                                              require_ground_truth=True)
+            if len(self.val_set) == 0:
+                raise ValueError(f"--val-split {train.val_split}: {self.val_set.labels_file} has no "
+                                 "pairs; give a split with pairs (or an empty --val-split for no "
+                                 "validation)")
         self.sampler = ResumableSampler(self.train_set, self.world, self.rank, train.seed)
-        self.iteration, self.epoch, self.best = 0, 0, math.inf
-        self.stats = {"failed_solves": 0, "samples": 0}
+        # best: (failed solves, EPE 3D mm) of the best validation so far; fewer failures first.
+        self.iteration, self.epoch, self.best, self.best_failed = 0, 0, math.inf, math.inf
+        self.bad_steps = 0   # steps in a row skipped for a non-finite loss or gradient
+        self.stats = {"failed_solves": 0, "samples": 0, "skipped_steps": 0}
         self.writer = None
 
     @staticmethod
@@ -180,15 +216,25 @@ class Trainer:
         random.setstate((rng["python_version"], tuple(rng["python_state"].tolist()), rng["python_gauss"]))
 
     def _state(self) -> dict:
-        return {"iteration": self.iteration, "epoch": self.epoch, "best": self.best,
+        # No validation yet is stored as None: a checkpoint holds no non-finite number.
+        best_known = math.isfinite(self.best)
+        return {"iteration": self.iteration, "epoch": self.epoch,
+                "best": self.best if best_known else None,
+                "best_failed": int(self.best_failed) if best_known else None,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "rng": self._rng_state(),
                 "stats": dict(self.stats), "train_options": to_dict(self.opt),
                 "data_options": to_dict(self.data_options), "sampler_start": self.sampler.start}
 
     def save(self, name: str) -> str:
+        """Writes checkpoints/NAME atomically; refuses (TrainingError) when a weight or an
+        optimiser state is not finite, so no checkpoint of any kind holds a broken model."""
         path = os.path.join(self.checkpoint_dir, name)
-        save_checkpoint(path, self.tracker, self._state())
+        state = self._state()
+        broken = non_finite_tensor({"model": self.tracker.state_dict(), "optimizer": state["optimizer"]})
+        if broken:
+            raise TrainingError(f"not writing {path}: {broken} is not finite at iteration {self.iteration}")
+        save_checkpoint(path, self.tracker, state)
         return path
 
     def resume(self) -> bool:
@@ -204,7 +250,11 @@ class Trainer:
             self.scheduler.load_state_dict(obj["scheduler"])
         except (KeyError, RuntimeError, ValueError) as error:
             raise CheckpointError(f"{path}: cannot resume from it ({error})") from error
-        self.iteration, self.epoch, self.best = obj["iteration"], obj["epoch"], obj["best"]
+        self.iteration, self.epoch = obj["iteration"], obj["epoch"]
+        self.best = math.inf if obj.get("best") is None else obj["best"]
+        self.best_failed = math.inf if obj.get("best_failed") is None else obj["best_failed"]
+        if math.isfinite(self.best) and obj.get("best_failed") is None:
+            self.best_failed = 0   # a checkpoint of before failed solves were ranked
         self.stats = dict(obj.get("stats", self.stats))
         self.sampler.start = int(obj.get("sampler_start", 0))
         self._set_rng_state(obj["rng"])
@@ -263,10 +313,25 @@ class Trainer:
         values = self._losses(batch, out)
         self.optimizer.zero_grad(set_to_none=True)
         values["total"].backward()
-        if self.opt.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in self.tracker.parameters() if p.requires_grad],
-                                           self.opt.grad_clip)
-        self.optimizer.step()
+        trainable = [p for p in self.tracker.parameters() if p.requires_grad]
+        # Under DDP the gradients are already averaged, so every process sees the same verdict;
+        # the loss is reduced too so that a process with a finite one still skips with the rest.
+        bad = torch.tensor(float(not bool(torch.isfinite(values["total"].detach()))), device=self.device)
+        if self.distributed:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        what = "loss" if bool(bad) else ("gradient" if not _finite_norm(trainable, grads=True) else None)
+        if what is not None:
+            self._skip_step(what, values)
+        else:
+            self.bad_steps = 0
+            if self.opt.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(trainable, self.opt.grad_clip)
+            self.optimizer.step()
+            if not _finite_norm(trainable):
+                raise TrainingError(
+                    f"the weights became non-finite at iteration {self.iteration + 1} after a "
+                    f"finite gradient (learning rate {self.scheduler.get_last_lr()[0]:g} too high?); "
+                    f"nothing non-finite was saved")
         self.scheduler.step()
         if "solver" in out:
             failed = int((~out["solver"].valid).sum())
@@ -274,6 +339,22 @@ class Trainer:
             values["failed_solves"] = torch.tensor(float(failed))
         self.stats["samples"] += batch["source_color"].shape[0]
         return {k: float(v.detach()) for k, v in values.items()}
+
+    def _skip_step(self, what: str, values: Dict[str, torch.Tensor]) -> None:
+        """A step whose loss or gradient is not finite changes no weight; too many in a row
+        stop the run."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.bad_steps += 1
+        self.stats["skipped_steps"] = self.stats.get("skipped_steps", 0) + 1
+        terms = ", ".join(f"{k} {float(v):.4g}" for k, v in values.items())
+        if self.bad_steps >= self.opt.max_bad_steps:
+            raise TrainingError(f"stopped at iteration {self.iteration + 1}: {self.bad_steps} steps in "
+                                f"a row with a non-finite {what} (last: {terms}); check the data and "
+                                f"--learning-rate (--max-bad-steps {self.opt.max_bad_steps})")
+        if self.main:
+            tqdm.write(f"warning: iteration {self.iteration + 1}: non-finite {what} ({terms}); step "
+                       f"skipped ({self.bad_steps} in a row, --max-bad-steps {self.opt.max_bad_steps})",
+                       file=sys.stderr)
 
     # ------------------------------------------------------------------------------------------
     # Validation
@@ -292,14 +373,19 @@ class Trainer:
                 generator = torch.Generator().manual_seed(index)
                 out = self.tracker(batch, generator=generator)
                 result = out["solver"]
-                failed += int(not bool(result.valid[0]))
                 n = int(batch["num_nodes"][0])
-                errors.append(pair_errors(batch["name"][0], out["translations"][0, :n].cpu().numpy(),
-                                          batch["node_deformations"][0, :n].cpu().numpy(),
-                                          np.nan_to_num(out["scene_flow"][0].cpu().numpy()),
-                                          batch["scene_flow"][0].cpu().numpy(),
-                                          batch["source_points"][0, 2].cpu().numpy(),
-                                          batch["pixel_anchors"][0].cpu().numpy()))
+                translations = out["translations"][0, :n].cpu().numpy()
+                # A failed solve is a failure, not a pair of zero motion: it is counted and left
+                # out of the errors (so is a solve whose motion is not finite).
+                if not bool(result.valid[0]) or not np.isfinite(translations).all():
+                    failed += 1
+                else:
+                    errors.append(pair_errors(batch["name"][0], translations,
+                                              batch["node_deformations"][0, :n].cpu().numpy(),
+                                              np.nan_to_num(out["scene_flow"][0].cpu().numpy()),
+                                              batch["scene_flow"][0].cpu().numpy(),
+                                              batch["source_points"][0, 2].cpu().numpy(),
+                                              batch["pixel_anchors"][0].cpu().numpy()))
                 gt, pred = batch["optical_flow"][0], out["flow"][0]
                 ok = torch.isfinite(gt).all(0) & torch.isfinite(pred).all(0)
                 if ok.any():
@@ -327,6 +413,17 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
 
     def run(self) -> Dict[str, float]:
+        """Trains to --max-iterations, validating and saving on the way; returns the last
+        validation metrics. Raises TrainingError, Interrupted or a data error, with the progress
+        bar closed first so that the message stands on its own line."""
+        self._bar = None
+        try:
+            return self._run()
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+
+    def _run(self) -> Dict[str, float]:
         o = self.opt
         if o.resume:
             self.resume()
@@ -339,7 +436,7 @@ class Trainer:
             if self.main:
                 self.log(f"already at iteration {self.iteration} of {o.max_iterations}: nothing to do")
             return {}
-        bar = tqdm(total=o.max_iterations, initial=self.iteration, desc=f"train {o.stage}",
+        bar = self._bar = tqdm(total=o.max_iterations, initial=self.iteration, desc=f"train {o.stage}",
                    disable=not self.main, dynamic_ncols=True)
         start = time.perf_counter()
         last_metrics: Dict[str, float] = {}
@@ -367,8 +464,13 @@ class Trainer:
                             last_metrics = self.validate()
                             bar.write(f"iteration {self.iteration}: " + ", ".join(
                                 f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in last_metrics.items()))
-                            if last_metrics["epe_3d_mm"] < self.best:
-                                self.best = last_metrics["epe_3d_mm"]
+                            if last_metrics["failed_solves"]:
+                                bar.write(f"validation: {last_metrics['failed_solves']} of "
+                                          f"{last_metrics['pairs']} solves failed (left out of the "
+                                          f"errors)")
+                            score = (last_metrics["failed_solves"], last_metrics["epe_3d_mm"])
+                            if math.isfinite(score[1]) and score < (self.best_failed, self.best):
+                                self.best_failed, self.best = score
                                 self.save("best.pt")
                         if self.distributed:
                             dist.barrier()
@@ -392,6 +494,10 @@ class Trainer:
             if self.val_set is None:
                 self.save("best.pt")   # without validation the last weights are the best we know
             self.writer.flush()
+            if not os.path.isfile(os.path.join(self.checkpoint_dir, "best.pt")):
+                raise TrainingError(f"no validation gave a finite EPE 3D (last: {last_metrics}), so "
+                                    f"there is no best.pt in {self.checkpoint_dir}; last.pt holds "
+                                    f"the last weights")
             self.log(f"done: {self.iteration} iterations in {time.perf_counter() - start:.0f} s, "
                      f"{self.stats['failed_solves']} failed solves in {self.stats['samples']} samples; "
                      f"best validation EPE 3D {self.best:.2f} mm; checkpoints in {self.checkpoint_dir}")
