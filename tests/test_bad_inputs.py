@@ -150,6 +150,18 @@ def _nan_checkpoint(ctx):
     torch.save(state, os.path.join(ctx.tmp, "nan.pt"))
 
 
+def _list_checkpoint(ctx):
+    torch.save([1, 2, 3], os.path.join(ctx.tmp, "list.pt"))
+
+
+def _bad_option_checkpoint(ctx):
+    from utils.checkpoints import default_checkpoint
+
+    state = torch.load(default_checkpoint(), map_location="cpu", weights_only=True)
+    state["solver_options"]["iterations"] = -1
+    torch.save(state, os.path.join(ctx.tmp, "bad_option.pt"))
+
+
 def _predictions(ctx, wrong_size=False):
     labels = io.read_labels(os.path.join(ctx.root, "train_graphs.json"))
     out = os.path.join(ctx.tmp, "pred")
@@ -238,6 +250,8 @@ CASES = [
     Case("train-device-bad", "train.py", _train("--device", "gpu"), "--device gpu"),
     Case("train-lr-huge", "train.py", _train("--learning-rate", "1e30", "--max-bad-steps", "1"),
          "non-finite", check=_checkpoints_finite),
+    Case("train-truncated-pair-in-worker", "train.py", _train("--num-workers", "1"), "truncated",
+         setup=lambda c: _truncate(c, "graph_edges"), check=_checkpoints_finite),
     Case("train-stage-bad", "train.py", _train("--stage", "9_none"), "invalid choice", status=2),
     # generate.py
     Case("gen-iterations-neg", "generate.py", _gen("--iterations", "-1"), "--iterations -1"),
@@ -271,6 +285,12 @@ CASES = [
     Case("gen-checkpoint-nan", "generate.py",
          lambda c: _gen()(c)[:-3] + ["--checkpoint", os.path.join(c.tmp, "nan.pt"), "--quiet"],
          "non-finite", setup=_nan_checkpoint),
+    Case("gen-checkpoint-not-state-dict", "generate.py",
+         lambda c: _gen()(c)[:-3] + ["--checkpoint", os.path.join(c.tmp, "list.pt"), "--quiet"],
+         "expected a state dict", setup=_list_checkpoint),
+    Case("gen-checkpoint-bad-option", "generate.py",
+         lambda c: _gen()(c)[:-3] + ["--checkpoint", os.path.join(c.tmp, "bad_option.pt"), "--quiet"],
+         "stored option iterations -1", setup=_bad_option_checkpoint),
     # create_graph_data.py
     Case("graph-coverage-0", "create_graph_data.py", _graph_one("--node-coverage", "0"), "--node-coverage 0",
          setup=_intrinsics_file),
