@@ -329,10 +329,10 @@ def _field_type(group: Type, name: str) -> Tuple[type, bool]:
 def _path_problem(path: str, kind: str) -> Optional[str]:
     if kind == "file":
         return None if os.path.isfile(path) else ("a folder, not a file" if os.path.isdir(path)
-                                                  else "no such file")
+                                                  else "file not found")
     if kind == "dir":
         return None if os.path.isdir(path) else ("a file, not a folder" if os.path.exists(path)
-                                                 else "no such folder")
+                                                 else "folder not found")
     if kind == "out_file":
         if os.path.isdir(path):
             return "is a folder, not a file"

@@ -267,7 +267,7 @@ CASES = [
          lambda c: _gen()(c)[:4] + ["--out", os.path.join(c.tmp, "file"), "--flow", "dis", "--quiet"],
          "is a file", setup=_a_file),
     Case("gen-dataset-missing", "generate.py",
-         lambda c: ["--dataset-dir", os.path.join(c.tmp, "nowhere")] + _gen()(c)[2:], "no such folder"),
+         lambda c: ["--dataset-dir", os.path.join(c.tmp, "nowhere")] + _gen()(c)[2:], "folder not found"),
     Case("gen-fx-zero", "generate.py", _gen(), "fx", setup=_fx_zero, check=_only_good_pair_written),
     Case("gen-nan-nodes", "generate.py", _gen(), "node positions are not finite", setup=_nan_node,
          check=_only_good_pair_written),
@@ -328,7 +328,7 @@ CASES = [
                     "--quiet"], "expected the frame's", setup=lambda c: _predictions(c, wrong_size=True)),
     Case("eval-predictions-missing", "evaluate.py",
          lambda c: ["--dataset-dir", c.root, "--split", "train", "--predictions", os.path.join(c.tmp, "none"),
-                    "--quiet"], "no such folder"),
+                    "--quiet"], "folder not found"),
     # example_viz.py
     Case("viz-zero-target-depth", "example_viz.py", _viz(), "no valid depth",
          setup=lambda c: _zero_depth(c, "target_depth")),
@@ -348,7 +348,7 @@ CASES = [
     Case("syn-out-file", "-m dataset.synthetic",
          lambda c: ["--out", os.path.join(c.tmp, "file"), "--pairs", "1"], "is a file", setup=_a_file),
     Case("syn-real-frames-missing", "-m dataset.synthetic",
-         _synthetic("--real-frames", "/nonexistent/frames"), "no such folder"),
+         _synthetic("--real-frames", "/nonexistent/frames"), "folder not found"),
     Case("syn-motion-scale-nan", "-m dataset.synthetic", _synthetic("--motion-scale", "nan"), "--motion-scale"),
 ]
 
