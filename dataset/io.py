@@ -256,7 +256,9 @@ def check_depth(depth_m: np.ndarray, path: PathLike, max_depth: float = 6.0,
     if not valid.any():
         raise FormatError(f"{where}: no valid depth (every pixel{' in the mask' if mask is not None else ''} "
                           f"is 0)")
-    median = float(np.median(depth_m[valid]))
+    # Every 4th row and column tell the unit as well as all pixels do, at 1/16 of the cost.
+    sample = depth_m[::4, ::4][valid[::4, ::4]]
+    median = float(np.median(sample if sample.size >= 64 else depth_m[valid]))
     if not MIN_PLAUSIBLE_MEDIAN_DEPTH <= median <= max_depth:
         raise FormatError(
             f"{where}: median depth {median:.4g} m at {scale:g} PNG units per metre is not plausible "
