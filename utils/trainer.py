@@ -244,6 +244,9 @@ class Trainer:
                 self.log(f"--resume: no {path} yet, starting from the beginning")
             return False
         obj = read_checkpoint(path)
+        broken = non_finite_tensor({"model": obj.get("model", {}), "optimizer": obj.get("optimizer", {})})
+        if broken:
+            raise CheckpointError(f"{path}: {broken} is not finite; cannot resume from a broken model")
         try:
             self.tracker.load_state_dict(obj["model"])
             self.optimizer.load_state_dict(obj["optimizer"])
