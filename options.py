@@ -256,7 +256,8 @@ def add_options(parser: argparse.ArgumentParser, group: Type, title: Optional[st
         if get_origin(kind) is not None and type(None) in get_args(kind):  # Optional[X]
             kind = next(a for a in get_args(kind) if a is not type(None))
         default = (defaults or {}).get(f.name, f.default)
-        help_text = f.metadata.get("help", "") + f" (default: {default})"
+        bounds = _bounds(f.metadata)
+        help_text = f.metadata.get("help", "") + f" (default: {default}{'; ' + bounds if bounds else ''})"
         name = prefix + f.name
         if f.name in required:
             section.add_argument(_flag(name), dest=name, type=kind, required=True,
@@ -283,15 +284,20 @@ ORDERED_FIELDS: Dict[str, List[Tuple[str, str]]] = {
 }
 
 
+def _bounds(meta: Dict[str, Any]) -> str:
+    """The bounds of a field's metadata in words, e.g. "> 0 and <= 1" ("" without bounds)."""
+    return " and ".join(f"{sign} {meta[key]:g}" for key, sign in (("gt", ">"), ("ge", ">="), ("lt", "<"),
+                                                                  ("le", "<="))
+                        if meta.get(key) is not None)
+
+
 def _allowed(meta: Dict[str, Any], kind: type) -> str:
     if meta.get("choices"):
         return "one of " + ", ".join(str(c) for c in meta["choices"])
     if meta.get("expect"):
         return meta["expect"]
-    bounds = [f"{sign} {meta[key]:g}" for key, sign in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
-              if meta.get(key) is not None]
     noun = {int: "an integer", float: "a finite number", bool: "true or false"}.get(kind, "a string")
-    return noun + (" " + " and ".join(bounds) if bounds else "")
+    return noun + (" " + _bounds(meta) if _bounds(meta) else "")
 
 
 def _value_problem(value: Any, kind: type, meta: Dict[str, Any]) -> Optional[str]:

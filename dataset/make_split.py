@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 
 from dataset import io
 from dataset.graph import GraphError, run_split
-from options import GraphOptions, add_options, from_args
+from options import ArgumentParser, GraphOptions, add_options, from_args
 
 
 def _frame_file(sequence: str, kind: str, frame: str, suffixes) -> str:
@@ -83,7 +83,7 @@ def make_split(root: str, split: str, pairs: List[Dict[str, str]],
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="dataset root to create or extend")
     parser.add_argument("--split", required=True, help="split name")
     parser.add_argument("--sequence", action="append", required=True,
