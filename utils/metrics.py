@@ -131,6 +131,16 @@ def evaluate_split(dataset_dir: str, split: str, predictions_dir: str, progress:
         gt_flow = io.read_scene_flow(os.path.join(dataset_dir, label["scene_flow"]))
         depth = io.read_depth(os.path.join(dataset_dir, label["source_depth"]))
         anchors = io.read_pixel_anchors(os.path.join(dataset_dir, label["pixel_anchors"]))
+        # The ground truth must agree with itself before predictions are measured against it.
+        for key, size in (("scene_flow", gt_flow.shape[1:]), ("pixel_anchors", anchors.shape[:2])):
+            if tuple(size) != depth.shape:
+                raise io.FormatError(f"pair {name}: {os.path.join(dataset_dir, label[key])} is "
+                                     f"{size[1]}x{size[0]}, the source depth "
+                                     f"{os.path.join(dataset_dir, label['source_depth'])} "
+                                     f"{depth.shape[1]}x{depth.shape[0]}")
+        if gt_nodes.shape[0] != io.read_graph_nodes(os.path.join(dataset_dir, label["graph_nodes"])).shape[0]:
+            raise io.FormatError(f"pair {name}: {os.path.join(dataset_dir, label['graph_node_deformations'])} "
+                                 f"has {gt_nodes.shape[0]} rows, not one per graph node")
         pair_problems = []
         for path in (translations_path, flow_path):
             if not os.path.isfile(path):
