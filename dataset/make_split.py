@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 
 from dataset import io
 from dataset.graph import GraphError, run_split
-from options import ArgumentParser, GraphOptions, add_options, from_args
+from options import ArgumentParser, GraphOptions, add_options, check_flag, from_args
 
 
 def _frame_file(sequence: str, kind: str, frame: str, suffixes) -> str:
@@ -109,6 +109,9 @@ def main(argv=None) -> int:
                 obj = os.path.basename(masks[0])[len(parts[0]) + 1:-4] if masks else "object"
             pairs.append({"sequence": sequence, "source": parts[0], "target": parts[1], "object": obj})
     try:
+        check_flag("--out", args.out, str, path="out_dir")
+        for sequence in args.sequence:
+            check_flag("--sequence", sequence, str, path="dir")
         labels = make_split(args.out, args.split, pairs, from_args(args, GraphOptions))
     except ValueError as error:   # FormatError, GraphError, OptionError
         print(f"error: {error}", file=sys.stderr)

@@ -354,6 +354,16 @@ CASES = [
          lambda c: ["--out", os.path.join(c.tmp, "file"), "--pairs", "1"], "is a file", setup=_a_file),
     Case("syn-real-frames-missing", "-m dataset.synthetic",
          _synthetic("--real-frames", "/nonexistent/frames"), "folder not found"),
+    # python -m dataset.make_split, python -m utils.checkpoints
+    Case("split-out-file", "-m dataset.make_split",
+         lambda c: ["--out", os.path.join(c.tmp, "file"), "--split", "s", "--sequence", c.tmp,
+                    "--pair", "000000:000001"], "is a file", setup=_a_file),
+    Case("split-sequence-missing", "-m dataset.make_split",
+         lambda c: ["--out", os.path.join(c.tmp, "new"), "--split", "s", "--sequence",
+                    os.path.join(c.tmp, "nowhere"), "--pair", "000000:000001"], "folder not found"),
+    Case("release-random-source", "-m utils.checkpoints",
+         lambda c: [os.path.join(c.tmp, "random.pt"), os.path.join(c.tmp, "release.pt")], "not a checkpoint",
+         setup=_random_checkpoint),
     Case("syn-motion-scale-nan", "-m dataset.synthetic", _synthetic("--motion-scale", "nan"), "--motion-scale"),
 ]
 
