@@ -68,7 +68,8 @@ def agreement(ours, reference) -> str:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=20,
                         help="timed runs of ours per configuration (median)")
     parser.add_argument("--threads", type=int, default=2, help="threads of our parallel run")
@@ -91,11 +92,12 @@ def main():
 
     object_pixels = int((mask & (depth > 0) & (depth <= GraphOptions().max_depth)).sum())
     anchored = int((graph.pixel_anchors >= 0).all(axis=2).sum())
-    lines = [f"| step | ours, {args.threads} threads (ms) | ours, 1 thread (ms) | reference, 1 thread (ms) |",
+    lines = [(f"| step | ours, {args.threads} threads (ms) | ours, 1 thread (ms) | "
+              "reference, 1 thread (ms) |"),
              "| --- | ---: | ---: | ---: |"]
     lines += [f"| {s} | {1000 * parallel[s]:.1f} | {1000 * serial[s]:.1f} | - |" for s in STEPS]
-    lines += [f"| total (wall) | {1000 * parallel_total:.1f} | {1000 * serial_total:.1f} | "
-              f"{1000 * reference_total:.0f} |"]
+    lines.append(f"| total (wall) | {1000 * parallel_total:.1f} | {1000 * serial_total:.1f} | "
+                 f"{1000 * reference_total:.0f} |")
     summary = (f"seq258 source frame with its mask: {graph.num_nodes} nodes, "
                f"{int((graph.edges >= 0).sum())} edges, {anchored} of {object_pixels} object pixels "
                f"with 4 anchors ({100 * anchored / object_pixels:.2f}%); {agreement(graph, reference)}")
@@ -107,7 +109,8 @@ def main():
     print(f"speedup_vs_reference={speedup:.1f}")
     if args.write:
         path = os.path.join(REPO, "BENCHMARKS.md")
-        text = open(path).read()
+        with open(path) as handle:
+            text = handle.read()
         block = (f"<!-- bench_graph:start -->\n{table}\n\n{summary}. End to end ours takes "
                  f"{1000 * parallel_total:.1f} ms with {args.threads} threads, the reference "
                  f"{reference_total:.1f} s: speedup_vs_reference={speedup:.1f} "
@@ -119,7 +122,8 @@ def main():
         text, count = re.subn(r"<!-- bench_graph:start -->.*?<!-- bench_graph:end -->", block, text,
                               flags=re.S)
         if count != 1:
-            raise SystemExit(f"{path}: expected one <!-- bench_graph:start/end --> block, found {count}")
+            raise SystemExit(f"{path}: expected one <!-- bench_graph:start/end --> block, "
+                             f"found {count}")
         with atomic_open(path, "w") as handle:
             handle.write(text)
 
