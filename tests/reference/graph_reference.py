@@ -208,7 +208,8 @@ def components(edges: List[List[int]], valid: List[bool]) -> List[int]:
 
 
 def build_graph_reference(depth: np.ndarray, intrinsics: Dict[str, float],
-                          mask: Optional[np.ndarray] = None, scene_flow: Optional[np.ndarray] = None,
+                          mask: Optional[np.ndarray] = None,
+                          scene_flow: Optional[np.ndarray] = None,
                           options: GraphOptions = GraphOptions()) -> ReferenceGraph:
     """The graph of build_graph, computed the slow, plain way. depth (H, W) metres, mask (H, W)
     bool, scene_flow (3, H, W) (pixels without a finite scene flow get no vertex).
@@ -230,23 +231,30 @@ def build_graph_reference(depth: np.ndarray, intrinsics: Dict[str, float],
     if N < 4:
         raise ValueError(f"object too small: {N} node(s) sampled")
 
-    # Distances node -> vertex (geodesic: only within the influence radius).
-    if options.mode == "geodesic":
+    # node_dist[n]: vertex -> ranking distance from node n. Geodesic: the path length, only
+    # within the influence radius. Euclidean: the float32 squared distance, to every vertex; the
+    # op ranks by it and takes the root only for the output (two distinct squares can round to
+    # the same root, which would change the ties).
+    geodesic = options.mode == "geodesic"
+    if geodesic:
         adjacency = mesh_adjacency(vertices, faces)
         node_dist = [dijkstra(adjacency, v, options.influence_radius) for v in node_vertex]
     else:
-        def straight(v):   # float32 squared distances while ranking, sqrt at the end (as the op)
+        node_dist = []
+        for v in node_vertex:
             d = vertices - vertices[v]
-            return d[:, 0] * d[:, 0] + d[:, 1] * d[:, 1] + d[:, 2] * d[:, 2]
-        squared = [straight(v) for v in node_vertex]
-        node_dist = [dict(enumerate(s)) for s in squared]
+            squared = d[:, 0] * d[:, 0] + d[:, 1] * d[:, 1] + d[:, 2] * d[:, 2]
+            node_dist.append(dict(enumerate(squared)))
+
+    def metres(rank_distance):
+        return rank_distance if geodesic else np.sqrt(rank_distance)
 
     edges, edge_dist = [], []
     for n in range(N):
         near = nearest([(node_dist[n][node_vertex[m]], m) for m in range(N)
                         if m != n and node_vertex[m] in node_dist[n]], K)
         edges.append([m for _, m in near])
-        edge_dist.append([d if options.mode == "geodesic" else np.sqrt(d) for d, _ in near])
+        edge_dist.append([metres(d) for d, _ in near])
 
     valid = remove_weak_nodes(edges, options.min_edges)
     cluster = components(edges, valid)
@@ -278,7 +286,7 @@ def build_graph_reference(depth: np.ndarray, intrinsics: Dict[str, float],
         near = nearest(found, A)
         if not near:
             continue
-        distances = [d if options.mode == "geodesic" else np.sqrt(d) for d, _ in near]
+        distances = [metres(d) for d, _ in near]
         x, y = pixels[v]
         pixel_anchors[y, x, :len(near)] = [n for _, n in near]
         pixel_weights[y, x, :len(near)] = gaussian_weights(distances, coverage)
