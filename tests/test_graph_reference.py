@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from dataset import io
-from dataset.graph import build_graph
+from dataset.graph import GraphError, build_graph
 from options import GraphOptions
 from tests.conftest import SEQ258, assert_close, require
 from tests.reference.graph_reference import build_graph_reference
@@ -119,3 +119,12 @@ def test_seq258_crop(seq258_crop, mode):
     graph = both(depth, intr, mode, mask=mask, scene_flow=scene_flow)
     assert graph.num_nodes >= 8
     both(depth, intr, mode, mask=mask, node_coverage=0.03)   # denser: more nodes and ties
+
+
+def test_both_refuse_a_frame_too_small_for_a_graph():
+    tiny = np.zeros((60, 80), np.float32)
+    tiny[28:34, 36:44] = 1.0
+    with pytest.raises(GraphError, match="too small"):
+        build_graph(tiny, INTR)
+    with pytest.raises(ValueError, match="too small"):
+        build_graph_reference(tiny, INTR)
