@@ -2,6 +2,7 @@
 # make test        setup, then the import layering, the linter and the test suite
 # make demo        setup, then the two-frame demo on example_data/ (headless without a display)
 # make cuda-check  compile every csrc/*/*.cu with nvcc (syntax and device code; no GPU needed)
+# make gpu-test    on a machine with a GPU: every CUDA path against its CPU path (says so and exits 0 without one)
 # make bench       run the benchmarks in benchmarks/
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -10,7 +11,7 @@ PY := $(VENV)/bin/python
 EXT_SOURCES := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' \)) setup.py
 PYTEST_FLAGS ?= -q
 
-.PHONY: setup system-packages test demo cuda-check bench clean
+.PHONY: setup system-packages test demo cuda-check gpu-test bench clean
 
 setup: system-packages $(VENV)/.ext-built
 
@@ -50,6 +51,9 @@ demo: setup
 
 cuda-check: setup
 	$(PY) resources/cuda_check.py
+
+gpu-test: setup
+	$(PY) resources/gpu_test.py
 
 bench: setup
 	$(PY) benchmarks/bench_graph.py

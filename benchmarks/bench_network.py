@@ -1,12 +1,13 @@
 """Times the flow backbone (PWC-Net) and the weighting head (MaskNet) against the literal reference.
 
 At 640x448 on CPU, per frame pair: the reference (``tests/reference/pwcnet_reference.py``: the
-81-displacement cost-volume loop, NCHW, autograd recording as in the reference's training-mode
-modules, i.e. weights that require grad and no inference mode) and ours (``model.pwcnet``,
-``model.masknet``) with and without ``torch.inference_mode()``. All variants run round-robin in
-the same process and rounds, so a load from other processes hits them alike; each figure is the
-median over rounds. Prints a table, then the agreement of the outputs, and last
-``speedup_vs_reference=X``: (reference backbone + head) / (ours in inference mode, backbone + head).
+81-displacement cost-volume loop, NCHW) and ours (``model.pwcnet``, ``model.masknet``), each
+twice: recording autograd (weights that require grad, as in training) and in
+``torch.inference_mode()`` (as at test time). All variants run round-robin in the same process
+and rounds, so a load from other processes hits them alike; each figure is the median over
+rounds. Prints a table with each variant's speedup against the reference *in the same mode*, the
+agreement of the outputs, and last ``speedup_vs_reference=X``: reference / ours, backbone + head,
+both in inference mode (like with like).
 
     python benchmarks/bench_network.py --repeats 10 --threads 2
 """
@@ -71,8 +72,12 @@ def main():
         return run
 
     variants = {
-        ("reference", "backbone"): lambda: reference.pwcnet_reference(ref_flow, source, target),
-        ("reference", "head"): lambda: reference.masknet_reference(ref_mask, features2, aux),
+        ("reference, autograd", "backbone"): lambda: reference.pwcnet_reference(ref_flow, source, target),
+        ("reference, autograd", "head"): lambda: reference.masknet_reference(ref_mask, features2, aux),
+        ("reference, inference_mode", "backbone"):
+            inference(lambda: reference.pwcnet_reference(flow_state, source, target)),
+        ("reference, inference_mode", "head"):
+            inference(lambda: reference.masknet_reference(mask_state, features2, aux)),
         ("ours, autograd", "backbone"): ours_backbone,
         ("ours, autograd", "head"): ours_head,
         ("ours, inference_mode", "backbone"): inference(ours_backbone),
@@ -93,17 +98,21 @@ def main():
 
     print(f"PWC-Net + MaskNet at {WIDTH}x{HEIGHT}, CPU, {torch.get_num_threads()} threads, "
           f"median of {args.repeats} rounds (s per pair)")
-    print(f"{'variant':24s} {'backbone':>9s} {'head':>9s} {'total':>9s} {'speedup':>8s}")
-    ref_total = median[("reference", "backbone")] + median[("reference", "head")]
-    for name in ("reference", "ours, autograd", "ours, inference_mode"):
-        backbone, head = median[(name, "backbone")], median[(name, "head")]
-        print(f"{name:24s} {backbone:9.3f} {head:9.3f} {backbone + head:9.3f} {ref_total / (backbone + head):7.2f}x")
-    ref_out, our_out = outputs[("reference", "backbone")], outputs[("ours, inference_mode", "backbone")]
+    print(f"{'variant':27s} {'backbone':>9s} {'head':>9s} {'total':>9s} {'vs reference, same mode':>24s}")
+    total = {name: median[(name, "backbone")] + median[(name, "head")]
+             for name in {key[0] for key in variants}}
+    for mode in ("autograd", "inference_mode"):
+        for name in (f"reference, {mode}", f"ours, {mode}"):
+            backbone, head = median[(name, "backbone")], median[(name, "head")]
+            ratio = total[f"reference, {mode}"] / total[name]
+            print(f"{name:27s} {backbone:9.3f} {head:9.3f} {total[name]:9.3f} {ratio:23.2f}x")
+    ref_out = outputs[("reference, inference_mode", "backbone")]
+    our_out = outputs[("ours, inference_mode", "backbone")]
     flow_diff = max(float((a - b).abs().max()) for a, b in zip(ref_out[:5], our_out[:5]))
-    mask_diff = float((outputs[("reference", "head")] - outputs[("ours, inference_mode", "head")]).abs().max())
+    mask_diff = float((outputs[("reference, inference_mode", "head")]
+                       - outputs[("ours, inference_mode", "head")]).abs().max())
     print(f"max |ours - reference|: flows {flow_diff:.2e}, mask {mask_diff:.2e}")
-    ours_total = median[("ours, inference_mode", "backbone")] + median[("ours, inference_mode", "head")]
-    print(f"speedup_vs_reference={ref_total / ours_total:.2f}")
+    print(f"speedup_vs_reference={total['reference, inference_mode'] / total['ours, inference_mode']:.2f}")
 
 
 if __name__ == "__main__":

@@ -26,9 +26,12 @@ other; 32 columns and more lose to the wasted arithmetic, and one band over the 
 
 Everything here is differentiable with ordinary autograd (``unfold``, ``bmm``, a non-overlapping
 strided view of each product and one ``stack``), which tests check against the literal loop. The
-loop runs over tiles only (10 at level 2 for 640 columns), so the whole level is a few dozen
-operator calls, where the literal loop makes 162.
+loop runs over tiles (10 at level 2 for 640 columns; on a GPU the batch is part of each product,
+so it gets one launch per tile whatever the batch size), so the whole level is a few dozen operator
+calls, where the literal loop makes 162.
 """
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -37,7 +40,8 @@ WINDOW = 2 * RADIUS + 1
 TILE = 16
 
 
-def correlation(first: torch.Tensor, second: torch.Tensor, tile: int = TILE) -> torch.Tensor:
+def correlation(first: torch.Tensor, second: torch.Tensor, tile: int = TILE,
+                images_per_product: Optional[int] = None) -> torch.Tensor:
     """Cost volume of search radius 4 between two feature maps.
 
     Args:
@@ -45,6 +49,8 @@ def correlation(first: torch.Tensor, second: torch.Tensor, tile: int = TILE) -> 
         second: (B, C, H, W) float target features, same shape, dtype and device.
         tile: the most columns per matrix product (a speed knob; the result does not depend on it
             beyond float rounding). The width is split into equal tiles of at most this size.
+        images_per_product: how many images of the batch share one matrix product (another speed
+            knob; None: the whole batch on a GPU, one image on a CPU).
     Returns:
         (B, 81, H, W) tensor, channels-last in memory for B = 1: the mean over channels of
         ``first * second`` shifted by (dy, dx), channel ``(dy+4)*9 + (dx+4)``.
@@ -69,16 +75,24 @@ def correlation(first: torch.Tensor, second: torch.Tensor, tile: int = TILE) -> 
     # The reachable columns of every tile, copied once: (B, count, H+8, span, C). The 9-row
     # windows of a tile are then a view (H, 9, span, C) whose (9, span) merge into one dimension.
     reach = padded.unfold(2, span, tile).permute(0, 2, 1, 4, 3).contiguous()
-    per_image = []
-    for b in range(batch):
+    # On a GPU the whole batch goes into each product (one launch per tile). On a CPU one image at
+    # a time is faster: its window copy (about 3 MB at level 2) stays in cache for the product,
+    # where the whole batch's does not (measured 2.3x slower at batch 4, same results).
+    step = images_per_product or (batch if first.is_cuda else 1)
+    per_chunk = []
+    for b0 in range(0, batch, step):
+        n = min(step, batch - b0)
         bands = []
         for i in range(count):
-            windows = reach[b, i].unfold(0, WINDOW, 1).permute(0, 3, 1, 2).reshape(height, WINDOW * span, channels)
-            products = torch.bmm(rows[b, :, i * tile:(i + 1) * tile], windows.transpose(1, 2))  # (H, t, 9*span)
-            # products[y, x, dy*span + x + dx] is the wanted entry: stride 9*span+1 along x.
-            bands.append(products.as_strided((height, tile, WINDOW, WINDOW),
-                                             (tile * WINDOW * span, WINDOW * span + 1, span, 1)))
-        per_image.append(torch.stack(bands, dim=1))  # (H, count, t, 9, 9)
-    out = per_image[0].unsqueeze(0) if batch == 1 else torch.stack(per_image, dim=0)
+            windows = reach[b0:b0 + n, i].unfold(1, WINDOW, 1).permute(0, 1, 4, 2, 3)  # (n, H, 9, span, C)
+            windows = windows.reshape(n * height, WINDOW * span, channels)
+            tile_rows = rows[b0:b0 + n, :, i * tile:(i + 1) * tile].reshape(n * height, tile, channels)
+            products = torch.bmm(tile_rows, windows.transpose(1, 2))  # (n*H, t, 9*span)
+            # products[b*H + y, x, dy*span + x + dx] is the wanted entry: stride 9*span+1 along x.
+            bands.append(products.as_strided((n, height, tile, WINDOW, WINDOW),
+                                             (height * tile * WINDOW * span, tile * WINDOW * span,
+                                              WINDOW * span + 1, span, 1)))
+        per_chunk.append(torch.stack(bands, dim=2))  # (n, H, count, t, 9, 9)
+    out = per_chunk[0] if len(per_chunk) == 1 else torch.cat(per_chunk, dim=0)
     out = out.view(batch, height, count * tile, WINDOW * WINDOW)[:, :, :width]
     return out.permute(0, 3, 1, 2).div_(channels)

@@ -162,13 +162,14 @@ def test_masknet_reproduces_fixture(networks, fixture_run):
 
 
 @pytest.mark.parametrize("shape", [(1, 5, 6, 7), (2, 40, 9, 11), (1, 70, 5, 13), (1, 3, 12, 4), (2, 33, 10, 37)])
-@pytest.mark.parametrize("tile", [16, 4])
-def test_correlation_matches_loop(shape, tile):
+@pytest.mark.parametrize("tile, images_per_product", [(16, None), (4, None), (4, 2)])
+def test_correlation_matches_loop(shape, tile, images_per_product):
     first = torch.randn(shape, requires_grad=True)
     second = torch.randn(shape, requires_grad=True)
     expected = correlation_reference(first, second)
     # Channels-last inputs, the layout PWCNet feeds in, take the copy-free path.
-    ours = correlation(first.contiguous(memory_format=torch.channels_last), second, tile=tile)
+    ours = correlation(first.contiguous(memory_format=torch.channels_last), second, tile=tile,
+                       images_per_product=images_per_product)
     assert ours.shape == (shape[0], 81, shape[2], shape[3])
     assert_close(ours, expected, atol=1e-5, rtol=1e-5, what="correlation")
     upstream = torch.randn_like(expected)
@@ -195,9 +196,11 @@ def test_correlation_channel_order_and_padding():
 
 
 def test_correlation_gradcheck_float64():
-    first = torch.randn(1, 3, 5, 6, dtype=torch.float64, requires_grad=True)
-    second = torch.randn(1, 3, 5, 6, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, b: correlation(a, b, tile=4), (first, second), fast_mode=True)
+    first = torch.randn(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)
+    second = torch.randn(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)
+    for images in (1, 2):
+        assert torch.autograd.gradcheck(lambda a, b: correlation(a, b, tile=4, images_per_product=images),
+                                        (first, second), fast_mode=True)
 
 
 def test_correlation_rejects_mismatched_inputs():

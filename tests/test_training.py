@@ -50,6 +50,7 @@ def test_stages_resume_and_checkpoints(data, tmp_path):
     state = torch.load(last, weights_only=True)
     assert state["iteration"] == 2 and state["tracker_options"]["network_width"] == 160
     assert {"optimizer", "scheduler", "rng", "model", "solver_options"} <= set(state)
+    assert {"torch", "numpy_keys", "python_state", "cuda"} <= set(state["rng"])  # CUDA's too, [] without a GPU
     # --resume continues from iteration 2 and says so
     result = _train("--stage", "0_flow", "--experiment", "s0", "--max-iterations", "4", "--val-every", "100",
                     "--resume", *common)

@@ -206,7 +206,9 @@ class Trainer:
         return {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
                 "numpy_pos": int(pos), "numpy_has_gauss": int(has_gauss), "numpy_cached": float(cached),
                 "python_version": version, "python_state": torch.tensor(state, dtype=torch.int64),
-                "python_gauss": gauss}
+                "python_gauss": gauss,
+                # One state per visible GPU (dropout, random match subsets drawn on the device).
+                "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else []}
 
     @staticmethod
     def _set_rng_state(rng: dict) -> None:
@@ -214,6 +216,10 @@ class Trainer:
         np.random.set_state(("MT19937", rng["numpy_keys"].numpy().astype(np.uint32), rng["numpy_pos"],
                              rng["numpy_has_gauss"], rng["numpy_cached"]))
         random.setstate((rng["python_version"], tuple(rng["python_state"].tolist()), rng["python_gauss"]))
+        cuda_states = rng.get("cuda", [])
+        if cuda_states and torch.cuda.is_available():
+            # A resume on a machine with fewer GPUs restores those it has.
+            torch.cuda.set_rng_state_all(cuda_states[:torch.cuda.device_count()])
 
     def _state(self) -> dict:
         # No validation yet is stored as None: a checkpoint holds no non-finite number.

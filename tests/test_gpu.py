@@ -1,0 +1,207 @@
+"""CUDA against CPU: every op with a CUDA launcher, a prediction run and training steps.
+
+Run with `make gpu-test` on a machine with a GPU and a CUDA build of nnrt_ext. Everywhere else
+these tests are skipped with the reason (`make test` shows them as skipped), never passed.
+
+Each op is run on the same inputs on the CPU and on CUDA, in float32 and float64, and outputs and
+gradients are compared; the float64 CPU result is the reference. Tolerances: float64 to 1e-9
+relative (both devices do the same arithmetic; only the order of a few sums differs), float32 to
+what its 24-bit mantissa allows after sums of a few hundred terms.
+"""
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from model import image_proc
+from model import solver as gn
+from model.ext import cuda_unavailable_reason
+from model.hashgrid import hash_encode
+from options import SolverOptions
+from tests.conftest import REPO, assert_close, small_synthetic_split
+from tests.solver_problems import make_problem, to_solver_problem
+
+# NNRT_GPU_TEST_DEVICE=cpu runs the same comparisons CPU against CPU: a check of this module's own
+# code on a machine without a GPU (it proves nothing about CUDA).
+DEVICE = os.environ.get("NNRT_GPU_TEST_DEVICE", "cuda")
+_REASON = cuda_unavailable_reason() if DEVICE == "cuda" else ""
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(bool(_REASON), reason=f"no usable CUDA: {_REASON}")]
+
+DTYPES = [torch.float32, torch.float64]
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float64: dict(atol=1e-9, rtol=1e-9)}
+
+
+def _both(fn, *inputs, grad=False):
+    """fn on CPU and on CUDA copies of `inputs`: (outputs, input gradients) for each device.
+
+    With grad, floating inputs get the gradient of sum(output_i * probe_i), the same random probes
+    on both devices."""
+    results = []
+    for device in ("cpu", DEVICE):
+        leaves = [x.detach().to(device).requires_grad_(grad and x.is_floating_point())
+                  if torch.is_tensor(x) else x for x in inputs]
+        outputs = fn(*leaves)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        grads = ()
+        if grad:
+            wrt = [x for x in leaves if torch.is_tensor(x) and x.requires_grad]
+            probes = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i), dtype=o.dtype).to(device)
+                      for i, o in enumerate(outputs)]
+            used = [(o, p) for o, p in zip(outputs, probes) if o.requires_grad]
+            grads = torch.autograd.grad([o for o, _ in used], wrt, [p for _, p in used], allow_unused=True)
+        results.append(([o.detach().cpu() for o in outputs],
+                        [None if g is None else g.cpu() for g in grads]))
+    return results
+
+
+def _compare(results, dtype, what):
+    (cpu_out, cpu_grad), (gpu_out, gpu_grad) = results
+    for i, (a, b) in enumerate(zip(gpu_out, cpu_out)):
+        if a.is_floating_point():
+            assert_close(a, b, what=f"{what} output {i}", **TOL[dtype])
+        else:
+            assert torch.equal(a, b), f"{what} output {i} differs"
+    for i, (a, b) in enumerate(zip(gpu_grad, cpu_grad)):
+        assert (a is None) == (b is None), f"{what}: gradient {i} exists on one device only"
+        if a is not None:
+            assert_close(a, b, what=f"{what} gradient {i}", **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_image_ops(dtype):
+    gen = torch.Generator().manual_seed(0)
+    depth = 0.5 + torch.rand(48, 64, generator=gen, dtype=dtype)
+    depth[::7, ::5] = 0.0
+    depth[10:14, 20:30] = 7.0  # beyond max_depth
+    intrinsics = {"fx": 60.0, "fy": 61.0, "cx": 31.5, "cy": 23.5}
+    _compare(_both(lambda d: image_proc.backproject_depth(d, intrinsics), depth), dtype, "backproject_depth")
+    points = image_proc.backproject_depth(depth, intrinsics)
+    results = _both(lambda p: image_proc.depth_boundary_mask(p, radius=2, max_distance=0.05), points)
+    _compare(results, dtype, "depth_boundary_mask")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim,features,log2_size", [(3, 2, 8), (4, 2, 16), (4, 8, 10)])
+def test_hash_encoding(dtype, dim, features, log2_size):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(4000, dim, generator=gen, dtype=dtype)
+    x[0], x[1], x[2] = -0.5, 1.0, 1.5  # clamped, boundary, clamped
+    table = torch.randn(6, 2 ** log2_size, features, generator=gen, dtype=dtype)
+    results = _both(lambda p, t: hash_encode(p, t, 2, 96), x, table, grad=True)
+    _compare(results, dtype, "hash_encode")
+
+
+def _random_terms(M, S, B, N, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    J = torch.randn(M, 3, 6 * S, generator=gen, dtype=dtype)
+    r = torch.randn(M, 3, generator=gen, dtype=dtype)
+    sample = torch.randint(0, B, (M, 1), generator=gen)
+    nodes = sample * N + torch.randint(0, N, (M, S), generator=gen)
+    nodes[::5, 0] = -1    # slot 0 unused: the other slots still count
+    nodes[1::7, S - 1] = -1
+    return J, r, nodes
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_normal_equation_assembly(dtype):
+    J, r, nodes = _random_terms(M=3000, S=4, B=2, N=30, dtype=dtype, seed=2)
+    assemble = lambda J, r: gn.assemble_normal_equations(J, r, nodes.to(J.device), 2, 30)  # noqa: E731
+    results = _both(assemble, J, r, grad=True)
+    _compare(results, dtype, "assemble_normal_equations")
+    # On the GPU too: exactly symmetric, and the same bits on every run (no thread-order sums).
+    first = assemble(J.to(DEVICE), r.to(DEVICE))
+    second = assemble(J.to(DEVICE), r.to(DEVICE))
+    assert torch.equal(first[0], first[0].transpose(1, 2)), "A is not exactly symmetric on CUDA"
+    assert all(torch.equal(a, b) for a, b in zip(first, second)), "assembly is not deterministic on CUDA"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_match_jacobian(dtype):
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(500, 4, 3, generator=gen, dtype=dtype)
+    w = torch.rand(500, 4, generator=gen, dtype=dtype)
+    dv = torch.randn(500, 5, generator=gen, dtype=dtype)
+    results = _both(gn.match_jacobian, q, w, dv, grad=True)
+    _compare(results, dtype, "match_jacobian")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gauss_newton_step(dtype):
+    J1, r1, n1 = _random_terms(M=800, S=4, B=2, N=12, dtype=dtype, seed=5)
+    J2, r2, n2 = _random_terms(M=100, S=2, B=2, N=12, dtype=dtype, seed=6)
+    diagonal = torch.full((2, 72), 0.5, dtype=dtype)
+
+    def step(J1, r1, J2, r2):
+        return gn.gauss_newton_step(diagonal.to(J1.device), 2, 12, J1, r1, n1.to(J1.device),
+                                    J2, r2, n2.to(J1.device))[0]
+
+    results = _both(step, J1, r1, J2, r2, grad=True)
+    _compare(results, dtype, "gauss_newton_step")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_whole_solve(dtype):
+    problem = to_solver_problem([make_problem(points_side=16, seed=s, dtype=dtype) for s in (8, 9)])
+    options = SolverOptions(iterations=5, robust_loss="cauchy")
+    cpu = gn.solve(problem, options)
+    on_gpu = {f.name: getattr(problem, f.name) for f in dataclasses.fields(problem)}
+    on_gpu = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in on_gpu.items()}
+    gpu = gn.solve(dataclasses.replace(problem, **on_gpu), options)
+    assert list(gpu.status) == list(cpu.status)
+    tol = TOL[dtype] if dtype == torch.float64 else dict(atol=1e-4, rtol=1e-3)
+    assert_close(gpu.rotations.cpu(), cpu.rotations, what="rotations", **tol)
+    assert_close(gpu.translations.cpu(), cpu.translations, what="translations", **tol)
+
+
+def _run(*args):
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def _epe(output: str) -> float:
+    return float(re.search(r"EPE 3D \(mm\): ([0-9.]+)", output).group(1))
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    return small_synthetic_split(tmp_path_factory, "gpu_split", pairs=6, seed=41)
+
+
+@pytest.mark.parametrize("flow", ["dis", "network"])
+def test_generate_on_cuda_scores_like_cpu(split, tmp_path, flow):
+    scores = {}
+    for name, device in (("cpu", "cpu"), ("cuda", DEVICE)):
+        out = str(tmp_path / name)
+        _run("generate.py", "--dataset-dir", split, "--split", "test", "--out", out, "--flow", flow,
+             "--device", device, "--quiet")
+        scores[name] = _epe(_run("evaluate.py", "--dataset-dir", split, "--split", "test",
+                                   "--predictions", out, "--quiet"))
+    # Same matches on both (the match subsample is drawn on the CPU); float32 sums in another
+    # order move the figure by far less than 1%.
+    assert abs(scores["cuda"] - scores["cpu"]) <= 0.01 * scores["cpu"] + 0.05, scores
+
+
+def test_training_steps_of_every_stage_on_cuda(tmp_path_factory, tmp_path):
+    from dataset.synthetic import generate
+    from options import SyntheticOptions
+
+    root = str(tmp_path_factory.mktemp("gpu_train"))
+    generate(root, "train", 4, 43, SyntheticOptions(width=320, height=240), progress=False)
+    generate(root, "val", 2, 44, SyntheticOptions(width=320, height=240), progress=False)
+    ws = str(tmp_path / "ws")
+    init = []
+    for stage in ("0_flow", "1_solver", "2_mask", "3_refine"):
+        _run("train.py", "--stage", stage, "--experiment", stage, "--dataset-dir", root, "--workspace", ws,
+             "--device", DEVICE, "--max-iterations", "20", "--val-every", "20", "--batch-size", "2",
+             "--num-workers", "0", "--val-pairs", "2", *init)
+        best = os.path.join(ws, stage, "checkpoints", "best.pt")
+        state = torch.load(best, weights_only=True, map_location="cpu")
+        assert state["iteration"] == 20
+        assert all(np.isfinite(v.float().numpy()).all() for v in state["model"].values())
+        init = ["--init", best]
