@@ -17,6 +17,7 @@ import re
 import statistics
 import time
 
+import numpy as np
 import torch
 
 from dataset import io
