@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from dataset import io
+from model.ext import cuda_unavailable_reason
 from tests.conftest import REPO
 
 ENV = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
@@ -366,6 +367,11 @@ CASES = [
          setup=_random_checkpoint),
     Case("syn-motion-scale-nan", "-m dataset.synthetic", _synthetic("--motion-scale", "nan"), "--motion-scale"),
 ]
+if cuda_unavailable_reason():
+    # Where CUDA cannot run (this CPU machine, or a build without CUDA launchers), asking for it
+    # is a one-line error naming the fix, not a traceback at the first solver call.
+    CASES.append(Case("gen-device-cuda", "generate.py", lambda c: _gen()(c) + ["--device", "cuda"],
+                      "--device cuda: CUDA cannot be used"))
 
 
 def _run(tool: str, args: List[str]):

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from dataset.fileio import atomic_open
+from model.ext import DeviceError, resolve_device
 from model.tracker import Tracker
 from options import (ArgumentParser, OptionError, RunOptions, SolverOptions, TrackerOptions, check_flag, from_args,
                      from_dict)
@@ -347,15 +348,14 @@ def build_tracker(args: argparse.Namespace, checkpoint: Optional[str], log=print
 
 
 def setup_run(run: RunOptions) -> str:
-    """Applies --threads and returns the torch device --device names ("auto": cuda when
-    available)."""
+    """Applies --threads and returns the torch device --device names ("auto": cuda when torch
+    sees a GPU and nnrt_ext has its CUDA launchers, see model.ext.resolve_device)."""
     if run.threads:
         torch.set_num_threads(run.threads)
-    if run.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if run.device.startswith("cuda") and not torch.cuda.is_available():
-        raise OptionError(f"--device {run.device}: this torch has no CUDA device; use --device cpu")
-    return run.device
+    try:
+        return str(resolve_device(run.device))
+    except DeviceError as error:
+        raise OptionError(str(error)) from None
 
 
 def main(argv=None) -> int:
