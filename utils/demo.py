@@ -365,10 +365,10 @@ def report_and_show(batch: Dict, out: Dict, tracker, residual: Optional[Residual
         n = int(batch["num_nodes"][0])
 
         def errors_of(scene_flow):
-            return pair_errors(batch["name"][0], out["translations"][0, :n].numpy(),
-                               batch["node_deformations"][0, :n].numpy(), np.nan_to_num(scene_flow[0].numpy()),
-                               batch["scene_flow"][0].numpy(), batch["source_points"][0, 2].numpy(),
-                               batch["pixel_anchors"][0].numpy())
+            return pair_errors(batch["name"][0], out["translations"][0, :n].cpu().numpy(),
+                               batch["node_deformations"][0, :n].cpu().numpy(), np.nan_to_num(scene_flow[0].cpu().numpy()),
+                               batch["scene_flow"][0].cpu().numpy(), batch["source_points"][0, 2].cpu().numpy(),
+                               batch["pixel_anchors"][0].cpu().numpy())
 
         errors = errors_of(out["scene_flow"])
         refined_epe = "" if refined_flow is None else \
