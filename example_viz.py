@@ -5,6 +5,7 @@
         --target-depth T.png --intrinsics I.txt [--mask M.png]          # your own pair
     python example_viz.py --headless --out DIR              # render the views to PNG files
     python example_viz.py --residual                        # + the hash-grid residual refinement
+    python example_viz.py --sequence OUT [--headless]       # play a fuse.py run (animated mesh)
 
 Uses the shipped checkpoint's flow network by default (--flow dis when none is shipped). Without
 a display (or with --headless) it renders source.png, target.png, both.png, correspondences.png,
@@ -24,6 +25,7 @@ from options import (ArgumentParser, GraphOptions, ResidualOptions, RunOptions, 
                      add_options, check_flag, from_args)
 from utils.checkpoints import (CheckpointError, build_tracker, default_checkpoint, default_checkpoint_for,
                                parse_with_checkpoint, pick_front_end, setup_run)
+from utils.fusion_viz import show_sequence
 from utils.demo import PAIR_FILES, load_pair, report_and_show, track_pair
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -45,6 +47,9 @@ def build_parser(first=None, stored_tracker=None, stored_solver=None) -> argpars
     parser.add_argument("--headless", action="store_true", help="render the views to PNG instead of a window "
                                                                 "(automatic without a display)")
     parser.add_argument("--out", default="demo_output", help="folder of the PNG files (headless)")
+    parser.add_argument("--sequence", default=None,
+                        help="play the --out folder of a fuse.py run instead: the animated mesh beside "
+                             "the input frames (headless: OUT/viz/*.png and OUT/viz/fusion.mp4)")
     parser.add_argument("--residual", action="store_true",
                         help="refine the alignment with a 4D hash-grid residual deformer fitted to "
                              "the pair (the --residual-* flags; the R key, aligned_refined.png)")
@@ -59,6 +64,10 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         args, checkpoint = parse_with_checkpoint(build_parser, argv, default_checkpoint_for)
+        if args.sequence is not None:
+            check_flag("--sequence", args.sequence, str, path="dir")
+            show_sequence(args.sequence, args.headless)
+            return 0
         setup_run(from_args(args, RunOptions))
         check_flag("--out", args.out, str, path="out_dir")
         if pick_front_end(args, checkpoint):

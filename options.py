@@ -555,3 +555,54 @@ class ResidualOptions:
                        "busy machine far more (40 steps: 1.6 s with 1 thread, 16 s "
                        "with 2 on a 2-core machine with one core taken)", ge=0)
     seed: int = opt(0, "seed of the table initialisation and the point sampling", ge=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Non-rigid fusion of a sequence (docs/DESIGN.md 5.9, fusion/, fuse.py)
+
+
+@dataclass
+class FusionOptions:
+    sequence: str = opt("", "sequence folder: color/, depth/, mask/, intrinsics.txt (DeepDeform layout)",
+                        path="dir")
+    out: str = opt("fusion_out", "output folder: canonical.ply, frames/, nodes.npz, frames.csv, "
+                                 "preview.png, fusion.mp4, state.pt", path="out_dir")
+    object: Optional[str] = opt(None, "object name: the first frame's mask is mask/NNNNNN_<object>.png")
+    mask: Optional[str] = opt(None, "object mask PNG of the first frame (default: its mask in mask/)",
+                              path="file")
+    frames: Optional[str] = opt(None, "frames to fuse, START:END[:STEP] in input frame numbers "
+                                      "(END exclusive; default: all)", pattern=r"\d*:\d*(:\d+)?",
+                                expect="START:END[:STEP]")
+    voxel_size: float = opt(0.005, "TSDF voxel size in metres", gt=0)
+    truncation: float = opt(0.025, "TSDF truncation in metres (less than 8 voxels: one block)", gt=0)
+    weight_cap: float = opt(64.0, "largest integration weight of a voxel (older frames fade)", gt=0)
+    node_coverage: float = opt(0.05, "deformation graph node spacing and skinning sigma, metres", gt=0)
+    anchor_candidates: int = opt(16, "nearest nodes of each voxel block among which every voxel "
+                                     "finds its anchors", ge=4, le=64)
+    max_anchor_distance: float = opt(2.0, "voxels whose nearest node is farther than this many "
+                                          "node coverages are not integrated (no reliable warp)", gt=0)
+    dual_quaternion: bool = opt(False, "blend node motions as dual quaternions instead of linearly")
+    oracle_motion: bool = opt(False, "oracle study: node motions from the synthetic sequence's "
+                                     "gt/ instead of tracking")
+    tracking: str = opt("model", "what each frame is tracked against: the model rendered at the "
+                                 "previous motion (model), or the previous input frame (previous)",
+                        choices=("model", "previous"))
+    max_match_distance: float = opt(0.05, "drop a correspondence whose target point lies farther "
+                                          "than this many metres from its (rendered) source point", gt=0)
+    max_normal_angle: float = opt(60.0, "drop a correspondence whose source and target normals "
+                                        "differ by more than this many degrees", gt=0, le=180)
+    grow_nodes: bool = opt(True, "insert nodes where the canonical surface outgrows node coverage")
+    max_new_nodes: int = opt(20, "most nodes inserted per frame", ge=0)
+    max_nodes: int = opt(480, "no nodes are inserted beyond this many (the dense solver's "
+                              "limit is --max-nodes of the solver)", ge=4)
+    object_distance: float = opt(1.0, "a live pixel not explained by the model is new object "
+                                      "surface when within this many node coverages of a warped "
+                                      "node (keeps the background out)", gt=0)
+    extraction_weight: float = opt(1.0, "marching cubes uses voxels with at least this weight", ge=0)
+    save_every: int = opt(10, "write the resumable state OUT/state.pt every this many frames", ge=1)
+    resume: bool = opt(False, "continue an interrupted run from OUT/state.pt")
+    deepdeform_names: bool = opt(False, "also write OUT/deepdeform/<seq>_<segmentEnd>_<frame>.ply "
+                                         "(DeepDeform's reconstruction benchmark naming)")
+    video: bool = opt(True, "write OUT/fusion.mp4 (input, model, overlay per frame)")
+    preview_frames: int = opt(4, "frames shown in OUT/preview.png", ge=1)
+    show: bool = opt(False, "open the result in an Open3D window at the end (example_viz.py --sequence)")

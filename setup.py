@@ -49,7 +49,7 @@ setup(
     version="0.1.0",
     description="Neural non-rigid tracking of RGB-D frames, with a 4D hash-grid residual deformer",
     python_requires=">=3.9",
-    packages=["model", "dataset", "utils"],
+    packages=["model", "dataset", "fusion", "utils"],
     py_modules=["options"],
     ext_modules=[extension()],
     cmdclass={"build_ext": Build},

@@ -1,6 +1,7 @@
 // The one Python module of the extension (nnrt_ext). Each op's header documents shapes and
 // dtypes and routes CPU tensors to its CPU launcher and CUDA tensors to its CUDA launcher.
 #include "common.h"
+#include "fusion/fusion.h"
 #include "graph/graph.h"
 #include "hashgrid/hashgrid.h"
 #include "image/image.h"
@@ -43,6 +44,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("min_edges"));
   m.def("connected_components", &nnrt::ConnectedComponents, py::arg("edges"),
         py::arg("node_valid"));
+
+  // fusion
+  m.def("integrate_warped", &nnrt::IntegrateWarped, py::arg("tsdf"), py::arg("weight"),
+        py::arg("color"), py::arg("block_keys"), py::arg("block_slots"), py::arg("candidates"),
+        py::arg("nodes"), py::arg("rotations"), py::arg("translations"), py::arg("depth"),
+        py::arg("image"), py::arg("mask"), py::arg("voxel_size"), py::arg("truncation"),
+        py::arg("weight_cap"), py::arg("fx"), py::arg("fy"), py::arg("cx"), py::arg("cy"),
+        py::arg("coverage"), py::arg("max_anchor_distance"), py::arg("num_anchors"),
+        py::arg("dual_quaternion"));
 
   // solver
   m.def("assemble_normal_equations", &nnrt::AssembleNormalEquations, py::arg("J"), py::arg("r"),

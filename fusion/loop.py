@@ -1,0 +1,393 @@
+"""The per-frame fusion loop (docs/DESIGN.md 5.9).
+
+Frame 0 integrates rigidly into the TSDF and builds the graph (dataset/graph.py) from the
+first frame's masked depth. Every later frame:
+  1. render: the canonical mesh (marching cubes of the TSDF), warped by the previous frame's
+     node motions, is ray cast into the camera: depth, colour, canonical point per pixel;
+  2. flow + solve: the existing tracker's front-end (network, dis, gt) matches the rendering to
+     the new frame; matches whose target point is far from the rendered point, or whose
+     normals disagree, are dropped; the Gauss-Newton solver finds the increment of every
+     node's motion on top of the previous one (the warm start: the rendering already sits at
+     the previous motion). A failed solve is reported, keeps the last good motion and the
+     frame is not integrated;
+  3. integrate: the frame is fused warped (csrc/fusion) where it belongs to the object: where
+     the model explains it, or near a warped node (new surface); the background stays out;
+  4. grow: nodes are inserted where the new surface lies beyond node coverage, their motion
+     blended from their neighbours for this and (back-filled) every earlier frame.
+Tracking is against the model, not a chain of frame pairs, so errors do not accumulate without
+bound (`tracking="previous"` offers the frame-to-frame variant for comparison).
+"""
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from dataset.graph import GraphError, build_graph
+from fusion.graph import NodeGraph, blend_motions, inverse_warp, warp_with_anchors
+from fusion.gt import GroundTruth
+from fusion.render import Rendering, render
+from fusion.sequence import Frame, Sequence
+from fusion.volume import TSDFVolume
+from model import image_proc
+from model.ext import C
+from model.solver import SolverProblem, solve
+from options import FusionOptions, GraphOptions, SolverOptions
+
+STEPS = ("render", "flow", "solve", "integrate", "grow", "extract")
+
+
+@dataclass
+class FrameLog:
+    frame_id: int
+    seconds: float
+    matches: int
+    status: str
+    energy: float
+    nodes: int
+    new_nodes: int
+    message: str = ""
+    steps: Dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Mesh:
+    vertices: np.ndarray       # (V, 3) float32 canonical
+    faces: np.ndarray          # (F, 3) int64
+    colors: np.ndarray         # (V, 3) float32 [0, 1]
+    anchors: torch.Tensor      # (V, A) int64
+    weights: torch.Tensor      # (V, A) float32
+
+
+class Fusion:
+    """State and steps of one fusion run. `step(frame)` processes one frame; `state_dict` /
+    `load_state_dict` save and restore everything the later frames depend on."""
+
+    def __init__(self, sequence: Sequence, options: FusionOptions, solver_options: SolverOptions,
+                 tracker=None, ground_truth: Optional[GroundTruth] = None,
+                 device: torch.device = torch.device("cpu")):
+        self.sequence, self.options, self.solver_options = sequence, options, solver_options
+        self.tracker, self.gt, self.device = tracker, ground_truth, torch.device(device)
+        self.intrinsics = sequence.intrinsics
+        self.volume = TSDFVolume(options.voxel_size, options.truncation, options.weight_cap, self.device)
+        self.graph: Optional[NodeGraph] = None
+        self.rotations_history: List[torch.Tensor] = []     # per processed frame (N, 3, 3)
+        self.translations_history: List[torch.Tensor] = []  # per processed frame (N, 3)
+        self.frame_ids: List[int] = []
+        self.log: List[FrameLog] = []
+        self.previous: Optional[Frame] = None
+        self._mesh: Optional[Mesh] = None
+
+    # ------------------------------------------------------------------------------------------
+    # Motion state
+
+    @property
+    def rotations(self) -> torch.Tensor:
+        return self.rotations_history[-1]
+
+    @property
+    def translations(self) -> torch.Tensor:
+        return self.translations_history[-1]
+
+    def _record(self, frame_id: int, rotations: torch.Tensor, translations: torch.Tensor) -> None:
+        self.rotations_history.append(rotations.float().clone())
+        self.translations_history.append(translations.float().clone())
+        self.frame_ids.append(frame_id)
+
+    # ------------------------------------------------------------------------------------------
+
+    def _tensors(self, frame: Frame):
+        depth = torch.from_numpy(frame.depth)
+        image = torch.from_numpy(frame.color.astype(np.float32))
+        return depth, image
+
+    def _integrate(self, frame: Frame, mask: np.ndarray) -> None:
+        o = self.options
+        depth, image = self._tensors(frame)
+        self.volume.integrate(depth, image, torch.from_numpy(mask), self.intrinsics, self.graph.positions,
+                              self.rotations, self.translations, o.node_coverage,
+                              o.max_anchor_distance * o.node_coverage, 4, o.anchor_candidates,
+                              o.dual_quaternion)
+
+    def first_frame(self, frame: Frame, mask: np.ndarray) -> FrameLog:
+        start = time.perf_counter()
+        o = self.options
+        try:
+            graph = build_graph(frame.depth, self.intrinsics, mask=mask,
+                                options=GraphOptions(node_coverage=o.node_coverage,
+                                                     max_depth=self.sequence.max_depth))
+        except GraphError as error:
+            raise GraphError(f"{self.sequence.depth_path(frame.frame_id)} within the first frame's mask: "
+                             f"{error}") from None
+        self.graph = NodeGraph.from_deformation_graph(graph, o.node_coverage)
+        n = self.graph.num_nodes
+        self._record(frame.frame_id, torch.eye(3).repeat(n, 1, 1), torch.zeros(n, 3))
+        points = image_proc.backproject_depth(torch.from_numpy(frame.depth), self.intrinsics,
+                                              self.sequence.max_depth)
+        object_points = points[torch.from_numpy(mask) & (points[..., 2] > 0)]
+        self.volume.allocate_near(object_points)
+        self._integrate(frame, mask)
+        self.previous = frame
+        self._mesh = None
+        entry = FrameLog(frame.frame_id, time.perf_counter() - start, 0, "first", 0.0, n, n)
+        self.log.append(entry)
+        return entry
+
+    # ------------------------------------------------------------------------------------------
+
+    def mesh(self) -> Mesh:
+        """The current canonical mesh (marching cubes) with its vertices' anchors."""
+        if self._mesh is None:
+            vertices, faces, colors = self.volume.extract_mesh(self.options.extraction_weight)
+            anchors, weights = self.graph.anchors(torch.from_numpy(vertices))
+            self._mesh = Mesh(vertices, faces, colors, anchors, weights)
+        return self._mesh
+
+    def warped_vertices(self, mesh: Mesh, rotations: torch.Tensor, translations: torch.Tensor) -> np.ndarray:
+        if mesh.vertices.shape[0] == 0:
+            return mesh.vertices
+        return warp_with_anchors(torch.from_numpy(mesh.vertices), mesh.anchors, mesh.weights,
+                                 self.graph.positions, rotations, translations).numpy()
+
+    def render(self, rotations: torch.Tensor, translations: torch.Tensor) -> Rendering:
+        mesh = self.mesh()
+        live = self.warped_vertices(mesh, rotations, translations)
+        return render(live, mesh.vertices, mesh.faces, mesh.colors, self.intrinsics,
+                      self.sequence.height, self.sequence.width)
+
+    # ------------------------------------------------------------------------------------------
+
+    def _batch(self, source_color: np.ndarray, source_points: np.ndarray, anchors: np.ndarray,
+               weights: np.ndarray, frame: Frame, target_points: torch.Tensor,
+               flow: Optional[np.ndarray]) -> Dict:
+        g = self.graph
+        live_nodes = g.positions + self.translations
+        i = self.intrinsics
+        batch = {
+            "source_color": torch.from_numpy(source_color).permute(2, 0, 1)[None].float(),
+            "target_color": torch.from_numpy(frame.color.astype(np.float32) / 255).permute(2, 0, 1)[None],
+            "source_points": torch.from_numpy(source_points).permute(2, 0, 1)[None].float(),
+            "target_points": target_points.permute(2, 0, 1)[None],
+            "pixel_anchors": torch.from_numpy(anchors)[None],
+            "pixel_weights": torch.from_numpy(weights)[None],
+            "nodes": live_nodes[None].float(), "num_nodes": torch.tensor([g.num_nodes]),
+            "edges": g.edges[None], "edges_weights": g.edge_weights[None], "clusters": g.clusters[None],
+            "intrinsics": torch.tensor([[i["fx"], i["fy"], i["cx"], i["cy"]]], dtype=torch.float32),
+        }
+        if flow is not None:
+            batch["optical_flow"] = torch.from_numpy(flow)[None]
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def _pixel_anchors(self, canonical: np.ndarray, valid: np.ndarray):
+        H, W = valid.shape
+        anchors = np.full((H, W, 4), -1, np.int32)
+        weights = np.zeros((H, W, 4), np.float32)
+        ys, xs = np.nonzero(valid)
+        a, w = self.graph.anchors(torch.from_numpy(canonical[ys, xs]))
+        anchors[ys, xs] = a.numpy().astype(np.int32)
+        weights[ys, xs] = w.numpy()
+        return anchors, weights
+
+    def _filter_matches(self, matches, source_normals: np.ndarray, target_points: torch.Tensor):
+        """Robust weighting of the correspondences: drop those whose target point is far from
+        the source point, or whose surface normals disagree (a match to another surface)."""
+        o = self.options
+        H, W = source_normals.shape[:2]
+        tp = matches.target_pixels
+        xi = tp[:, 0].round().long().clamp(0, W - 1)
+        yi = tp[:, 1].round().long().clamp(0, H - 1)
+        target = target_points[yi, xi]
+        keep = (target - matches.source_points).norm(dim=1) <= o.max_match_distance
+        if o.max_normal_angle < 180:
+            normals = _normals(target_points)
+            n_s = torch.from_numpy(source_normals).reshape(-1, 3)[matches.pixel]
+            cos = (normals[yi, xi] * n_s).sum(dim=1)
+            keep &= cos >= np.cos(np.radians(o.max_normal_angle))
+        return keep
+
+    def _track(self, frame: Frame, rendering: Rendering, timings: Dict[str, float]):
+        """Returns (rotations, translations, status, message, matches, energy)."""
+        o = self.options
+        tick = time.perf_counter()
+        target_points = image_proc.backproject_depth(torch.from_numpy(frame.depth), self.intrinsics,
+                                                     self.sequence.max_depth)
+        if o.tracking == "previous":
+            # Frame-to-frame: the previous input frame, with the canonical points the model
+            # showed there, is the source.
+            source_color = self.previous.color.astype(np.float32) / 255
+        else:
+            # The rendered model where it is seen, the previous frame around it (gives the
+            # flow's image pyramid context at the object's border).
+            source_color = np.where(rendering.mask[..., None], rendering.color,
+                                    self.previous.color.astype(np.float32) / 255)
+        anchors, weights = self._pixel_anchors(rendering.canonical, rendering.mask)
+        flow = None
+        if self.tracker.options.flow == "gt":
+            flow = self.gt.flow(rendering.canonical, rendering.mask, frame.frame_id, self.intrinsics,
+                                frame.depth)
+        batch = self._batch(source_color, rendering.points, anchors, weights, frame,
+                            target_points, flow)
+        with torch.no_grad():
+            out = self.tracker(batch, run_solver=False)
+        # The filter and the solve run on the CPU (the front-end on the chosen device).
+        matches = out["matches"]
+        for name in ("sample", "pixel", "source_points", "anchors", "anchor_weights", "target_pixels",
+                     "target_depth", "weights"):
+            setattr(matches, name, getattr(matches, name).cpu())
+        keep = self._filter_matches(matches, rendering.normals, target_points)
+        for name in ("sample", "pixel", "source_points", "anchors", "anchor_weights", "target_pixels",
+                     "target_depth", "weights"):
+            setattr(matches, name, getattr(matches, name)[keep])
+        batch = {k: v.cpu() for k, v in batch.items()}
+        timings["flow"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        problem = SolverProblem.from_matches(matches, batch["nodes"], batch["num_nodes"], batch["edges"],
+                                             batch["edges_weights"], batch["clusters"], batch["intrinsics"])
+        generator = torch.Generator().manual_seed(frame.frame_id)
+        with torch.no_grad():
+            result = solve(problem, self.solver_options, generator)
+        timings["solve"] = time.perf_counter() - tick
+        status, message = result.status[0], result.messages[0]
+        energy = result.energies[0][-1] if result.energies[0] else float("nan")
+        count = int(result.num_matches[0])
+        if not bool(result.valid[0]):
+            return self.rotations, self.translations, status, message, count, energy
+        # Increments on top of the previous motion: node k moves y -> dR_k (y - g'_k) + g'_k + dt_k
+        # around its live position g'_k = g_k + t_k, so R <- dR R and t <- t + dt exactly.
+        dR = result.rotations[0].cpu().float()
+        dt = result.translations[0].cpu().float()
+        rotations = dR @ self.rotations
+        translations = self.translations + dt
+        return rotations, translations, status, message, count, energy
+
+    def _object_mask(self, frame: Frame, rendering: Rendering, rotations, translations):
+        """Live pixels that belong to the object: explained by the model at the new motion
+        (depth within 3 truncations of the rendering), or near a warped node where the model
+        is not seen (new surface). Returns the mask and the live points."""
+        o = self.options
+        points = image_proc.backproject_depth(torch.from_numpy(frame.depth), self.intrinsics,
+                                              self.sequence.max_depth)
+        valid = (points[..., 2] > 0).numpy()
+        live_nodes = (self.graph.positions + translations).contiguous()
+        flat = points.reshape(-1, 3)
+        _, distance = C.euclidean_knn(live_nodes, flat.contiguous(), 1, False)
+        near = (distance[:, 0] <= o.object_distance * o.node_coverage).reshape(valid.shape).numpy()
+        explained = rendering.mask & (np.abs(frame.depth - rendering.depth) <= 3 * o.truncation)
+        mask = valid & (explained | (~rendering.mask & near))
+        return mask, points, explained
+
+    def step(self, frame: Frame) -> FrameLog:
+        """Tracks, integrates and grows for one frame after the first."""
+        o = self.options
+        timings = {name: 0.0 for name in STEPS}
+        start = tick = time.perf_counter()
+        previous_mesh = self._mesh is not None
+        self.mesh()
+        timings["extract"] = 0.0 if previous_mesh else time.perf_counter() - tick
+        tick = time.perf_counter()
+        rendering = self.render(self.rotations, self.translations)
+        timings["render"] = time.perf_counter() - tick
+        message = ""
+        if o.oracle_motion:
+            tick = time.perf_counter()
+            rotations, translations = self.gt.node_motions(self.graph.positions, frame.frame_id, o.node_coverage)
+            status, count, energy = "oracle", 0, 0.0
+            timings["solve"] = time.perf_counter() - tick
+        else:
+            rotations, translations, status, message, count, energy = self._track(frame, rendering, timings)
+        new_nodes = 0
+        if status == "failed":
+            self._record(frame.frame_id, self.rotations, self.translations)
+        else:
+            self._record(frame.frame_id, rotations, translations)
+            tick = time.perf_counter()
+            after = self.render(rotations, translations)
+            timings["render"] += time.perf_counter() - tick
+            tick = time.perf_counter()
+            mask, points, explained = self._object_mask(frame, after, rotations, translations)
+            # Allocate where the object is seen (every 2nd pixel suffices: blocks are 4 cm).
+            sub = np.zeros_like(mask)
+            sub[::2, ::2] = mask[::2, ::2]
+            live = points[torch.from_numpy(sub)]
+            canonical = inverse_warp(live, self.graph.positions, rotations, translations, o.node_coverage)
+            self.volume.allocate_near(canonical)
+            self._integrate(frame, mask)
+            self._mesh = None
+            timings["integrate"] = time.perf_counter() - tick
+            tick = time.perf_counter()
+            if o.grow_nodes and self.graph.num_nodes < o.max_nodes:
+                new_surface = sub & ~explained
+                fresh = inverse_warp(points[torch.from_numpy(new_surface)], self.graph.positions, rotations,
+                                     translations, o.node_coverage)
+                new_nodes = self._grow(fresh, len(self.frame_ids) - 1)
+            timings["grow"] = time.perf_counter() - tick
+        self.previous = frame
+        entry = FrameLog(frame.frame_id, time.perf_counter() - start, count, status, energy,
+                         self.graph.num_nodes, new_nodes, message, timings)
+        self.log.append(entry)
+        return entry
+
+    def _grow(self, candidates: torch.Tensor, frame_index: int) -> int:
+        o = self.options
+        old = self.graph.num_nodes
+        old_positions = self.graph.positions
+        ids = self.graph.insert(candidates, frame_index, min(o.max_new_nodes, o.max_nodes - old))
+        if ids.numel() == 0:
+            return 0
+        # Motions of the new nodes, for every frame so far, blended from the nodes that existed.
+        new_positions = self.graph.positions[ids]
+        k = min(4, old)
+        d = torch.cdist(new_positions, old_positions)
+        dist, anchors = torch.topk(d, k, dim=1, largest=False)
+        w = torch.exp(-dist ** 2 / (2 * o.node_coverage ** 2))
+        w = w / w.sum(dim=1, keepdim=True).clamp(min=1e-12)
+        R_hist = torch.stack([R[:old] for R in self.rotations_history])
+        t_hist = torch.stack([t[:old] for t in self.translations_history])
+        R_new, t_new = blend_motions(new_positions, anchors, w, old_positions, R_hist, t_hist)
+        for i in range(len(self.rotations_history)):
+            self.rotations_history[i] = torch.cat((self.rotations_history[i], R_new[i]))
+            self.translations_history[i] = torch.cat((self.translations_history[i], t_new[i]))
+        self._mesh = None
+        return int(ids.numel())
+
+    # ------------------------------------------------------------------------------------------
+
+    def history(self):
+        """(T, N, 3, 3) rotations and (T, N, 3) translations of every processed frame."""
+        return torch.stack(self.rotations_history), torch.stack(self.translations_history)
+
+    def state_dict(self) -> dict:
+        R, t = self.history()
+        return {"volume": self.volume.state_dict(), "graph": self.graph.state_dict(),
+                "rotations": R, "translations": t, "frame_ids": list(self.frame_ids),
+                "log": [entry.__dict__ for entry in self.log],
+                "previous_index": self.previous.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.volume.load_state_dict(state["volume"])
+        self.graph = NodeGraph.from_state_dict(state["graph"])
+        self.rotations_history = list(state["rotations"])
+        self.translations_history = list(state["translations"])
+        self.frame_ids = list(state["frame_ids"])
+        self.log = [FrameLog(**entry) for entry in state["log"]]
+        self.previous = self.sequence.read(int(state["previous_index"]))
+        self._mesh = None
+
+
+def _normals(points: torch.Tensor) -> torch.Tensor:
+    """(H, W, 3) points -> (H, W, 3) unit normals towards the camera from central differences
+    (zero where a neighbour is missing)."""
+    p = points
+    dx = torch.zeros_like(p)
+    dy = torch.zeros_like(p)
+    dx[:, 1:-1] = p[:, 2:] - p[:, :-2]
+    dy[1:-1] = p[2:] - p[:-2]
+    n = torch.cross(dx, dy, dim=-1)
+    ok = (p[..., 2] > 0)
+    ok[:, 1:-1] &= (p[:, 2:, 2] > 0) & (p[:, :-2, 2] > 0)
+    ok[1:-1] &= (p[2:, ..., 2] > 0) & (p[:-2, ..., 2] > 0)
+    n = torch.where(ok[..., None], n, torch.zeros_like(n))
+    n = n / n.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    flip = (n * p).sum(dim=-1) > 0
+    return torch.where(flip[..., None], -n, n)
