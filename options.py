@@ -445,7 +445,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 # ----------------------------------------------------------------------------------------------
-# Synthetic data (docs/DESIGN.md 5.8, dataset/synthetic.py)
+# Synthetic data (docs/DESIGN.md 5.8, dataset/synthetic/)
 
 
 @dataclass
