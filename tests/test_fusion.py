@@ -160,7 +160,7 @@ def test_static_scene_mesh_within_half_a_voxel():
     assert error.mean() < voxel / 2, f"mean distance to the sphere {error.mean() * 1000:.2f} mm"
     assert np.allclose(colors, 128 / 255, atol=1e-3)
     # Sparse: far fewer blocks than the bounding box of the sphere's front half holds.
-    bbox_blocks = np.prod(np.ceil((2 * RADIUS + 0.05) / volume.block_size) + 1)
+    bbox_blocks = (np.ceil((2 * RADIUS + 0.05) / volume.block_size) + 1) ** 3
     assert volume.num_blocks < 0.6 * bbox_blocks
 
 

@@ -20,7 +20,8 @@
 //   image         (H, W, 3)        float32  live colour 0..255
 //   mask          (H, W)           bool     pixels that may be integrated
 // A voxel centre x with anchors a_k (Gaussian weights w_k = exp(-|x - g_k|^2 / (2 coverage^2)),
-// normalised) moves to x' = sum_k w_k (R_k (x - g_k) + g_k + t_k) (linear blend skinning), or
+// normalised) moves to x' = sum_k w_k (R_k (x - g_k) + g_k + t_k) (linear blend skinning,
+// evaluated as x + sum_k w_k ((R_k - I)(x - g_k) + t_k)), or
 // by the normalised blend of the nodes' dual quaternions. x' projects to the nearest pixel u;
 // with d = depth(u), sdf = d - x'.z; voxels with sdf < -truncation (occluded), no valid depth,
 // outside the mask or whose nearest anchor is farther than max_anchor_distance are left alone;
@@ -75,15 +76,21 @@ HOST_DEVICE inline void warp_voxel(const float* x, const int64_t* anchors, const
                                    const float* nodes, const float* rotations,
                                    const float* translations, bool dual_quaternion, float* out) {
   if (!dual_quaternion) {
-    out[0] = out[1] = out[2] = 0.0f;
+    // x + sum_k w_k ((R_k - I)(x - g_k) + t_k): the same as sum_k w_k (R_k (x - g_k) + g_k + t_k)
+    // for normalised weights, but the identity motion gives x exactly (no rounding through g_k),
+    // so the identity warp is exactly rigid integration even at pixel-boundary ties.
+    float displacement[3] = {0.0f, 0.0f, 0.0f};
     for (int k = 0; k < count; ++k) {
       const float* g = nodes + 3 * anchors[k];
       const float* R = rotations + 9 * anchors[k];
       const float* t = translations + 3 * anchors[k];
       const float d0 = x[0] - g[0], d1 = x[1] - g[1], d2 = x[2] - g[2];
-      for (int i = 0; i < 3; ++i)
-        out[i] += w[k] * (R[3 * i] * d0 + R[3 * i + 1] * d1 + R[3 * i + 2] * d2 + g[i] + t[i]);
+      for (int i = 0; i < 3; ++i) {
+        const float di = i == 0 ? d0 : (i == 1 ? d1 : d2);
+        displacement[i] += w[k] * (R[3 * i] * d0 + R[3 * i + 1] * d1 + R[3 * i + 2] * d2 - di + t[i]);
+      }
     }
+    for (int i = 0; i < 3; ++i) out[i] = x[i] + displacement[i];
     return;
   }
   // Dual quaternion blending: real part q, dual part 0.5 (0, T) q for the translation T.

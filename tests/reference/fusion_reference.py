@@ -68,8 +68,11 @@ def warp(x, anchors, w, nodes, rotations, translations, dual_quaternion):
     w = torch.where(anchors >= 0, w, torch.zeros_like(w))
     g, Rk, t = nodes[a], rotations[a], translations[a]
     if not dual_quaternion:
-        moved = torch.einsum("pkij,pkj->pki", Rk, x[:, None, :] - g) + g + t
-        return (w[..., None] * moved).sum(dim=1)
+        # sum_k w_k (R_k (x - g_k) + g_k + t_k), written as x plus the blended displacement
+        # (R_k - I)(x - g_k) + t_k, as the header does (identity motion -> x exactly).
+        d = x[:, None, :] - g
+        displacement = torch.einsum("pkij,pkj->pki", Rk, d) - d + t
+        return x + (w[..., None] * displacement).sum(dim=1)
     P, A = a.shape
     q = quaternion_from_matrix(Rk.reshape(-1, 3, 3)).reshape(P, A, 4)
     sign = torch.where((q * q[:, :1]).sum(-1) < 0, -1.0, 1.0)
