@@ -655,13 +655,12 @@ class FusionOptions:
     max_normal_angle: float = opt(60.0, "drop a correspondence whose source and target normals "
                                         "differ by more than this many degrees", gt=0, le=180)
     grow_nodes: bool = opt(True, "insert nodes where the canonical surface outgrows node coverage")
-    max_new_nodes: int = opt(20, "most nodes inserted per frame", ge=0)
-    max_nodes: int = opt(480, "no nodes are inserted beyond this many (the dense solver's "
-                              "limit is --max-nodes of the solver)", ge=4)
+    max_new_nodes: int = opt(20, "most nodes inserted per frame (never beyond the solver's --max-nodes)", ge=0)
     object_distance: float = opt(1.0, "a live pixel not explained by the model is new object "
                                       "surface when within this many node coverages of a warped "
                                       "node (keeps the background out)", gt=0)
-    extraction_weight: float = opt(1.0, "marching cubes uses voxels with at least this weight", ge=0)
+    extraction_weight: float = opt(0.5, "marching cubes uses voxels with more than this weight "
+                                        "(0.5: seen once)", ge=0)
     save_every: int = opt(10, "write the resumable state OUT/state.pt every this many frames", ge=1)
     resume: bool = opt(False, "continue an interrupted run from OUT/state.pt")
     deepdeform_names: bool = opt(False, "also write OUT/deepdeform/<seq>_<segmentEnd>_<frame>.ply "

@@ -316,7 +316,7 @@ class Fusion:
             self._mesh = None
             timings["integrate"] = time.perf_counter() - tick
             tick = time.perf_counter()
-            if o.grow_nodes and self.graph.num_nodes < o.max_nodes:
+            if o.grow_nodes and self.graph.num_nodes < self.solver_options.max_nodes:
                 new_surface = sub & ~explained
                 fresh = inverse_warp(points[torch.from_numpy(new_surface)], self.graph.positions, rotations,
                                      translations, o.node_coverage)
@@ -332,7 +332,7 @@ class Fusion:
         o = self.options
         old = self.graph.num_nodes
         old_positions = self.graph.positions
-        ids = self.graph.insert(candidates, frame_index, min(o.max_new_nodes, o.max_nodes - old))
+        ids = self.graph.insert(candidates, frame_index, min(o.max_new_nodes, self.solver_options.max_nodes - old))
         if ids.numel() == 0:
             return 0
         # Motions of the new nodes, for every frame so far, blended from the nodes that existed.

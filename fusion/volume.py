@@ -131,7 +131,7 @@ class TSDFVolume:
                            intrinsics["fy"], intrinsics["cx"], intrinsics["cy"], coverage,
                            max_anchor_distance, num_anchors, dual_quaternion)
 
-    def extract_mesh(self, weight_threshold: float = 1.0) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def extract_mesh(self, weight_threshold: float = 0.5) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Marching cubes (Open3D's, on a VoxelBlockGrid filled with these arrays).
 
         Returns vertices (V, 3) float32 canonical metres, faces (F, 3) int64, colours (V, 3)
@@ -161,7 +161,17 @@ class TSDFVolume:
         vertices = mesh.vertex.positions.numpy().astype(np.float32)
         faces = mesh.triangle.indices.numpy().astype(np.int64)
         colors = np.clip(mesh.vertex.colors.numpy().astype(np.float32), 0, 1)
-        return vertices, faces, colors
+        # Open3D emits vertices in thread order; sorting makes the mesh (and everything warped
+        # from it, a resumed run included) the same on every run.
+        order = np.lexsort(vertices.T[::-1])
+        rank = np.empty_like(order)
+        rank[order] = np.arange(order.size)
+        faces = rank[faces]
+        # Each triangle starts at its smallest index, its winding (the normal) kept.
+        start = np.argmin(faces, axis=1)[:, None]
+        faces = np.take_along_axis(faces, (start + np.arange(3)[None]) % 3, axis=1)
+        faces = faces[np.lexsort(faces.T[::-1])]
+        return vertices[order], faces, colors[order]
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         n = self.num_blocks

@@ -154,7 +154,7 @@ def test_static_scene_mesh_within_half_a_voxel():
     for _ in range(3):
         volume.integrate(depth, image, depth > 0, INTRINSICS, nodes, torch.eye(3).repeat(N, 1, 1),
                          torch.zeros(N, 3), coverage=0.05, max_anchor_distance=0.2)
-    vertices, faces, colors = volume.extract_mesh(1.0)
+    vertices, faces, colors = volume.extract_mesh(0.5)
     assert faces.shape[0] > 500 and np.isfinite(vertices).all()
     error = np.abs(np.linalg.norm(vertices - CENTRE, axis=1) - RADIUS)
     assert error.mean() < voxel / 2, f"mean distance to the sphere {error.mean() * 1000:.2f} mm"

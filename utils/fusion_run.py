@@ -2,7 +2,6 @@
 every K frames (and on Ctrl-C) for --resume, then the outputs (fusion/export.py).
 """
 import argparse
-import dataclasses
 import os
 import sys
 import time
@@ -82,7 +81,6 @@ def run_fusion(options: FusionOptions, solver_options: SolverOptions, tracker, d
     if gt is not None:
         for frame_id in sequence.frame_ids:
             gt.check_frame(frame_id)
-    solver_options = dataclasses.replace(solver_options, max_nodes=max(solver_options.max_nodes, 4))
     fusion = Fusion(sequence, options, solver_options, tracker, gt, torch.device(device))
     os.makedirs(options.out, exist_ok=True)
     start_index = 0
@@ -163,7 +161,8 @@ def main(argv=None) -> int:
     try:
         args, checkpoint = parse_with_checkpoint(build_parser, argv, default_checkpoint_for)
         options = from_args(args, FusionOptions)
-        device = setup_run(from_args(args, RunOptions))
+        # Only --device and --threads of the run options are flags here.
+        device = setup_run(RunOptions(dataset_dir=".", device=args.device, threads=args.threads))
         if pick_front_end(args, checkpoint) and not checkpoint:
             print("no checkpoint given or shipped: using --flow dis")
         try:
