@@ -27,10 +27,11 @@ export_pair writes a frame pair of a sequence as a DeepDeform-format pair.
 """
 from dataset.synthetic_sequence.motion import COMPONENTS, deform, draw_motion
 from dataset.synthetic_sequence.objects import OBJECTS, ground_truth_topology, object_mesh
+from dataset.synthetic_sequence.export_pair import export_pair
 from dataset.synthetic_sequence.sequence import (GENERATOR_VERSION, SequenceError, SequenceScene, build_scene,
                                                  frame_name, frame_paths, generate_sequence, main,
                                                  read_ground_truth)
 
 __all__ = ["COMPONENTS", "deform", "draw_motion", "OBJECTS", "ground_truth_topology", "object_mesh",
            "GENERATOR_VERSION", "SequenceError", "SequenceScene", "build_scene", "frame_name", "frame_paths",
-           "generate_sequence", "main", "read_ground_truth"]
+           "generate_sequence", "main", "read_ground_truth", "export_pair"]
