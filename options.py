@@ -659,6 +659,10 @@ class FusionOptions:
     object_distance: float = opt(1.0, "a live pixel not explained by the model is new object "
                                       "surface when within this many node coverages of a warped "
                                       "node (keeps the background out)", gt=0)
+    edge_margin: int = opt(2, "live pixels within this many pixels of a depth jump are not "
+                              "integrated (mixed depth at the object's border; 0 = off)", ge=0)
+    edge_jump: float = opt(0.03, "a depth jump, for --edge-margin: neighbouring points farther "
+                                 "apart than this many metres", gt=0)
     extraction_weight: float = opt(0.5, "marching cubes uses voxels with more than this weight "
                                         "(0.5: seen once)", ge=0)
     save_every: int = opt(10, "write the resumable state OUT/state.pt every this many frames", ge=1)

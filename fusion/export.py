@@ -136,7 +136,7 @@ def pictures(out: str, sequence, frame_ids: List[int], warped: List[np.ndarray],
     chosen = sorted(set(np.linspace(0, len(frame_ids) - 1, min(preview_frames, len(frame_ids))).round().astype(int)))
     rows, writer, tmp = [], None, None
     if video:
-        tmp = os.path.join(out, ".fusion.mp4.tmp")
+        tmp = os.path.join(out, ".fusion.tmp.mp4")  # OpenCV picks the container by the suffix
         writer = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*"mp4v"), 10.0, (3 * W, H))
     try:
         for i, frame_id in enumerate(frame_ids):

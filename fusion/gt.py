@@ -10,6 +10,7 @@ import os
 from typing import Dict, Tuple
 
 import numpy as np
+import open3d.core as o3c
 import torch
 
 from fusion.sequence import SequenceError
@@ -35,6 +36,14 @@ class GroundTruth:
         if not 0 <= first_frame_id < vertices.shape[0]:
             raise SequenceError(f"{path}: has {vertices.shape[0]} frames, the first processed frame is {first_frame_id}")
         self.canonical = self.vertices[first_frame_id]
+        self._nns = None
+
+    def _search(self):
+        """Open3D's k-d tree over the canonical ground-truth vertices (built once)."""
+        if self._nns is None:
+            self._nns = o3c.nns.NearestNeighborSearch(o3c.Tensor(self.canonical.contiguous().numpy()))
+            self._nns.knn_index()
+        return self._nns
 
     def check_frame(self, frame_id: int) -> None:
         if not 0 <= frame_id < self.vertices.shape[0]:
@@ -43,13 +52,11 @@ class GroundTruth:
     def ties(self, points: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Nearest ground-truth vertices (P, 4) of (P, 3) canonical points and inverse-distance
         weights (P, 4)."""
-        ids, distances = [], []
-        for chunk in torch.split(points.float(), 8192):
-            d = torch.cdist(chunk, self.canonical)
-            dist, idx = torch.topk(d, NEIGHBOURS, dim=1, largest=False)
-            ids.append(idx)
-            distances.append(dist)
-        idx, dist = torch.cat(ids), torch.cat(distances)
+        if points.shape[0] == 0:
+            return torch.zeros(0, NEIGHBOURS, dtype=torch.int64), torch.zeros(0, NEIGHBOURS)
+        idx, d2 = self._search().knn_search(o3c.Tensor(points.float().contiguous().numpy()), NEIGHBOURS)
+        idx = torch.from_numpy(idx.numpy().astype(np.int64))
+        dist = torch.from_numpy(d2.numpy()).clamp(min=0).sqrt()
         w = 1.0 / dist.clamp(min=1e-5)
         return idx, w / w.sum(dim=1, keepdim=True)
 

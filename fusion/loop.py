@@ -125,6 +125,7 @@ class Fusion:
         self._record(frame.frame_id, torch.eye(3).repeat(n, 1, 1), torch.zeros(n, 3))
         points = image_proc.backproject_depth(torch.from_numpy(frame.depth), self.intrinsics,
                                               self.sequence.max_depth)
+        mask = mask & ~self._edges(points)
         object_points = points[torch.from_numpy(mask) & (points[..., 2] > 0)]
         self.volume.allocate_near(object_points)
         self._integrate(frame, mask)
@@ -261,6 +262,14 @@ class Fusion:
         translations = self.translations + dt
         return rotations, translations, status, message, count, energy
 
+    def _edges(self, points: torch.Tensor) -> np.ndarray:
+        """Pixels within --edge-margin pixels of a depth jump: their depth mixes the object
+        with what lies behind it (flying pixels) and would grow false surface off its border."""
+        o = self.options
+        if o.edge_margin == 0:
+            return np.zeros(points.shape[:2], bool)
+        return image_proc.depth_boundary_mask(points, o.edge_margin, o.edge_jump).numpy()
+
     def _object_mask(self, frame: Frame, rendering: Rendering, rotations, translations):
         """Live pixels that belong to the object: explained by the model at the new motion
         (depth within 3 truncations of the rendering), or near a warped node where the model
@@ -270,11 +279,16 @@ class Fusion:
                                               self.sequence.max_depth)
         valid = (points[..., 2] > 0).numpy()
         live_nodes = (self.graph.positions + translations).contiguous()
-        flat = points.reshape(-1, 3)
-        _, distance = C.euclidean_knn(live_nodes, flat.contiguous(), 1, False)
-        near = (distance[:, 0] <= o.object_distance * o.node_coverage).reshape(valid.shape).numpy()
+        # Only points inside the warped nodes' bounding box (grown by the radius) can be near one.
+        radius = o.object_distance * o.node_coverage
+        low, high = live_nodes.min(dim=0).values - radius, live_nodes.max(dim=0).values + radius
+        inside = valid & ((points >= low) & (points <= high)).all(dim=-1).numpy()
+        near = np.zeros_like(valid)
+        if inside.any():
+            _, distance = C.euclidean_knn(live_nodes, points[torch.from_numpy(inside)].contiguous(), 1, False)
+            near[inside] = (distance[:, 0] <= radius).numpy()
         explained = rendering.mask & (np.abs(frame.depth - rendering.depth) <= 3 * o.truncation)
-        mask = valid & (explained | (~rendering.mask & near))
+        mask = valid & (explained | (~rendering.mask & near)) & ~self._edges(points)
         return mask, points, explained
 
     def step(self, frame: Frame) -> FrameLog:

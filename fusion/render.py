@@ -41,11 +41,10 @@ def render(live_vertices: np.ndarray, canonical_vertices: np.ndarray, faces: np.
     import open3d.core as o3c
 
     H, W = height, width
-    empty = Rendering(np.zeros((H, W), np.float32), np.zeros((H, W, 3), np.float32),
-                      np.full((H, W, 3), np.nan, np.float32), np.zeros((H, W, 3), np.float32),
-                      np.zeros((H, W, 3), np.float32), np.zeros((H, W), bool))
     if faces.shape[0] == 0:
-        return empty
+        return Rendering(np.zeros((H, W), np.float32), np.zeros((H, W, 3), np.float32),
+                         np.full((H, W, 3), np.nan, np.float32), np.zeros((H, W, 3), np.float32),
+                         np.zeros((H, W, 3), np.float32), np.zeros((H, W), bool))
     scene = o3d.t.geometry.RaycastingScene()
     scene.add_triangles(o3c.Tensor(np.ascontiguousarray(live_vertices, np.float32)),
                         o3c.Tensor(np.ascontiguousarray(faces, np.uint32)))
@@ -55,17 +54,27 @@ def render(live_vertices: np.ndarray, canonical_vertices: np.ndarray, faces: np.
     ids = hit["primitive_ids"].numpy().astype(np.int64)
     uv = hit["primitive_uvs"].numpy()
     normals = hit["primitive_normals"].numpy()
-    direction = rays[..., 3:] / np.linalg.norm(rays[..., 3:], axis=-1, keepdims=True)
-    cos = (normals * direction).sum(axis=-1)
-    mask = np.isfinite(t) & (np.abs(cos) >= max_grazing_cos)
-    normals = np.where((cos > 0)[..., None], -normals, normals)     # face the camera
-    tri = faces[np.where(mask, ids, 0)]                                # (H, W, 3)
-    b = np.stack((1 - uv[..., 0] - uv[..., 1], uv[..., 0], uv[..., 1]), axis=-1)[..., None]
-    canonical = (b * canonical_vertices[tri]).sum(axis=-2)
-    color = (b * colors[tri]).sum(axis=-2)
-    depth = np.where(mask, t, 0).astype(np.float32)
-    points = (rays[..., 3:] * depth[..., None]).astype(np.float32)
-    return Rendering(depth=depth, color=np.where(mask[..., None], color, 0).astype(np.float32),
-                     canonical=np.where(mask[..., None], canonical, np.nan).astype(np.float32),
-                     points=points, normals=np.where(mask[..., None], normals, 0).astype(np.float32),
-                     mask=mask)
+    hit_pixels = np.isfinite(t)
+    direction = rays[hit_pixels, 3:]
+    n = normals[hit_pixels]
+    cos = (n * direction).sum(axis=-1) / np.linalg.norm(direction, axis=-1)
+    keep = np.abs(cos) >= max_grazing_cos
+    ys, xs = np.nonzero(hit_pixels)
+    ys, xs, cos, n, direction = ys[keep], xs[keep], cos[keep], n[keep], direction[keep]
+    mask = np.zeros((H, W), bool)
+    mask[ys, xs] = True
+    # Only the pixels that see the model are interpolated (a fraction of the frame).
+    tri = faces[ids[ys, xs]]                                             # (P, 3)
+    u, v = uv[ys, xs, 0:1], uv[ys, xs, 1:2]
+
+    def interpolate(values):
+        return (1 - u - v) * values[tri[:, 0]] + u * values[tri[:, 1]] + v * values[tri[:, 2]]
+    out = Rendering(np.zeros((H, W), np.float32), np.zeros((H, W, 3), np.float32),
+                    np.full((H, W, 3), np.nan, np.float32), np.zeros((H, W, 3), np.float32),
+                    np.zeros((H, W, 3), np.float32), mask)
+    out.depth[ys, xs] = t[ys, xs]
+    out.color[ys, xs] = interpolate(colors)
+    out.canonical[ys, xs] = interpolate(canonical_vertices)
+    out.points[ys, xs] = direction * t[ys, xs, None]
+    out.normals[ys, xs] = np.where((cos > 0)[:, None], -n, n)          # face the camera
+    return out

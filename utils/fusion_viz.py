@@ -56,7 +56,7 @@ def write_headless(out: str, sequence, frame_ids: List[int], vertices, faces, co
     folder = os.path.join(out, "viz")
     os.makedirs(folder, exist_ok=True)
     H, W = sequence.height, sequence.width
-    video_tmp = os.path.join(folder, ".fusion.mp4.tmp")
+    video_tmp = os.path.join(folder, ".fusion.tmp.mp4")  # OpenCV picks the container by the suffix
     writer = cv2.VideoWriter(video_tmp, cv2.VideoWriter_fourcc(*"mp4v"), 10.0, (3 * W, H))
     try:
         for frame_id, live in zip(frame_ids, frames):
