@@ -20,10 +20,13 @@ import torch
 
 from model import image_proc
 from model import solver as gn
+from model.ext import C as nnrt_ext
 from model.ext import cuda_unavailable_reason
 from model.hashgrid import hash_encode
 from options import SolverOptions
 from tests.conftest import REPO, assert_close, small_synthetic_split
+from tests.test_fusion import INTRINSICS as FUSION_INTRINSICS
+from tests.test_fusion import random_scene
 from tests.solver_problems import make_problem, to_solver_problem
 
 # NNRT_GPU_TEST_DEVICE=cpu runs the same comparisons CPU against CPU: a check of this module's own
@@ -156,6 +159,26 @@ def test_whole_solve(dtype):
     tol = TOL[dtype] if dtype == torch.float64 else dict(atol=1e-4, rtol=1e-3)
     assert_close(gpu.rotations.cpu(), cpu.rotations, what="rotations", **tol)
     assert_close(gpu.translations.cpu(), cpu.translations, what="translations", **tol)
+
+
+@pytest.mark.parametrize("dual", [False, True])
+def test_warped_integration(dual):
+    """The fusion kernel (float32 only) on CUDA against the CPU, two frames into the same blocks."""
+    volume, depth, image, mask, nodes, rotations, translations = random_scene(7)
+    candidates = volume.candidates(nodes, 12)
+    inputs = (volume.keys, torch.arange(volume.num_blocks), candidates, nodes, rotations, translations, depth,
+              image, mask)
+    params = (volume.voxel_size, volume.truncation, 2.0, FUSION_INTRINSICS["fx"], FUSION_INTRINSICS["fy"],
+              FUSION_INTRINSICS["cx"], FUSION_INTRINSICS["cy"], 0.05, 0.1, 4, dual)
+    states = {}
+    for device in ("cpu", DEVICE):
+        state = [t.clone().to(device) for t in (volume.tsdf, volume.weight, volume.color)]
+        for _ in range(2):
+            nnrt_ext.integrate_warped(*state, *[x.to(device) for x in inputs], *params)
+        states[device] = [t.cpu() for t in state]
+    assert int((states["cpu"][1] > 0).sum()) > 1000
+    for name, a, b in zip(("tsdf", "weight", "color"), states["cpu"], states[DEVICE]):
+        assert_close(b, a, what=name, atol=1e-3 if name == "color" else 1e-5, rtol=1e-5)
 
 
 def _run(*args):
