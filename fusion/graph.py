@@ -11,11 +11,26 @@ as the pixel anchors of dataset/graph.py.
 from dataclasses import dataclass
 from typing import Tuple
 
+import numpy as np
 import torch
 
 from dataset.graph import DeformationGraph, gaussian_weights
-from model.ext import C
 from model.warp import anchor_terms
+
+
+def knn(points: torch.Tensor, queries: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The k nearest of (N, 3) points to each of (P, 3) queries, nearest first: ids (P, k) int64
+    and distances (P, k) float32 (Open3D's k-d tree; k is clamped to N)."""
+    import open3d.core as o3c
+
+    k = min(k, points.shape[0])
+    if queries.shape[0] == 0:
+        return torch.zeros(0, k, dtype=torch.int64), torch.zeros(0, k)
+    search = o3c.nns.NearestNeighborSearch(o3c.Tensor(points.detach().float().contiguous().cpu().numpy()))
+    search.knn_index()
+    ids, d2 = search.knn_search(o3c.Tensor(queries.detach().float().contiguous().cpu().numpy()), k)
+    return (torch.from_numpy(ids.numpy().astype(np.int64)),
+            torch.from_numpy(d2.numpy().astype(np.float32)).clamp(min=0).sqrt())
 
 
 @dataclass
@@ -46,8 +61,7 @@ class NodeGraph:
         points = points.float().contiguous()
         if points.shape[0] == 0:
             return (torch.zeros(0, num_anchors, dtype=torch.int64), torch.zeros(0, num_anchors))
-        ids, distances = C.euclidean_knn(self.positions.contiguous(), points.cpu(), num_anchors, False)
-        ids = ids.long()
+        ids, distances = knn(self.positions, points, num_anchors)
         weights = gaussian_weights(distances.numpy(), ids.numpy() >= 0, self.coverage)
         return ids, torch.from_numpy(weights)
 
@@ -55,8 +69,7 @@ class NodeGraph:
         """(P,) distance of each canonical point to its nearest node."""
         if points.shape[0] == 0:
             return torch.zeros(0)
-        _, distances = C.euclidean_knn(self.positions.contiguous(), points.float().contiguous().cpu(), 1, False)
-        return distances[:, 0]
+        return knn(self.positions, points, 1)[1][:, 0]
 
     def insert(self, candidates: torch.Tensor, frame_index: int, max_new: int,
                max_distance_factor: float = 2.0) -> torch.Tensor:
@@ -155,8 +168,7 @@ def inverse_warp(live: torch.Tensor, nodes: torch.Tensor, rotations: torch.Tenso
     if live.shape[0] == 0:
         return live.clone()
     warped_nodes = (nodes + translations).float().contiguous()
-    ids, distances = C.euclidean_knn(warped_nodes, live.float().contiguous(), num_anchors, False)
-    ids = ids.long()
+    ids, distances = knn(warped_nodes, live, num_anchors)
     w = torch.from_numpy(gaussian_weights(distances.numpy(), ids.numpy() >= 0, coverage))
     local = torch.einsum("paji,paj->pai", rotations[ids], live[:, None, :] - warped_nodes[ids])
     return (w[..., None] * (local + nodes[ids])).sum(dim=1)

@@ -25,13 +25,12 @@ import numpy as np
 import torch
 
 from dataset.graph import GraphError, build_graph
-from fusion.graph import NodeGraph, blend_motions, inverse_warp, warp_with_anchors
+from fusion.graph import NodeGraph, blend_motions, inverse_warp, knn, warp_with_anchors
 from fusion.gt import GroundTruth
 from fusion.render import Rendering, render
 from fusion.sequence import Frame, Sequence
 from fusion.volume import TSDFVolume
 from model import image_proc
-from model.ext import C
 from model.solver import SolverProblem, solve
 from options import FusionOptions, GraphOptions, SolverOptions
 
@@ -78,6 +77,7 @@ class Fusion:
         self.log: List[FrameLog] = []
         self.previous: Optional[Frame] = None
         self._mesh: Optional[Mesh] = None
+        self._tracking: Optional[tuple] = None   # (Mesh, Rendering or None) the next frame tracks against
 
     # ------------------------------------------------------------------------------------------
     # Motion state
@@ -151,8 +151,8 @@ class Fusion:
         return warp_with_anchors(torch.from_numpy(mesh.vertices), mesh.anchors, mesh.weights,
                                  self.graph.positions, rotations, translations).numpy()
 
-    def render(self, rotations: torch.Tensor, translations: torch.Tensor) -> Rendering:
-        mesh = self.mesh()
+    def render(self, rotations: torch.Tensor, translations: torch.Tensor, mesh: Optional[Mesh] = None) -> Rendering:
+        mesh = mesh if mesh is not None else self.mesh()
         live = self.warped_vertices(mesh, rotations, translations)
         return render(live, mesh.vertices, mesh.faces, mesh.colors, self.intrinsics,
                       self.sequence.height, self.sequence.width)
@@ -285,7 +285,7 @@ class Fusion:
         inside = valid & ((points >= low) & (points <= high)).all(dim=-1).numpy()
         near = np.zeros_like(valid)
         if inside.any():
-            _, distance = C.euclidean_knn(live_nodes, points[torch.from_numpy(inside)].contiguous(), 1, False)
+            _, distance = knn(live_nodes, points[torch.from_numpy(inside)], 1)
             near[inside] = (distance[:, 0] <= radius).numpy()
         explained = rendering.mask & (np.abs(frame.depth - rendering.depth) <= 3 * o.truncation)
         mask = valid & (explained | (~rendering.mask & near)) & ~self._edges(points)
@@ -296,11 +296,15 @@ class Fusion:
         o = self.options
         timings = {name: 0.0 for name in STEPS}
         start = tick = time.perf_counter()
-        previous_mesh = self._mesh is not None
-        self.mesh()
-        timings["extract"] = 0.0 if previous_mesh else time.perf_counter() - tick
+        # The model as rendered at the end of the previous frame (its mesh before that frame's
+        # integration, at that frame's motion): one extraction and one ray cast per frame.
+        if self._tracking is None:
+            self._tracking = (self.mesh(), None)
+        timings["extract"] = time.perf_counter() - tick
         tick = time.perf_counter()
-        rendering = self.render(self.rotations, self.translations)
+        rendering = self._tracking[1]
+        if rendering is None:
+            rendering = self.render(self.rotations, self.translations, self._tracking[0])
         timings["render"] = time.perf_counter() - tick
         message = ""
         if o.oracle_motion:
@@ -316,7 +320,11 @@ class Fusion:
         else:
             self._record(frame.frame_id, rotations, translations)
             tick = time.perf_counter()
-            after = self.render(rotations, translations)
+            mesh = self.mesh()
+            timings["extract"] += time.perf_counter() - tick
+            tick = time.perf_counter()
+            after = self.render(rotations, translations, mesh)
+            self._tracking = (mesh, after)
             timings["render"] += time.perf_counter() - tick
             tick = time.perf_counter()
             mask, points, explained = self._object_mask(frame, after, rotations, translations)
@@ -376,7 +384,8 @@ class Fusion:
         return {"volume": self.volume.state_dict(), "graph": self.graph.state_dict(),
                 "rotations": R, "translations": t, "frame_ids": list(self.frame_ids),
                 "log": [entry.__dict__ for entry in self.log],
-                "previous_index": self.previous.index}
+                "previous_index": self.previous.index,
+                "tracking_mesh": None if self._tracking is None else self._tracking[0].__dict__}
 
     def load_state_dict(self, state: dict) -> None:
         self.volume.load_state_dict(state["volume"])
@@ -387,6 +396,8 @@ class Fusion:
         self.log = [FrameLog(**entry) for entry in state["log"]]
         self.previous = self.sequence.read(int(state["previous_index"]))
         self._mesh = None
+        mesh = state.get("tracking_mesh")
+        self._tracking = None if mesh is None else (Mesh(**mesh), None)
 
 
 def _normals(points: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,11 @@ def encode_keys(keys: torch.Tensor) -> torch.Tensor:
     return (k[:, 0] << 42) | (k[:, 1] << 21) | k[:, 2]
 
 
+def decode_keys(codes: torch.Tensor) -> torch.Tensor:
+    mask = (1 << 21) - 1
+    return torch.stack(((codes >> 42) & mask, (codes >> 21) & mask, codes & mask), dim=1).sub(_OFFSET).to(torch.int32)
+
+
 class TSDFVolume:
     """tsdf / weight (C, 8, 8, 8), color (C, 8, 8, 8, 3) float32; keys (B, 3) int32 of the B used
     slots (slot i holds block keys[i]); codes (B,) sorted with order (B,) giving their slots."""
@@ -75,8 +80,9 @@ class TSDFVolume:
         # so its 8 corners name every block it touches (voxel i sits at i * voxel_size: block
         # floor(x / block_size) holds it).
         keys = torch.floor((points[:, None, :] + corners[None]) / self.block_size).reshape(-1, 3)
-        keys = torch.unique(keys.to(torch.int32), dim=0)
-        new = keys[self.find(keys) < 0]
+        # Unique over int64 codes: torch.unique(dim=0) on rows is many times slower.
+        new = decode_keys(torch.unique(encode_keys(keys)))
+        new = new[self.find(new) < 0]
         if new.shape[0] == 0:
             return 0
         self._append(new)

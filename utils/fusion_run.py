@@ -24,7 +24,7 @@ from utils.checkpoints import (CheckpointError, MissingCheckpointError, build_tr
 
 # Fusion solves one frame against the model with more iterations than training's 3 (the solver
 # stops early once the increments are below its tolerance) and a bounded number of matches.
-SOLVER_DEFAULTS = {"iterations": 10, "max_matches": 30000, "convergence_tolerance": 1e-5,
+SOLVER_DEFAULTS = {"iterations": 6, "max_matches": 20000, "convergence_tolerance": 1e-4,
                    "min_cluster_weight": 50.0}
 STATE = "state.pt"
 
