@@ -124,6 +124,9 @@ def run_fusion(options: FusionOptions, solver_options: SolverOptions, tracker, d
         log(f"interrupted: state saved to {_state_path(options.out)}; run again with --resume")
         raise
     bar.close()
+    if start_index < len(sequence):
+        # A --resume of a finished run then only writes the outputs again.
+        save_state(fusion, options, len(sequence))
     write_outputs(fusion, options, solver_options, tracker, log)
     return fusion
 
