@@ -35,25 +35,23 @@ def anchors_and_weights(x, candidates, nodes, num_anchors, coverage, max_anchor_
 
 
 def quaternion_from_matrix(Rm):
-    """(P, 3, 3) -> (P, 4) (w, x, y, z), the same branches as the header."""
+    """(P, 3, 3) -> (P, 4) (w, x, y, z), the same four branches as the header, chosen per row."""
     m = Rm.reshape(-1, 9)
     r0, r1, r2, r3, r4, r5, r6, r7, r8 = m.unbind(dim=1)
     trace = r0 + r4 + r8
-    out = torch.empty(m.shape[0], 4)
-    for i in range(m.shape[0]):
-        if trace[i] > 0:
-            s = torch.sqrt(trace[i] + 1) * 2
-            out[i] = torch.stack((0.25 * s, (r7[i] - r5[i]) / s, (r2[i] - r6[i]) / s, (r3[i] - r1[i]) / s))
-        elif r0[i] > r4[i] and r0[i] > r8[i]:
-            s = torch.sqrt(1 + r0[i] - r4[i] - r8[i]) * 2
-            out[i] = torch.stack(((r7[i] - r5[i]) / s, 0.25 * s, (r1[i] + r3[i]) / s, (r2[i] + r6[i]) / s))
-        elif r4[i] > r8[i]:
-            s = torch.sqrt(1 + r4[i] - r0[i] - r8[i]) * 2
-            out[i] = torch.stack(((r2[i] - r6[i]) / s, (r1[i] + r3[i]) / s, 0.25 * s, (r5[i] + r7[i]) / s))
-        else:
-            s = torch.sqrt(1 + r8[i] - r0[i] - r4[i]) * 2
-            out[i] = torch.stack(((r3[i] - r1[i]) / s, (r2[i] + r6[i]) / s, (r5[i] + r7[i]) / s, 0.25 * s))
-    return out
+
+    def branch(radicand, make):
+        s = torch.sqrt(radicand.clamp(min=1e-12)) * 2
+        return torch.stack(make(s), dim=1)
+
+    q_trace = branch(trace + 1, lambda s: (0.25 * s, (r7 - r5) / s, (r2 - r6) / s, (r3 - r1) / s))
+    q_x = branch(1 + r0 - r4 - r8, lambda s: ((r7 - r5) / s, 0.25 * s, (r1 + r3) / s, (r2 + r6) / s))
+    q_y = branch(1 + r4 - r0 - r8, lambda s: ((r2 - r6) / s, (r1 + r3) / s, 0.25 * s, (r5 + r7) / s))
+    q_z = branch(1 + r8 - r0 - r4, lambda s: ((r3 - r1) / s, (r2 + r6) / s, (r5 + r7) / s, 0.25 * s))
+    use_x = ((r0 > r4) & (r0 > r8))[:, None]
+    use_y = (r4 > r8)[:, None]
+    return torch.where((trace > 0)[:, None], q_trace,
+                       torch.where(use_x, q_x, torch.where(use_y, q_y, q_z)))
 
 
 def qmul(a, b):
