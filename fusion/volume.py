@@ -73,13 +73,13 @@ class TSDFVolume:
         points = points[torch.isfinite(points).all(dim=1)]
         if points.shape[0] == 0:
             return 0
+        # Offsets across the point's truncation box, at most a block apart, so that every block
+        # the box touches is named (the box spans up to 3 blocks per axis: truncation < 8 voxels).
         r = self.truncation
-        corners = torch.tensor([[dx, dy, dz] for dx in (-r, r) for dy in (-r, r) for dz in (-r, r)],
-                               dtype=torch.float32, device=self.device)
-        # A point's truncation box spans at most 2 blocks per axis when truncation < block size,
-        # so its 8 corners name every block it touches (voxel i sits at i * voxel_size: block
-        # floor(x / block_size) holds it).
-        keys = torch.floor((points[:, None, :] + corners[None]) / self.block_size).reshape(-1, 3)
+        steps = int(np.ceil(2 * r / self.block_size)) + 1
+        axis = torch.linspace(-r, r, steps, device=self.device)
+        offsets = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)
+        keys = torch.floor((points[:, None, :] + offsets[None]) / self.block_size).reshape(-1, 3)
         # Unique over int64 codes: torch.unique(dim=0) on rows is many times slower.
         new = decode_keys(torch.unique(encode_keys(keys)))
         new = new[self.find(new) < 0]

@@ -164,6 +164,15 @@ def test_static_scene_mesh_within_half_a_voxel():
     assert volume.num_blocks < 0.6 * bbox_blocks
 
 
+def test_allocation_covers_the_whole_truncation_band():
+    """A truncation band wider than a block spans 3 blocks per axis: all are allocated."""
+    volume = TSDFVolume(0.005, 0.025, 10.0)                  # blocks of 4 cm, band of 5 cm
+    volume.allocate_near(torch.tensor([[0.0, 0.0, 0.70]]))
+    for z in np.arange(0.675, 0.7251, 0.005):
+        key = torch.floor(torch.tensor([[0.0, 0.0, z]]) / volume.block_size).to(torch.int32)
+        assert int(volume.find(key)[0]) >= 0, f"block of z = {z:.3f} m not allocated"
+
+
 def test_volume_lookup_and_state_round_trip():
     volume = TSDFVolume(0.01, 0.03, 10.0, capacity=2)
     added = volume.allocate_near(torch.tensor([[0.0, 0.0, 0.5], [0.3, -0.2, 0.7], [-1.0, 2.0, 3.0]]))
