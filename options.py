@@ -642,7 +642,7 @@ class FusionOptions:
     node_coverage: float = opt(0.05, "deformation graph node spacing and skinning sigma, metres", gt=0)
     anchor_candidates: int = opt(16, "nearest nodes of each voxel block among which every voxel "
                                      "finds its anchors", ge=4, le=64)
-    max_anchor_distance: float = opt(2.0, "voxels whose nearest node is farther than this many "
+    max_anchor_distance: float = opt(1.2, "voxels whose nearest node is farther than this many "
                                           "node coverages are not integrated (no reliable warp)", gt=0)
     dual_quaternion: bool = opt(False, "blend node motions as dual quaternions instead of linearly")
     oracle_motion: bool = opt(False, "oracle study: node motions from the synthetic sequence's "
@@ -663,6 +663,8 @@ class FusionOptions:
                               "integrated (mixed depth at the object's border; 0 = off)", ge=0)
     edge_jump: float = opt(0.03, "a depth jump, for --edge-margin: neighbouring points farther "
                                  "apart than this many metres", gt=0)
+    max_view_angle: float = opt(75.0, "live pixels whose surface normal is more than this many "
+                                      "degrees from the view ray are not integrated (90 = off)", gt=0, le=90)
     extraction_weight: float = opt(0.5, "marching cubes uses voxels with more than this weight "
                                         "(0.5: seen once)", ge=0)
     save_every: int = opt(10, "write the resumable state OUT/state.pt every this many frames", ge=1)

@@ -263,12 +263,20 @@ class Fusion:
         return rotations, translations, status, message, count, energy
 
     def _edges(self, points: torch.Tensor) -> np.ndarray:
-        """Pixels within --edge-margin pixels of a depth jump: their depth mixes the object
-        with what lies behind it (flying pixels) and would grow false surface off its border."""
+        """Pixels within --edge-margin pixels of a depth jump (their depth mixes the object with
+        what lies behind it: flying pixels that would grow false surface off its border), and
+        pixels whose surface is seen more than --max-view-angle degrees off its normal."""
         o = self.options
-        if o.edge_margin == 0:
-            return np.zeros(points.shape[:2], bool)
-        return image_proc.depth_boundary_mask(points, o.edge_margin, o.edge_jump).numpy()
+        edges = np.zeros(points.shape[:2], bool)
+        if o.edge_margin > 0:
+            edges = image_proc.depth_boundary_mask(points, o.edge_margin, o.edge_jump).numpy()
+        if o.max_view_angle < 90:
+            # Surface seen at a grazing angle: its depth smears along the ray.
+            normals = _normals(points)
+            rays = points / points.norm(dim=-1, keepdim=True).clamp(min=1e-9)
+            cos = -(normals * rays).sum(dim=-1)
+            edges |= ((cos < np.cos(np.radians(o.max_view_angle))) & (normals.norm(dim=-1) > 0)).numpy()
+        return edges
 
     def _object_mask(self, frame: Frame, rendering: Rendering, rotations, translations):
         """Live pixels that belong to the object: explained by the model at the new motion
