@@ -576,8 +576,9 @@ class ResidualOptions:
     max: float = opt(0.03, "largest residual displacement in metres, per axis "
                      "(max * tanh of the MLP output)", gt=0)
     iterations: int = opt(150, "Adam steps of the fit per pair (a fixed budget)", ge=1)
-    time_budget: float = opt(5.0, "stop the fit of a pair after this many seconds even "
-                             "if iterations remain (0 = no limit)", ge=0)
+    time_budget: float = opt(5.0, "stop the fit of a pair after this many seconds (setup "
+                             "included; at least one step is taken) even if iterations "
+                             "remain (0 = no limit)", ge=0)
     learning_rate: float = opt(1e-2, "Adam learning rate of the table and the MLP", gt=0)
     points: int = opt(2048, "source points drawn per step (with their right and lower "
                       "neighbours for the smoothness term)", ge=1)

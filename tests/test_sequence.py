@@ -13,7 +13,7 @@ from dataset import io
 from dataset.synthetic import noise_sigma, project, vertex_normals
 from dataset.synthetic_sequence import (SequenceError, build_scene, deform, export_pair, generate_sequence,
                                         read_ground_truth)
-from dataset.synthetic_sequence.export_pair import main as export_main
+from dataset.synthetic_sequence.pair_export import main as export_main
 from dataset.synthetic_sequence.sequence import main as sequence_main
 from options import GraphOptions, PairExportOptions, SequenceOptions
 

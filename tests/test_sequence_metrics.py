@@ -173,3 +173,41 @@ def test_evaluate_refuses_bad_reconstructions(tmp_path, capsys, held_back):
     with pytest.raises(SystemExit):
         evaluate.main(["--sequence", sequence])
     capsys.readouterr()
+
+
+def test_ply_round_trip_other_writers_and_bad_files(tmp_path):
+    import open3d as o3d
+
+    rng = np.random.default_rng(0)
+    vertices = rng.normal(size=(30, 3)).astype(np.float32)
+    faces = rng.integers(0, 30, (40, 3))
+    path = str(tmp_path / "mesh.ply")
+    io.write_ply(path, vertices, faces)
+    back, back_faces = io.read_ply(path)
+    np.testing.assert_array_equal(back, vertices)
+    np.testing.assert_array_equal(back_faces, faces)
+    # Files other tools write: Open3D binary with normals, and ASCII.
+    sphere = o3d.geometry.TriangleMesh.create_sphere(0.1)
+    sphere.compute_vertex_normals()
+    for ascii_ in (False, True):
+        other = str(tmp_path / f"open3d_{ascii_}.ply")
+        o3d.io.write_triangle_mesh(other, sphere, write_ascii=ascii_)
+        read_vertices, read_faces = io.read_ply(other)
+        np.testing.assert_allclose(read_vertices, np.asarray(sphere.vertices), atol=1e-6)
+        np.testing.assert_array_equal(read_faces, np.asarray(sphere.triangles))
+    with open(path, "rb") as handle:
+        data = handle.read()
+    truncated = str(tmp_path / "truncated.ply")
+    with open(truncated, "wb") as handle:
+        handle.write(data[:-7])
+    with pytest.raises(io.FormatError, match="truncated.ply.*truncated"):
+        io.read_ply(truncated)
+    quads = str(tmp_path / "quads.ply")
+    with open(quads, "w") as handle:
+        handle.write("ply\nformat ascii 1.0\nelement vertex 4\nproperty float x\nproperty float y\n"
+                     "property float z\nelement face 1\nproperty list uchar int vertex_indices\nend_header\n"
+                     "0 0 0\n1 0 0\n1 1 0\n0 1 0\n4 0 1 2 3\n")
+    with pytest.raises(io.FormatError, match="quads.ply: faces must be triangles"):
+        io.read_ply(quads)
+    with pytest.raises(io.FormatError, match="nothing.ply: PLY mesh file not found"):
+        io.read_ply(str(tmp_path / "nothing.ply"))
