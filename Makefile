@@ -61,6 +61,7 @@ bench: setup
 	$(PY) benchmarks/bench_hashgrid.py
 	$(PY) benchmarks/bench_network.py
 	$(PY) benchmarks/bench_sequence.py
+	$(PY) benchmarks/bench_fusion.py
 
 clean:
 	rm -rf build *.egg-info nnrt_ext*.so $(VENV)/.ext-built $(VENV)/.editable
