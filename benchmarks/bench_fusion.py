@@ -113,7 +113,7 @@ def main():
             results[name] = copies
     difference = max(float((a - b).abs().max()) for a, b in zip(results["ours"], results["reference"]))
     ours, ref = statistics.median(times["ours"]), statistics.median(times["reference"])
-    print(f"warped integration of one 640x480 frame into {n} blocks ({n * 512} voxels), "
+    print(f"warped integration of one {depth.shape[1]}x{depth.shape[0]} frame into {n} blocks ({n * 512} voxels), "
           f"{fusion.graph.num_nodes} nodes, {args.threads} threads, median of {args.repeats}:")
     print(f"  ours {ours:.4f} s, reference {ref:.4f} s, largest difference {difference:.2g}")
     print(f"speedup_vs_reference={ref / ours:.1f}")
