@@ -16,6 +16,7 @@ from fusion.sequence import Sequence
 from options import FusionOptions, SolverOptions, TrackerOptions
 from model.tracker import Tracker
 from utils.fusion_run import SOLVER_DEFAULTS, run_fusion
+from utils.fusion_viz import show_sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 H, W = 120, 160
@@ -139,8 +140,8 @@ def sequence_dir(tmp_path_factory):
 def test_oracle_motion_meets_the_bars_at_small_scale(sequence_dir, tmp_path):
     root, vertices, faces = sequence_dir
     out = str(tmp_path / "oracle")
-    fusion = run_fusion(fusion_options(root, out, oracle_motion=True), solver_options(), None, progress=False,
-                        log=lambda *_: None)
+    fusion = run_fusion(fusion_options(root, out, oracle_motion=True, deepdeform_names=True), solver_options(),
+                        None, progress=False, log=lambda *_: None)
     canonical, canonical_faces = read_ply_vertices(os.path.join(out, "canonical.ply"))
     error = mean_surface_distance(canonical, vertices[0], faces)
     assert error.mean() < 0.005, f"canonical mesh {error.mean() * 1000:.2f} mm from the true surface"
@@ -159,6 +160,13 @@ def test_oracle_motion_meets_the_bars_at_small_scale(sequence_dir, tmp_path):
     assert [int(r["frame"]) for r in rows] == fusion.frame_ids
     assert os.path.isfile(os.path.join(out, "preview.png"))
     assert os.path.isfile(os.path.join(out, "fusion_options.json"))
+    # DeepDeform's naming: <seq>_<segmentEnd>_<frame>.ply, the same mesh topology.
+    named = sorted(os.listdir(os.path.join(out, "deepdeform")))
+    assert named == [f"seq_000100_{i:06d}.ply" for i in fusion.frame_ids]
+    # The viewer, headless: a picture per frame and a video.
+    written = show_sequence(out, headless=True)
+    assert len([n for n in os.listdir(written["pngs"]) if n.endswith(".png")]) == len(fusion.frame_ids)
+    assert os.path.getsize(written["video"]) > 0
 
 
 def test_gt_flow_tracking_follows_the_motion(sequence_dir, tmp_path):
