@@ -8,7 +8,7 @@ Correspondence front-ends (TrackerOptions.flow):
   * dis: OpenCV's DIS optical flow with uniform or photometric weights and a forward-backward
     consistency check; needs no checkpoint;
   * gt: the ground-truth optical flow of the batch (oracle studies).
-The correspondences feed the differentiable Gauss-Newton solver (model/solver.py); its node
+The correspondences feed the differentiable Gauss-Newton solver (model/solver/); its node
 motions warp every source pixel that has 4 anchors and valid depth.
 How frames map to the network input: model/network_frame.py; DIS flow: model/dis_flow.py.
 """
