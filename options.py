@@ -161,6 +161,10 @@ class TrackerOptions:
     dis_consistency: float = opt(2.0, "DIS: drop matches whose forward flow and the backward flow "
                                       "at the match disagree by more than this many pixels "
                                       "(0 = keep all)", ge=0)
+    dis_min_consistent: float = opt(0.05, "DIS: skip that check for a pair when fewer than this "
+                                          "fraction of its anchored pixels pass it (DIS's backward "
+                                          "flow failed there, not the matches; the solver's robust "
+                                          "loss still down-weights outliers)", ge=0, le=1)
     max_depth_jump: float = opt(0.05, "reject a match whose 4 target pixels differ in depth by "
                                       "more than this many metres (a depth edge)", gt=0)
 

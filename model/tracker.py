@@ -73,9 +73,10 @@ class Tracker(nn.Module):
 
     def _dis_flow(self, batch: Dict) -> Dict:
         flows, weights = [], []
-        for source, target in zip(batch["source_color"], batch["target_color"]):
+        anchored = (batch["pixel_anchors"] >= 0).all(dim=-1).cpu().numpy()
+        for source, target, mask in zip(batch["source_color"], batch["target_color"], anchored):
             to_u8 = lambda image: (image.permute(1, 2, 0).detach().cpu().numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8)  # noqa: E731
-            flow, weight = dis_flow(to_u8(source), to_u8(target), self.options)
+            flow, weight = dis_flow(to_u8(source), to_u8(target), self.options, mask)
             flows.append(torch.from_numpy(flow))
             weights.append(torch.from_numpy(weight))
         device = batch["source_color"].device
