@@ -54,6 +54,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("num_nodes"));
   m.def("build_block_pattern", &nnrt::BuildBlockPattern, py::arg("nodes_list"),
         py::arg("num_samples"), py::arg("num_nodes"));
+  m.def("build_block_pattern_sorted", &nnrt::BuildBlockPatternSorted, py::arg("nodes_list"),
+        py::arg("num_samples"), py::arg("num_nodes"));
   m.def("assemble_blocks", &nnrt::AssembleBlocks, py::arg("J"), py::arg("r"), py::arg("nodes"),
         py::arg("entry_order"), py::arg("entry_start"), py::arg("slot_order"),
         py::arg("slot_start"), py::arg("blocks"), py::arg("b"), py::arg("accumulate"));

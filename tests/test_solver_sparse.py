@@ -77,6 +77,16 @@ def test_term_block_keys_and_pattern():
     assert pattern.diagonal.tolist() == [0, 1, 3, 4, 5]
 
 
+def test_cpu_pattern_equals_the_sorted_pattern_a_gpu_builds():
+    _, _, n1 = _random_terms(M=200, S=4, B=2, N=9, seed=3)
+    _, _, n2 = _random_terms(M=50, S=2, B=2, N=9, seed=4)
+    ours = C.build_block_pattern([n1, n2], 2, 9)
+    sorted_ = C.build_block_pattern_sorted([n1, n2], 2, 9)
+    assert len(ours) == len(sorted_) == 15
+    for a, b in zip(ours, sorted_):
+        assert torch.equal(a, b)
+
+
 def test_slot_zero_unused_still_adds_the_other_slots():
     J, r, _ = _random_terms(M=3, S=4, B=1, N=4)
     J, r = J[:1], r[:1]

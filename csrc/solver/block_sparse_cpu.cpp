@@ -1,5 +1,6 @@
 // CPU launchers of the block-sparse assembly (csrc/solver/solver.h, "Launch logic"): parallel
 // loops over terms, blocks or nodes, each iteration one call of the header's loop body.
+#include <algorithm>
 #include <type_traits>
 #include <vector>
 
@@ -122,6 +123,131 @@ at::Tensor BlockMatvecCpu(const at::Tensor& blocks, const at::Tensor& block_row,
     });
   });
   return y;
+}
+
+}  // namespace nnrt
+
+namespace nnrt {
+
+// Step 2 on the CPU (see BuildBlockPattern): counting sorts over the T flat nodes instead of
+// sorting 64-bit keys. Items (group, entry id) are bucketed by the block's row node in the order
+// groups, then entry ids, then sorted by column within a row (stable, so the entries of a block
+// keep that order, as the sort by key does).
+std::vector<at::Tensor> BuildBlockPatternCpu(const std::vector<at::Tensor>& nodes_list,
+                                             const std::vector<at::Tensor>& keys, int64_t num_samples,
+                                             int64_t num_nodes) {
+  const int64_t T = num_samples * num_nodes;
+  const auto opts = at::TensorOptions().dtype(at::kLong);
+  const size_t G = nodes_list.size();
+  struct Item {
+    int64_t col;
+    int64_t id;     // entry id m * E + k within its group; -1 for the diagonal block
+    int32_t group;
+  };
+  // Bucket by row: the diagonal item first, then every valid key.
+  std::vector<int64_t> start(T + 1, 0);
+  for (int64_t n = 0; n < T; ++n) start[n + 1] = 1;
+  for (size_t g = 0; g < G; ++g) {
+    const int64_t* k = keys[g].data_ptr<int64_t>();
+    for (int64_t e = 0; e < keys[g].numel(); ++e)
+      if (k[e] >= 0) ++start[k[e] / T + 1];
+  }
+  for (int64_t n = 0; n < T; ++n) start[n + 1] += start[n];
+  std::vector<Item> items(start[T]);
+  {
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t n = 0; n < T; ++n) items[fill[n]++] = Item{n, -1, -1};
+    for (size_t g = 0; g < G; ++g) {
+      const int64_t* k = keys[g].data_ptr<int64_t>();
+      for (int64_t e = 0; e < keys[g].numel(); ++e)
+        if (k[e] >= 0) items[fill[k[e] / T]++] = Item{k[e] % T, e, static_cast<int32_t>(g)};
+    }
+  }
+  // Sort each row by column and count its distinct columns (blocks).
+  std::vector<int64_t> row_blocks(T, 0);
+  at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      std::stable_sort(items.begin() + start[n], items.begin() + start[n + 1],
+                       [](const Item& a, const Item& b) { return a.col < b.col; });
+      int64_t count = 0;
+      for (int64_t i = start[n]; i < start[n + 1]; ++i)
+        if (i == start[n] || items[i].col != items[i - 1].col) ++count;
+      row_blocks[n] = count;
+    }
+  });
+  at::Tensor row_start = at::empty({T + 1}, opts);
+  int64_t* rs = row_start.data_ptr<int64_t>();
+  rs[0] = 0;
+  for (int64_t n = 0; n < T; ++n) rs[n + 1] = rs[n] + row_blocks[n];
+  const int64_t P = rs[T];
+  at::Tensor block_row = at::empty({P}, opts), block_col = at::empty({P}, opts);
+  int64_t* br = block_row.data_ptr<int64_t>();
+  int64_t* bc = block_col.data_ptr<int64_t>();
+  std::vector<at::Tensor> term_blocks, entry_start, entry_order;
+  std::vector<int64_t*> tb(G), es(G);
+  for (size_t g = 0; g < G; ++g) {
+    term_blocks.push_back(at::full(keys[g].sizes(), -1, opts));
+    entry_start.push_back(at::zeros({P + 1}, opts));
+    tb[g] = term_blocks[g].data_ptr<int64_t>();
+    es[g] = entry_start[g].data_ptr<int64_t>();
+  }
+  for (int64_t n = 0, p = -1; n < T; ++n) {
+    for (int64_t i = start[n]; i < start[n + 1]; ++i) {
+      const Item& item = items[i];
+      if (i == start[n] || item.col != items[i - 1].col) {
+        ++p;
+        br[p] = n;
+        bc[p] = item.col;
+      }
+      if (item.group >= 0) {
+        tb[item.group][item.id] = p;
+        ++es[item.group][p + 1];
+      }
+    }
+  }
+  std::vector<at::Tensor> out = {block_row, block_col, row_start};
+  // Blocks by column (stable in block order).
+  {
+    at::Tensor col_start = at::zeros({T + 1}, opts), col_order = at::empty({P}, opts);
+    int64_t* cs = col_start.data_ptr<int64_t>();
+    int64_t* co = col_order.data_ptr<int64_t>();
+    for (int64_t p = 0; p < P; ++p) ++cs[bc[p] + 1];
+    for (int64_t n = 0; n < T; ++n) cs[n + 1] += cs[n];
+    std::vector<int64_t> fill(cs, cs + T);
+    for (int64_t p = 0; p < P; ++p) co[fill[bc[p]]++] = p;
+    out.push_back(col_order);
+    out.push_back(col_start);
+  }
+  for (size_t g = 0; g < G; ++g) {
+    for (int64_t p = 0; p < P; ++p) es[g][p + 1] += es[g][p];
+    entry_order.push_back(at::empty({es[g][P]}, opts));
+    int64_t* eo = entry_order[g].data_ptr<int64_t>();
+    std::vector<int64_t> fill(es[g], es[g] + P);
+    // Entry ids ascending within each block: the rows' stable order already holds them so.
+    for (int64_t i = 0; i < start[T]; ++i) {
+      const Item& item = items[i];
+      if (item.group == static_cast<int32_t>(g)) eo[fill[tb[g][item.id]]++] = item.id;
+    }
+    // Used slots by node, ids ascending.
+    const at::Tensor nodes = nodes_list[g].contiguous();
+    const int64_t* idx = nodes.data_ptr<int64_t>();
+    at::Tensor slot_start = at::zeros({T + 1}, opts);
+    int64_t* ss = slot_start.data_ptr<int64_t>();
+    for (int64_t e = 0; e < nodes.numel(); ++e)
+      if (idx[e] >= 0) ++ss[idx[e] + 1];
+    for (int64_t n = 0; n < T; ++n) ss[n + 1] += ss[n];
+    at::Tensor slot_order = at::empty({ss[T]}, opts);
+    int64_t* so = slot_order.data_ptr<int64_t>();
+    std::vector<int64_t> slot_fill(ss, ss + T);
+    for (int64_t e = 0; e < nodes.numel(); ++e)
+      if (idx[e] >= 0) so[slot_fill[idx[e]]++] = e;
+    out.push_back(term_blocks[g]);
+    out.push_back(entry_order[g]);
+    out.push_back(entry_start[g]);
+    out.push_back(slot_order);
+    out.push_back(slot_start);
+  }
+  return out;
 }
 
 }  // namespace nnrt
