@@ -26,15 +26,21 @@ def _factor_and_solve(A: torch.Tensor, b: torch.Tensor):
 
     A sample whose factorisation fails (not positive definite) or whose solution is not finite
     (a non-finite A or b ends here too) gets x = 0 and L = I, so that nothing downstream, the
-    backward included, sees garbage from it. No host synchronisation.
+    backward included, sees garbage from it. On a GPU without host synchronisation; on the CPU,
+    where reading a flag back is free, the identity is only formed when a sample failed.
     """
     L, info = torch.linalg.cholesky_ex(A)
     failed = info != 0
-    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand_as(A)
-    L = torch.where(failed[:, None, None], eye, L)
-    x = torch.cholesky_solve(torch.where(failed[:, None], torch.zeros_like(b), b).unsqueeze(-1), L).squeeze(-1)
+    on_cpu = A.device.type == "cpu"
+    if not on_cpu or bool(failed.any()):
+        eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand_as(A)
+        L = torch.where(failed[:, None, None], eye, L)
+        b = torch.where(failed[:, None], torch.zeros_like(b), b)
+    x = torch.cholesky_solve(b.unsqueeze(-1), L).squeeze(-1)
     bad = failed | ~torch.isfinite(x).all(dim=1)
-    L = torch.where((bad & ~failed)[:, None, None], eye, L)
+    if not on_cpu or bool((bad & ~failed).any()):
+        eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand_as(A)
+        L = torch.where((bad & ~failed)[:, None, None], eye, L)
     x = torch.where(bad[:, None], torch.zeros_like(x), x)
     return x, bad, L
 
