@@ -11,8 +11,8 @@
    forward + backward, on synthetic grid graphs of 100 / 500 / 2000 / 4096 nodes with 50k
    matches (tests/solver_problems.make_grid_problem) and on seq258 with finer node coverage
    (about 500 and 2000 nodes, all matches); dense only up to --dense-max-nodes. Memory columns
-   are the linear solve's working-memory estimates (model.solver.memory_estimate_gb), which
-   --max-memory-gb checks.
+   are the linear solve's working-memory estimates (model.solver.memory_estimate_gb, which
+   --max-memory-gb checks; for sparse an upper bound), and the blocks the sparse pattern has.
 Prints `speedup_vs_dense=X` (forward + backward at 10k matches on seq258, ours against the
 dense-Jacobian reference), `scaling_4096_nodes_s=X` (the sparse forward solve of the 4096-node
 graph, 3 iterations, 50k matches) and `scaling_exponent_500_4096=X` (log of the time ratio over
@@ -138,7 +138,7 @@ def scaling(args, options):
     print(f"\nscaling: {args.iterations} Gauss-Newton iterations, CG tolerance {options.cg_tolerance:g}, "
           f"median of {args.scaling_repeats}")
     header = (f"{'graph':>22} | {'nodes':>5} | {'matches':>7} | {'sparse fwd':>10} | {'sparse f+b':>10} | "
-              f"{'dense fwd':>9} | {'dense f+b':>9} | {'CG its':>10} | {'mem sparse':>10} | {'mem dense':>9}")
+              f"{'dense fwd':>9} | {'dense f+b':>9} | {'CG its':>10} | {'blocks':>7} | {'mem sparse':>10} | {'mem dense':>9}")
     print(header)
     print("-" * len(header))
     cases = [("synthetic grid", side, None) for side in (10, 22, 45, 64)]
@@ -166,8 +166,11 @@ def scaling(args, options):
             dense_cols = f"{d_fwd:>8.3f}s | {d_fb:>8.3f}s"
         else:
             gap, dense_cols = None, f"{'-':>9} | {'-':>9}"
+        edges = problem.edges[0, :n]
+        edge_nodes = torch.stack((torch.arange(n)[:, None].expand_as(edges)[edges >= 0], edges[edges >= 0]), 1)
+        blocks = gn.build_block_pattern([problem.anchors, edge_nodes], 1, n).num_blocks
         print(f"{label:>22} | {n:>5} | {problem.match_sample.numel():>7} | {s_fwd:>9.3f}s | {s_fb:>9.3f}s | "
-              f"{dense_cols} | {cg:>10} | {memory_gb('sparse', problem) * 1024:>8.1f}MB | "
+              f"{dense_cols} | {cg:>10} | {blocks:>7} | {memory_gb('sparse', problem) * 1024:>8.1f}MB | "
               f"{memory_gb('dense', problem) * 1024:>7.0f}MB"
               + (f"  (sparse - dense: {gap:.2e} mm)" if gap is not None else ""))
         if side is not None:

@@ -254,13 +254,14 @@ def gauss_newton_step(diagonal: torch.Tensor, num_samples: int, num_nodes: int, 
 def memory_estimate_gb(linear_solver: str, num_nodes: int, num_terms: Sequence[Tuple[int, int]],
                        dtype: torch.dtype) -> float:
     """Working memory (GiB) of one sample's linear solve: dense, the matrix, its factor and the
-    backward's solve (3 x (6N)^2 values); sparse, an upper bound of its blocks (every slot pair
-    of every term its own block) three times (blocks, preconditioner, gradients), the CG
-    vectors and the pattern's index lists. num_terms: (count, slots) per term group."""
+    backward's solve (3 x (6N)^2 values); sparse, an upper bound (the pattern is not built
+    yet): its blocks (every slot pair of every term its own block, at most one per node pair)
+    three times (blocks, preconditioner, gradients), the CG vectors and the pattern's index
+    lists. num_terms: (count, slots) per term group."""
     size = torch.finfo(dtype).bits // 8
     if linear_solver == "dense":
         return 3 * (6 * num_nodes) ** 2 * size / 2 ** 30
     pairs = sum(m * s * (s + 1) // 2 for m, s in num_terms)
-    blocks = num_nodes + pairs
+    blocks = min(num_nodes + pairs, num_nodes * (num_nodes + 1) // 2)
     return (3 * 36 * blocks * size + 8 * 6 * num_nodes * size
             + 8 * (3 * pairs + 2 * blocks + sum(m * s for m, s in num_terms))) / 2 ** 30
