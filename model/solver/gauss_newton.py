@@ -42,7 +42,8 @@ def _subsample(sample: torch.Tensor, B: int, max_matches: int,
             perm = torch.randperm(index.numel(), generator=generator, device="cpu")[:max_matches]
             index = index[perm.to(index.device)].sort().values
         keep.append(index)
-    return torch.cat(keep) if keep else sample.new_zeros(0)
+    # Increasing, as the input order: _prepare relies on it (a full index is the identity).
+    return torch.cat(keep).sort().values if keep else sample.new_zeros(0)
 
 
 @dataclass
@@ -158,8 +159,10 @@ def _prepare(p: SolverProblem, options: SolverOptions, generator) -> _Prepared:
 
     keep = running[sample]
     index, sample = index[keep], sample[keep]
-    flat_anchors = sample[:, None] * N + p.anchors[index]
-    anchor_weights = p.anchor_weights[index]
+    # Every match kept (the usual case with clean correspondences): no gathers.
+    take = (lambda t: t) if index.shape[0] == p.match_sample.shape[0] else (lambda t: t[index])  # noqa: E731
+    flat_anchors = sample[:, None] * N + take(p.anchors)
+    anchor_weights = take(p.anchor_weights)
     anchored_nodes = p.nodes.reshape(B * N, 3)[flat_anchors]                 # (M, 4, 3)
     edge_ok &= running[edge_b]
     sources, targets = sources[edge_ok], targets[edge_ok]
@@ -175,10 +178,10 @@ def _prepare(p: SolverProblem, options: SolverOptions, generator) -> _Prepared:
     return _Prepared(
         B=B, N=N, messages=messages, running=running, node_active=node_active,
         num_matches=num_matches, sample=sample, flat_anchors=flat_anchors,
-        anchor_weights=anchor_weights, weights=p.weights[index],
-        offsets=p.source_points[index][:, None, :] - anchored_nodes,
+        anchor_weights=anchor_weights, weights=take(p.weights),
+        offsets=take(p.source_points)[:, None, :] - anchored_nodes,
         anchored_base=(anchor_weights[..., None] * anchored_nodes).sum(dim=1),
-        target_pixels=p.target_pixels[index], target_depth=p.target_depth[index],
+        target_pixels=take(p.target_pixels), target_depth=take(p.target_depth),
         intrinsics=p.intrinsics[sample], sources=sources, targets=targets, edge_w=edge_w,
         edge_sample=sources // N, edge_nodes=torch.stack((sources, targets), dim=1),
         nodes_flat=p.nodes.reshape(B * N, 3), diagonal=diagonal, linear_solver=linear_solver)
