@@ -69,6 +69,12 @@ class GraphOptions:
 # Gauss-Newton solver (docs/DESIGN.md 5.3)
 
 
+# Limits of the machine a run is on, and the choice between two solves of the same linear
+# system: a checkpoint stores them (they made it) but never imposes them on a later run, whose
+# flags or defaults hold (the shipped checkpoint was made under the old 500-node dense limit).
+SOLVER_MACHINE_FIELDS = ("max_nodes", "max_memory_gb", "linear_solver", "sparse_min_nodes")
+
+
 @dataclass
 class SolverOptions:
     iterations: int = opt(3, "Gauss-Newton iterations (3 in training, as the reference)", ge=1)
