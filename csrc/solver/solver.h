@@ -1,4 +1,4 @@
-// Normal-equation assembly of the Gauss-Newton solver (DESIGN.md 5.3), never forming J densely.
+// Normal-equation assembly of the Gauss-Newton solver (docs/DESIGN.md 5.3), never forming J densely.
 //
 // A problem is a set of M "terms" (a match, or a graph edge). Term m has R residual rows that
 // depend on S node slots of 6 unknowns each (3 rotation, 3 translation):
@@ -149,7 +149,7 @@ HOST_DEVICE inline void StepTermBackward(const scalar_t* J, const scalar_t* res,
   }
 }
 
-// Jacobian blocks of the data terms of one match (DESIGN.md 5.3). With the derivative of the
+// Jacobian blocks of the data terms of one match (docs/DESIGN.md 5.3). With the derivative of the
 // residuals (flow x, flow y, depth) w.r.t. the warped point written
 //   D = [[a, 0, b], [0, c, d], [0, 0, e]]   (dv = (a, b, c, d, e)),
 // and q_k = R_k (x - g_k) the rotated offset of anchor k with skinning weight w_k, row i of the
