@@ -45,30 +45,39 @@ from tqdm import tqdm
 
 from model.correspondences import bilinear_sample, sample_target_depth
 from model.hashgrid import HashGridEncoder
-from options import ResidualOptions
+from options import HashFieldOptions, ResidualOptions
 
 MM = 1000.0   # metres -> millimetres: the geometric terms are in squared millimetres
 
 
 class ResidualDeformer(nn.Module):
-    """r(x, t): a bounded residual displacement of source points at time t.
+    """r(x, t): a bounded residual displacement of points at time t.
+
+    Two uses: a pair (pinned, the default) where r = max_residual * t * tanh(MLP) is exactly 0
+    at the source time t = 0; and a whole sequence (pinned=False, fusion/residual.py) where
+    r = max_residual * tanh(MLP) is free at every t, including the reference frame (whose
+    canonical surface the fusion has averaged), and the MLP's last layer starts at exactly 0,
+    so that the field is the identity until it is fitted.
 
     Args:
         bounds_min, bounds_max: (3,) corners of the source object's bounding box in metres.
             The encoder sees x normalised by the cube of side max(extent) + 2 margin centred
             on the box, so that hash cells are cubes and every object point is inside [0, 1]^3
             (points outside are clamped by the encoding).
-        options: ResidualOptions (encoder size, MLP width, max residual, margin).
+        options: ResidualOptions or SequenceResidualOptions (encoder size, MLP width, max
+            residual, margin).
         generator: seeds the initial table and MLP weights (default: torch's global RNG).
+        pinned: multiply by t (zero at t = 0); otherwise start from exactly zero everywhere.
 
     Shapes: forward(points (N, 3) metres, t float or (N,) in [0, 1]) -> (N, 3) metres, every
-    component in (-max_residual, max_residual), exactly 0 where t = 0.
+    component in (-max_residual, max_residual); pinned: exactly 0 where t = 0.
     """
 
     def __init__(self, bounds_min: torch.Tensor, bounds_max: torch.Tensor,
-                 options: ResidualOptions = ResidualOptions(),
-                 generator: Optional[torch.Generator] = None):
+                 options: HashFieldOptions = ResidualOptions(),
+                 generator: Optional[torch.Generator] = None, pinned: bool = True):
         super().__init__()
+        self.pinned = pinned
         bounds_min = torch.as_tensor(bounds_min, dtype=torch.float32)
         bounds_max = torch.as_tensor(bounds_max, dtype=torch.float32)
         if (bounds_min.shape != (3,) or bounds_max.shape != (3,)
@@ -106,7 +115,9 @@ class ResidualDeformer(nn.Module):
                     bound = 1 / math.sqrt(layer.in_features)
                     layer.weight.uniform_(-bound, bound, generator=generator)
                     layer.bias.zero_()
-            self.mlp[-1].weight.mul_(1e-3)
+            # Unpinned, nothing else makes the start the identity: a zero last layer does
+            # (its first step gives it weights, after which gradients reach everything).
+            self.mlp[-1].weight.mul_(1e-3 if self.pinned else 0.0)
 
     def normalise(self, points: torch.Tensor, t: Union[float, torch.Tensor]) -> torch.Tensor:
         """(N, 3) metres and t -> (N, 4) encoder input (x_n, y_n, z_n, t) in [0, 1]."""
@@ -117,8 +128,8 @@ class ResidualDeformer(nn.Module):
         if points.dim() != 2 or points.shape[1] != 3:
             raise ValueError(f"points must have shape (N, 3), found {tuple(points.shape)}")
         x = self.normalise(points, t)
-        raw = self.mlp(self.encoder(x))
-        return self.max_residual * x[:, 3:] * torch.tanh(raw)
+        raw = self.max_residual * torch.tanh(self.mlp(self.encoder(x)))
+        return x[:, 3:] * raw if self.pinned else raw
 
 
 def geman_mcclure(squared: torch.Tensor, scale: float) -> torch.Tensor:
