@@ -590,6 +590,10 @@ class SequenceResidualOptions(HashFieldOptions):
     final_learning_rate: float = opt(0.1, "the learning rate decays exponentially to this "
                                      "fraction of --residual-learning-rate at the last step",
                                      gt=0, le=1)
+    pin_reference: bool = opt(False, "pin the field at the first frame: d(x, t) = f(x, t) - "
+                              "f(x, t0), exactly 0 there (its graph-only mesh is kept); "
+                              "by default d is free at every frame, so that it can also "
+                              "correct the fused canonical surface itself")
     checkpoint_every: int = opt(250, "write OUT/residual.pt (atomically) every this many "
                                 "steps, and at the end", ge=1)
     log_every: int = opt(10, "TensorBoard scalars every this many steps", ge=1)

@@ -33,7 +33,7 @@ from dataset import io
 from fusion import meshio
 from dataset.fileio import atomic_open, atomic_write_bytes
 from model.residual import ResidualDeformer
-from model.sequence_residual import TERMS, SequenceData, frame_errors, residuals, sequence_losses, total_loss
+from model.sequence_residual import SequenceData, frame_errors, residuals, sequence_losses, total_loss
 from options import (ArgumentParser, OptionError, SequenceResidualOptions, add_options, check_flag, from_args,
                      from_dict, to_dict)
 
@@ -143,8 +143,9 @@ def build_data(inputs: Dict, options: SequenceResidualOptions, device: str = "cp
 def new_field(data: SequenceData, options: SequenceResidualOptions, generator: torch.Generator
               ) -> ResidualDeformer:
     canonical = data.canonical.cpu()
+    reference = float(data.times[0]) if options.pin_reference else None
     return ResidualDeformer(canonical.min(dim=0).values, canonical.max(dim=0).values, options, generator,
-                            pinned=False).to(data.canonical.device)
+                            pinned=False, reference_time=reference).to(data.canonical.device)
 
 
 def _optimiser(field: ResidualDeformer, options: SequenceResidualOptions):

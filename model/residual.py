@@ -68,6 +68,9 @@ class ResidualDeformer(nn.Module):
             residual, margin).
         generator: seeds the initial table and MLP weights (default: torch's global RNG).
         pinned: multiply by t (zero at t = 0); otherwise start from exactly zero everywhere.
+        reference_time: unpinned only: if given, r(x, t) = f(x, t) - f(x, t_ref) with f the
+            bounded MLP output, exactly 0 at t_ref at every x (each term bounded by
+            max_residual) while every other time stays free.
 
     Shapes: forward(points (N, 3) metres, t float or (N,) in [0, 1]) -> (N, 3) metres, every
     component in (-max_residual, max_residual); pinned: exactly 0 where t = 0.
@@ -75,9 +78,13 @@ class ResidualDeformer(nn.Module):
 
     def __init__(self, bounds_min: torch.Tensor, bounds_max: torch.Tensor,
                  options: HashFieldOptions = ResidualOptions(),
-                 generator: Optional[torch.Generator] = None, pinned: bool = True):
+                 generator: Optional[torch.Generator] = None, pinned: bool = True,
+                 reference_time: Optional[float] = None):
         super().__init__()
+        if pinned and reference_time is not None:
+            raise ValueError("reference_time is for an unpinned deformer (a pinned one is 0 at t = 0)")
         self.pinned = pinned
+        self.reference_time = reference_time
         bounds_min = torch.as_tensor(bounds_min, dtype=torch.float32)
         bounds_max = torch.as_tensor(bounds_max, dtype=torch.float32)
         if (bounds_min.shape != (3,) or bounds_max.shape != (3,)
@@ -128,7 +135,13 @@ class ResidualDeformer(nn.Module):
         if points.dim() != 2 or points.shape[1] != 3:
             raise ValueError(f"points must have shape (N, 3), found {tuple(points.shape)}")
         x = self.normalise(points, t)
+        if self.reference_time is not None:
+            # One encoder call for both times.
+            x = torch.cat((x, self.normalise(points, self.reference_time)))
         raw = self.max_residual * torch.tanh(self.mlp(self.encoder(x)))
+        if self.reference_time is not None:
+            at_t, at_reference = raw.split(points.shape[0])
+            return at_t - at_reference
         return x[:, 3:] * raw if self.pinned else raw
 
 
