@@ -1,4 +1,4 @@
-// Embedded deformation graph construction (DESIGN.md 5.1).
+// Embedded deformation graph construction (docs/DESIGN.md 5.1).
 //
 // All ops take and return CPU tensors. The work is graph search on an irregular mesh (Dijkstra,
 // greedy sampling), which has no useful GPU formulation at these sizes; it runs once per frame

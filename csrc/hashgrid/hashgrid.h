@@ -1,4 +1,4 @@
-// Multiresolution hash encoding of 3D and 4D points (DESIGN.md 5.7; Mueller et al. 2022, as used
+// Multiresolution hash encoding of 3D and 4D points (docs/DESIGN.md 5.7; Mueller et al. 2022, as used
 // by the Instant-NK residual deformer on (x, y, z, t)).
 //
 // Shapes and dtypes (D = input dimension 3 or 4, L levels, S = 2^T table rows per level,
