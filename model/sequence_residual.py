@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from model.correspondences import bilinear_sample, sample_target_depth
+from model.correspondences import bilinear_sample
 from model.image_proc import backproject_depth
 from model.residual import MM, ResidualDeformer, geman_mcclure, smooth_surface, surface_normals
 from options import SequenceResidualOptions
@@ -65,8 +65,8 @@ class SequenceData:
 
     canonical (V, 3) and faces (F, 3) the canonical mesh; warped (T, V, 3) its graph warp into
     every frame; times (T,) in [0, 1]; previous (T,) the frame the temporal term compares with;
-    geometry (T, 7, H, W) the smoothed depth surface (xyz), its normals and their validity;
-    depth (T, H, W) metres (0 = none); color (T, 3, H, W) in [0, 1]; vertex_color (V, 3) or
+    geometry (T, 7, H, W) the smoothed depth surface (xyz), its normals and their validity
+    (depth 0 = none); color (T, 3, H, W) in [0, 1]; vertex_color (V, 3) or
     None; offsets, neighbours: mesh adjacency (CSR); visible: per frame, the vertices it sees
     under the graph warp; intrinsics fx, fy, cx, cy."""
 
@@ -76,7 +76,6 @@ class SequenceData:
     times: torch.Tensor
     previous: torch.Tensor
     geometry: torch.Tensor
-    depth: torch.Tensor
     color: torch.Tensor
     vertex_color: Optional[torch.Tensor]
     offsets: torch.Tensor
@@ -114,7 +113,7 @@ class SequenceData:
         previous[0] = min(1, T - 1)
         offsets, neighbours = mesh_neighbours(faces, V)
         data = SequenceData(canonical.float(), faces.long(), warped.float(), times.float(), previous,
-                            torch.stack(geometry), depths.float(), colors.float(),
+                            torch.stack(geometry), colors.float(),
                             None if vertex_color is None else vertex_color.float(),
                             offsets, neighbours, [], intr, max_depth)
         data.visible = [torch.nonzero(data.sees(t, data.warped[t], options.occlusion))[:, 0]
@@ -125,20 +124,21 @@ class SequenceData:
     def num_frames(self) -> int:
         return self.warped.shape[0]
 
-    def sample(self, t: int, points: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Frame t's observation at the projections of points (K, 3): geometry (K, 7), depth
-        (K,), depth valid (K,) (no depth edge, within max_depth)."""
+    def sample(self, t: int, points: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Frame t's depth surface at the projections of points (K, 3): geometry (K, 7) (xyz,
+        normal, normal validity) and valid (K,): all 4 pixels around the projection have a
+        normal, so valid depth and no depth edge near them (a bilinear mix across an edge is
+        on neither surface)."""
         pixels = project(points, self.intrinsics)[None, None]
         geometry = bilinear_sample(self.geometry[t:t + 1], pixels)[0, :, 0].T
-        depth, valid = sample_target_depth(self.depth[t:t + 1], pixels, self.max_depth)
-        return geometry, depth[0, 0], valid[0, 0]
+        return geometry, geometry[:, 6] >= 0.999
 
     def sees(self, t: int, points: torch.Tensor, occlusion: float) -> torch.Tensor:
         """(K, 3) live points of frame t -> (K,) bool: on the frame's depth surface there
         (valid depth and normal, depth within `occlusion`)."""
         with torch.no_grad():
-            geometry, depth, valid = self.sample(t, points)
-            return valid & (geometry[:, 6] >= 0.999) & ((points[:, 2] - depth).abs() <= occlusion)
+            geometry, valid = self.sample(t, points)
+            return valid & ((points[:, 2] - geometry[:, 2]).abs() <= occlusion)
 
     def draw(self, options: SequenceResidualOptions, generator: torch.Generator
              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -180,8 +180,8 @@ def sequence_losses(field: ResidualDeformer, data: SequenceData, frames: torch.T
     for b in range(B):
         yb = y[b * K:(b + 1) * K]
         with torch.no_grad():
-            geometry, depth, valid = data.sample(int(frames[b]), yb)
-            visible = valid & (geometry[:, 6] >= 0.999) & ((yb[:, 2] - depth).abs() <= options.occlusion)
+            geometry, valid = data.sample(int(frames[b]), yb)
+            visible = valid & ((yb[:, 2] - geometry[:, 2]).abs() <= options.occlusion)
         normal = F.normalize(geometry[:, 3:6], dim=1)
         distance = MM * ((yb - geometry[:, :3]) * normal).sum(dim=1)
         plane.append(geman_mcclure(distance[visible] ** 2, MM * options.plane_scale))
@@ -223,8 +223,8 @@ def frame_errors(data: SequenceData, vertices: torch.Tensor, occlusion: float) -
     errors = []
     with torch.no_grad():
         for t in range(data.num_frames):
-            geometry, depth, valid = data.sample(t, vertices[t])
-            seen = valid & (geometry[:, 6] >= 0.999) & ((vertices[t][:, 2] - depth).abs() <= occlusion)
+            seen = data.sees(t, vertices[t], occlusion)
+            geometry = data.sample(t, vertices[t])[0]
             normal = F.normalize(geometry[seen, 3:6], dim=1)
             distance = MM * ((vertices[t][seen] - geometry[seen, :3]) * normal).sum(dim=1).abs()
             errors.append(distance.mean() if distance.numel() else distance.new_tensor(float("nan")))
