@@ -446,7 +446,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 # ----------------------------------------------------------------------------------------------
-# Synthetic data (docs/DESIGN.md 5.8, dataset/synthetic.py)
+# Synthetic data (docs/DESIGN.md 5.8, dataset/synthetic/)
 
 
 @dataclass
@@ -489,6 +489,69 @@ class SyntheticOptions:
                                                       "the largest region nearer than this many "
                                                       "metres (default: automatic, Otsu)", gt=0)
 
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic sequences (dataset/synthetic_sequence/)
+
+
+@dataclass
+class SequenceOptions:
+    out: str = opt("data/sequence", "sequence folder: writes color/, depth/, mask/, intrinsics.txt and "
+                                     "gt/ directly in it", path="out_dir")
+    frames: int = opt(40, "number of frames (a longer run of the same settings extends a sequence: "
+                          "the motion is a function of the frame index)", ge=1)
+    seed: int = opt(0, "random seed: the object, its texture, the background, the motion and the "
+                       "sensor noise all follow from it", ge=0)
+    width: int = opt(640, "image width in pixels (a --background frame is resized to it)", ge=64)
+    height: int = opt(480, "image height in pixels (a --background frame is resized to it)", ge=48)
+    focal: float = opt(0.9, "procedural background: focal length in units of the image width "
+                            "(DeepDeform: 575.5 / 640)", gt=0)
+    object: str = opt("cloth", "the deforming object: a cloth-like sheet, or a closed body-like "
+                               "blob", choices=("cloth", "blob"))
+    motion: str = opt("bend,twist,bulge,turn,drift", "motion components, comma-separated: bend, "
+                      "twist, bulge (local bumps), turn (rigid turn that brings unseen surface "
+                      "into view), drift (translation)")
+    motion_scale: float = opt(1.0, "multiplies every motion amplitude (angles, bulges, shifts, "
+                                   "wrinkles)", ge=0)
+    speed: float = opt(1.0, "multiplies every motion's rate (1: a bend or twist cycle takes "
+                            "60-120 frames, the turn about 40-60)", gt=0)
+    detail: bool = opt(False, "add travelling wrinkles of 2.5-5 cm wavelength, finer than a 5 cm "
+                              "deformation graph can express")
+    size: float = opt(0.6, "object size in metres (sheet width, or body height)", gt=0)
+    distance: float = opt(1.4, "distance of the object's centre from the camera in metres "
+                               "(a --background frame may move it nearer)", gt=0)
+    spacing: float = opt(0.005, "vertex spacing of the object's mesh (the ground truth) in metres", gt=0)
+    textures: Optional[str] = opt(None, "folder of images (jpg, png) to texture the object with, "
+                                        "one drawn per seed (default: photographs of "
+                                        "scikit-image when installed, else procedural)", path="dir")
+    background: Optional[str] = opt(None, "a real RGB-D frame as the static background: a folder "
+                                          "with color/NAME.jpg|png, depth/NAME.png (uint16 mm) and "
+                                          "intrinsics.txt (default: a procedural room)", path="dir")
+    background_frame: Optional[str] = opt(None, "--background: the frame NAME to use (default: the "
+                                                "first)")
+    depth_noise: float = opt(1.0, "scale of the depth noise sigma(z) = 1.2 mm + 1.9 mm/m^2 "
+                                  "(z - 0.4 m)^2 (0 = noise-free)", ge=0)
+    holes: float = opt(1.0, "scale of the number of missing-depth blobs and of the dropout at "
+                            "depth discontinuities (0 = none)", ge=0)
+    grazing_angle: float = opt(80.0, "depth is missing where the view ray meets the surface more "
+                                     "than this many degrees away from its normal", gt=0, le=90)
+    illumination: float = opt(0.0, "strength of a random brightness flicker from frame to frame "
+                                   "(0 = constant lighting, camera noise only)", ge=0)
+    jpeg_quality: int = opt(90, "JPEG quality of the colour images", ge=1, le=100)
+
+
+@dataclass
+class PairExportOptions:
+    sequence: str = opt("data/sequence", "a sequence written by python -m dataset.synthetic_sequence",
+                        path="dir")
+    source: int = opt(0, "source frame index", ge=0)
+    target: int = opt(1, "target frame index", ge=0)
+    out: str = opt("data/sequence_pairs", "dataset root of the pair: writes OUT/<split>_graphs.json "
+                                          "(adding to the pairs listed there) and "
+                                          "OUT/<split>/seqNNNN/", path="out_dir")
+    split: str = opt("val", "split name of the pair")
+    index: int = opt(0, "pair number: the pair is written to OUT/<split>/seqNNNN with NNNN = INDEX "
+                        "(an existing pair of that number is replaced)", ge=0)
 
 # ----------------------------------------------------------------------------------------------
 # 4D hash-grid residual deformer (docs/DESIGN.md 5.7, model/residual.py)

@@ -449,3 +449,137 @@ def read_prediction(predictions_dir: PathLike, name: str):
     naming the file when one is missing or malformed."""
     translations_path, flow_path = prediction_paths(predictions_dir, name)
     return read_graph_node_deformations(translations_path), read_scene_flow(flow_path)
+
+
+# --------------------------------------------------------------------------------------------
+# Triangle meshes (PLY): what the sequence generator writes as ground truth (gt/mesh.ply) and
+# a sequence reconstruction writes per frame (OUT/frames/NNNNNN.ply).
+#     ply / format binary_little_endian 1.0 / element vertex V (float x, y, z) /
+#     element face F (list uchar int vertex_indices) / end_header, then the data.
+# The reader also takes ASCII and big-endian files and extra vertex properties (normals,
+# colours), as other tools write them; faces must be triangles.
+
+_PLY_TYPES = {"char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": "i2", "int16": "i2",
+              "ushort": "u2", "uint16": "u2", "int": "i4", "int32": "i4", "uint": "u4", "uint32": "u4",
+              "float": "f4", "float32": "f4", "double": "f8", "float64": "f8"}
+
+
+def write_ply(path: PathLike, vertices: np.ndarray, faces: np.ndarray) -> None:
+    """vertices (V, 3) float (stored float32, metres), faces (F, 3) int vertex ids -> binary
+    little-endian PLY, written atomically."""
+    vertices = np.asarray(vertices)
+    faces = np.asarray(faces)
+    if vertices.ndim != 2 or vertices.shape[1] != 3:
+        raise ValueError(f"{os.fspath(path)}: vertices must be (V, 3), found shape {vertices.shape}")
+    if faces.ndim != 2 or faces.shape[1] != 3:
+        raise ValueError(f"{os.fspath(path)}: faces must be (F, 3), found shape {faces.shape}")
+    if faces.size and (faces.min() < 0 or faces.max() >= vertices.shape[0]):
+        raise ValueError(f"{os.fspath(path)}: face vertex ids must lie in [0, {vertices.shape[0]}), found "
+                         f"[{faces.min()}, {faces.max()}]")
+    header = (f"ply\nformat binary_little_endian 1.0\nelement vertex {vertices.shape[0]}\n"
+              "property float x\nproperty float y\nproperty float z\n"
+              f"element face {faces.shape[0]}\nproperty list uchar int vertex_indices\nend_header\n")
+    rows = np.empty(faces.shape[0], dtype=[("n", "u1"), ("ids", "<i4", (3,))])
+    rows["n"] = 3
+    rows["ids"] = faces
+    with atomic_open(path, "wb") as handle:
+        handle.write(header.encode("ascii"))
+        handle.write(vertices.astype("<f4").tobytes())
+        handle.write(rows.tobytes())
+
+
+def _ply_header(data: bytes, where: str):
+    """(format, [(element name, count, [(property, type) or (property, count type, item type)])],
+    offset of the data) of a PLY file's bytes."""
+    end = data.find(b"end_header")
+    if not data.startswith(b"ply") or end < 0:
+        raise FormatError(f"{where}: not a PLY file (expected a 'ply' ... 'end_header' header)")
+    newline = data.find(b"\n", end)
+    offset = len(data) if newline < 0 else newline + 1
+    fmt, elements = None, []
+    for line in data[:end].decode("ascii", errors="replace").splitlines()[1:]:
+        words = line.split()
+        if not words or words[0] in ("comment", "obj_info"):
+            continue
+        if words[0] == "format" and len(words) >= 2:
+            fmt = words[1]
+        elif words[0] == "element" and len(words) == 3:
+            elements.append((words[1], int(words[2]), []))
+        elif words[0] == "property" and elements and len(words) == 5 and words[1] == "list":
+            elements[-1][2].append((words[4], words[2], words[3]))
+        elif words[0] == "property" and elements and len(words) == 3:
+            elements[-1][2].append((words[2], words[1]))
+        else:
+            raise FormatError(f"{where}: cannot read the PLY header line {line!r}")
+    if fmt not in ("binary_little_endian", "binary_big_endian", "ascii"):
+        raise FormatError(f"{where}: PLY format must be binary_little_endian, binary_big_endian or ascii, "
+                          f"found {fmt}")
+    return fmt, elements, offset
+
+
+def read_ply(path: PathLike):
+    """A triangle-mesh PLY -> (vertices (V, 3) float32, faces (F, 3) int64). FormatError naming
+    the file when it is not a PLY, lacks x/y/z, has non-triangle faces or ids out of range."""
+    where = os.fspath(path)
+    data = _read_bytes(path, "PLY mesh")
+    fmt, elements, offset = _ply_header(data, where)
+    names = [e[0] for e in elements]
+    if "vertex" not in names:
+        raise FormatError(f"{where}: no 'element vertex' in the PLY header")
+    order = "<" if fmt == "binary_little_endian" else ">"
+    vertices = faces = None
+    if fmt == "ascii":
+        lines = data[offset:].decode("ascii", errors="replace").split("\n")
+        row = 0
+    for name, count, properties in elements:
+        if any(len(p) == 2 and p[1] not in _PLY_TYPES for p in properties) or \
+                any(len(p) == 3 and (p[1] not in _PLY_TYPES or p[2] not in _PLY_TYPES) for p in properties):
+            raise FormatError(f"{where}: unknown PLY property type in element {name}")
+        lists = [p for p in properties if len(p) == 3]
+        if fmt == "ascii":
+            try:
+                values = [[float(v) for v in line.split()] for line in lines[row:row + count]]
+            except ValueError as error:
+                raise FormatError(f"{where}: element {name}: not numbers ({error})") from error
+            row += count
+            if len(values) < count:
+                raise FormatError(f"{where}: element {name}: expected {count} rows, found {len(values)}")
+            if name == "vertex":
+                columns = [p[0] for p in properties]
+                if lists or not all(c in columns for c in "xyz") or any(len(v) != len(columns) for v in values):
+                    raise FormatError(f"{where}: vertex rows must hold x, y, z among {len(columns)} scalars")
+                table = np.array(values, dtype=np.float64).reshape(count, len(columns))
+                vertices = table[:, [columns.index(c) for c in "xyz"]].astype(np.float32)
+            elif name == "face":
+                if len(properties) != 1 or not lists or any(len(v) != 4 or v[0] != 3 for v in values):
+                    raise FormatError(f"{where}: faces must be triangles (rows '3 i j k')")
+                faces = np.array(values, dtype=np.int64).reshape(count, 4)[:, 1:]
+            continue
+        if lists and not (name == "face" and len(properties) == 1):
+            raise FormatError(f"{where}: element {name}: list properties are read only as the face's one "
+                              "vertex_indices list")
+        if lists:
+            _, count_type, item_type = lists[0]
+            dtype = np.dtype([("n", order + _PLY_TYPES[count_type]), ("ids", order + _PLY_TYPES[item_type], (3,))])
+        else:
+            dtype = np.dtype([(p[0], order + _PLY_TYPES[p[1]]) for p in properties])
+        size = dtype.itemsize * count
+        if offset + size > len(data):
+            raise FormatError(f"{where}: element {name}: expected {size} bytes of data at offset {offset}, "
+                              f"found {len(data) - offset} (truncated, or faces that are not triangles)")
+        table = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+        offset += size
+        if name == "vertex":
+            if not all(c in dtype.names for c in "xyz"):
+                raise FormatError(f"{where}: vertex element lacks x, y or z")
+            vertices = np.stack([table[c] for c in "xyz"], axis=1).astype(np.float32)
+        elif name == "face":
+            if not lists or (table["n"] != 3).any():
+                raise FormatError(f"{where}: faces must be triangles (a list of 3 vertex ids each)")
+            faces = table["ids"].astype(np.int64)
+    if faces is None:
+        faces = np.zeros((0, 3), np.int64)
+    if faces.size and (faces.min() < 0 or faces.max() >= vertices.shape[0]):
+        raise FormatError(f"{where}: face vertex ids must lie in [0, {vertices.shape[0]}), found "
+                          f"[{faces.min()}, {faces.max()}]")
+    return vertices, faces

@@ -1,4 +1,4 @@
-"""Tests of the synthetic data generator (dataset/synthetic.py): determinism and resume, the
+"""Tests of the synthetic data generator (dataset/synthetic/): determinism and resume, the
 files against dataset/io.py, exact geometric ground truth, non-trivial motion, graph files
 that agree with the scene flow, the real-frame path on the DeepDeform samples, the demo pair."""
 import os
