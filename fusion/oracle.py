@@ -6,7 +6,7 @@ What a perfect graph tracker with a perfect fusion would give, written in the fu
 contract (so that `python -m fusion.residual --out OUT` and `fuse.py --residual-only` run on it,
 and `evaluate.py --sequence DIR --reconstruction OUT` scores it):
   * canonical mesh = the true mesh of the first frame, its vertices visible in that frame
-    (faces whose three corners are), colours from the first colour image;
+    (faces whose three corners are);
   * nodes sampled on it at `--node-coverage` (the graph construction's sampler), 4 Euclidean
     anchors per vertex with Gaussian skinning weights (as dataset/graph.py);
   * per frame, each node's rotation and translation fitted by weighted least squares
@@ -28,7 +28,6 @@ import torch
 from dataset import io
 from dataset.fileio import atomic_open, atomic_write_bytes
 from dataset.graph import NUM_ANCHORS, gaussian_weights
-from fusion import meshio
 from model.ext import C
 from model.warp import warp_points
 from options import ArgumentParser, OptionError, check_flag
@@ -124,21 +123,10 @@ def write_oracle(sequence_dir: str, out_dir: str, coverage: float = 0.05, log=pr
     if vertices.shape[0] != len(names):
         raise OracleError(f"{path}: {vertices.shape[0]} frames of vertices, {len(names)} depth frames")
     result = oracle_reconstruction(vertices, faces, visible[0].astype(bool), coverage)
-    intrinsics = io.read_intrinsics(os.path.join(sequence_dir, "intrinsics.txt"))
-    color0, vertex_color = None, None
-    for suffix in (".jpg", ".png"):
-        candidate = os.path.join(sequence_dir, "color", names[0] + suffix)
-        if os.path.isfile(candidate):
-            color0 = io.read_color(candidate)
-    if color0 is not None:
-        p = result["canonical"]
-        x = np.clip(np.round(intrinsics["fx"] * p[:, 0] / p[:, 2] + intrinsics["cx"]), 0, color0.shape[1] - 1)
-        y = np.clip(np.round(intrinsics["fy"] * p[:, 1] / p[:, 2] + intrinsics["cy"]), 0, color0.shape[0] - 1)
-        vertex_color = color0[y.astype(int), x.astype(int)].astype(np.float32) / 255.0
     os.makedirs(os.path.join(out_dir, "frames"), exist_ok=True)
-    meshio.write_ply(os.path.join(out_dir, "canonical.ply"), result["canonical"], result["faces"], vertex_color)
+    io.write_ply(os.path.join(out_dir, "canonical.ply"), result["canonical"], result["faces"])
     for name, frame in zip(names, result["frames"]):
-        meshio.write_ply(os.path.join(out_dir, "frames", name + ".ply"), frame, result["faces"], vertex_color)
+        io.write_ply(os.path.join(out_dir, "frames", name + ".ply"), frame, result["faces"])
     N, T = result["positions"].shape[0], len(names)
     with atomic_open(os.path.join(out_dir, "nodes.npz"), "wb") as handle:
         np.savez(handle, positions=result["positions"], rotations=result["rotations"],

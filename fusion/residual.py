@@ -30,7 +30,6 @@ import torch
 from tqdm import tqdm
 
 from dataset import io
-from fusion import meshio
 from dataset.fileio import atomic_open, atomic_write_bytes
 from model.residual import ResidualDeformer
 from model.sequence_residual import SequenceData, frame_errors, residuals, sequence_losses, total_loss
@@ -77,8 +76,7 @@ def sequence_of(out_dir: str, sequence_dir: Optional[str]) -> str:
 def load_inputs(out_dir: str, sequence_dir: str, max_depth: float = 6.0) -> Dict:
     """Reads the reconstruction in OUT and the frames of the sequence it was made from.
 
-    Returns names (T frame names, sorted), canonical (V, 3), faces (F, 3), vertex_color (V, 3)
-    in [0, 1] or None, warped (T, V, 3), depths (T, H, W) metres, colors (T, 3, H, W) in [0, 1],
+    Returns names (T frame names, sorted), canonical (V, 3), faces (F, 3), warped (T, V, 3), depths (T, H, W) metres, colors (T, 3, H, W) in [0, 1],
     intrinsics, times (T,) (frame numbers mapped to [0, 1]). Any missing or inconsistent file is
     a one-line ResidualError naming it.
     """
@@ -91,10 +89,10 @@ def load_inputs(out_dir: str, sequence_dir: str, max_depth: float = 6.0) -> Dict
     if not names:
         raise ResidualError(f"{frames_dir}: no NNNNNN.ply meshes")
     canonical_path = os.path.join(out_dir, "canonical.ply")
-    canonical, faces, vertex_color = meshio.read_ply(canonical_path)
+    canonical, faces = io.read_ply(canonical_path)
     warped = []
     for name in names:
-        vertices, frame_faces, _ = meshio.read_ply(os.path.join(frames_dir, name + ".ply"))
+        vertices, frame_faces = io.read_ply(os.path.join(frames_dir, name + ".ply"))
         if vertices.shape != canonical.shape or not np.array_equal(frame_faces, faces):
             raise ResidualError(f"{os.path.join(frames_dir, name + '.ply')}: topology differs from "
                                 f"{canonical_path} ({vertices.shape[0]} vs {canonical.shape[0]} vertices)")
@@ -118,7 +116,6 @@ def load_inputs(out_dir: str, sequence_dir: str, max_depth: float = 6.0) -> Dict
     span = numbers[-1] - numbers[0]
     times = (numbers - numbers[0]) / span if span > 0 else np.zeros_like(numbers)
     return {"names": names, "canonical": torch.from_numpy(canonical), "faces": torch.from_numpy(faces),
-            "vertex_color": None if vertex_color is None else torch.from_numpy(vertex_color),
             "warped": torch.from_numpy(np.stack(warped)), "depths": torch.from_numpy(np.stack(depths)),
             "colors": torch.from_numpy(np.stack(colors)).permute(0, 3, 1, 2).float() / 255.0,
             "intrinsics": intrinsics, "times": torch.from_numpy(times).float(), "max_depth": max_depth}
@@ -127,9 +124,9 @@ def load_inputs(out_dir: str, sequence_dir: str, max_depth: float = 6.0) -> Dict
 def build_data(inputs: Dict, options: SequenceResidualOptions, device: str = "cpu") -> SequenceData:
     data = SequenceData.build(inputs["canonical"], inputs["faces"], inputs["warped"], inputs["times"],
                               inputs["depths"], inputs["colors"], inputs["intrinsics"], options,
-                              inputs["vertex_color"], inputs["max_depth"])
+                              None, inputs["max_depth"])
     for name in ("canonical", "faces", "warped", "times", "previous", "geometry", "color",
-                 "vertex_color"):
+                 "vertex_color", "colored"):
         value = getattr(data, name)
         if value is not None:
             setattr(data, name, value.to(device))
@@ -326,12 +323,11 @@ def error_plot(before: np.ndarray, after: np.ndarray, width: int = 900, height: 
     return image
 
 
-def write_refined(out_dir: str, names: List[str], refined: np.ndarray, faces: np.ndarray,
-                  vertex_color: Optional[np.ndarray]) -> str:
+def write_refined(out_dir: str, names: List[str], refined: np.ndarray, faces: np.ndarray) -> str:
     folder = os.path.join(out_dir, REFINED_DIR)
     os.makedirs(folder, exist_ok=True)
     for name, vertices in zip(names, refined):
-        meshio.write_ply(os.path.join(folder, name + ".ply"), vertices, faces, vertex_color)
+        io.write_ply(os.path.join(folder, name + ".ply"), vertices, faces)
     return folder
 
 
@@ -356,8 +352,7 @@ def run_residual(out_dir: str, sequence_dir: Optional[str] = None,
     refined_np = refined.cpu().numpy().astype(np.float32)
     if not np.isfinite(refined_np).all():
         raise ResidualError(f"{out_dir}: the refined meshes hold non-finite vertices; nothing written")
-    vertex_color = None if inputs["vertex_color"] is None else inputs["vertex_color"].numpy()
-    folder = write_refined(out_dir, names, refined_np, inputs["faces"].numpy(), vertex_color)
+    folder = write_refined(out_dir, names, refined_np, inputs["faces"].numpy())
     ok, png = cv2.imencode(".png", cv2.cvtColor(error_plot(before, after), cv2.COLOR_RGB2BGR))
     atomic_write_bytes(os.path.join(out_dir, "residual_errors.png"), png.tobytes())
     summary = {"sequence": os.path.abspath(sequence_dir), "frames": names, "refined": folder,

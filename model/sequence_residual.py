@@ -19,8 +19,8 @@ vertices the frame sees under the graph warp: depth at their projection within `
     y's projection (smoothed edge-aware, normals from it; held fixed within the step, as in
     projective ICP), skipping y whose depth disagrees with the frame's by more than
     `occlusion` (occluded, or off the object), millimetres squared;
-  * color: robust distance of the vertex colour (the fused mesh's) to the frame's colour at y's
-    projection, differentiable through the projection (only with vertex colours);
+  * color: robust distance of the vertex colour (its mean over the frames that see it) to the
+    frame's colour at y's projection, differentiable through the projection;
   * magnitude: |d|^2; smoothness: |d(x_c, t) - d(x_n, t)|^2 for a random mesh neighbour x_n;
     temporal: |d(x_c, t) - d(x_c, t')|^2 for the neighbouring frame's time t'.
 Ground truth is never read: only depth, colour, intrinsics and the graph warp.
@@ -66,8 +66,9 @@ class SequenceData:
     canonical (V, 3) and faces (F, 3) the canonical mesh; warped (T, V, 3) its graph warp into
     every frame; times (T,) in [0, 1]; previous (T,) the frame the temporal term compares with;
     geometry (T, 7, H, W) the smoothed depth surface (xyz), its normals and their validity
-    (depth 0 = none); color (T, 3, H, W) in [0, 1]; vertex_color (V, 3) or
-    None; offsets, neighbours: mesh adjacency (CSR); visible: per frame, the vertices it sees
+    (depth 0 = none); color (T, 3, H, W) in [0, 1]; vertex_color (V, 3) the vertex's colour
+    (given, or its mean over the frames that see it under the graph warp) and colored (V,)
+    whether it has one; offsets, neighbours: mesh adjacency (CSR); visible: per frame, the vertices it sees
     under the graph warp; intrinsics fx, fy, cx, cy."""
 
     canonical: torch.Tensor
@@ -77,7 +78,8 @@ class SequenceData:
     previous: torch.Tensor
     geometry: torch.Tensor
     color: torch.Tensor
-    vertex_color: Optional[torch.Tensor]
+    vertex_color: torch.Tensor
+    colored: torch.Tensor
     offsets: torch.Tensor
     neighbours: torch.Tensor
     visible: List[torch.Tensor]
@@ -91,7 +93,8 @@ class SequenceData:
               vertex_color: Optional[torch.Tensor] = None, max_depth: float = 6.0) -> "SequenceData":
         """canonical (V, 3), faces (F, 3), warped (T, V, 3) metres; times (T,) in [0, 1],
         increasing; depths (T, H, W) metres; colors (T, 3, H, W) in [0, 1]; vertex_color (V, 3)
-        in [0, 1] or None. Raises ValueError on shapes that disagree."""
+        in [0, 1], or None to take each vertex's mean colour over the frames that see it.
+        Raises ValueError on shapes that disagree."""
         V, T = canonical.shape[0], warped.shape[0]
         if canonical.dim() != 2 or canonical.shape[1] != 3 or warped.shape[1:] != (V, 3):
             raise ValueError(f"canonical (V, 3) and warped (T, V, 3) disagree: "
@@ -114,10 +117,21 @@ class SequenceData:
         offsets, neighbours = mesh_neighbours(faces, V)
         data = SequenceData(canonical.float(), faces.long(), warped.float(), times.float(), previous,
                             torch.stack(geometry), colors.float(),
-                            None if vertex_color is None else vertex_color.float(),
-                            offsets, neighbours, [], intr, max_depth)
+                            torch.zeros(V, 3), torch.ones(V, dtype=torch.bool), offsets, neighbours, [], intr, max_depth)
         data.visible = [torch.nonzero(data.sees(t, data.warped[t], options.occlusion))[:, 0]
                         for t in range(T)]
+        if vertex_color is not None:
+            data.vertex_color = vertex_color.float()
+        else:
+            # The fused mesh's own colours are a blend of the same frames; taking them from the
+            # frames keeps the term independent of whether a mesh file carries colours.
+            total, count = torch.zeros(V, 3), torch.zeros(V)
+            for t, seen in enumerate(data.visible):
+                pixels = project(data.warped[t, seen], intr)[None, None]
+                total.index_add_(0, seen, bilinear_sample(data.color[t:t + 1], pixels)[0, :, 0].T)
+                count.index_add_(0, seen, torch.ones(seen.numel()))
+            data.vertex_color = total / count.clamp(min=1)[:, None]
+            data.colored = count > 0
         return data
 
     @property
@@ -185,12 +199,13 @@ def sequence_losses(field: ResidualDeformer, data: SequenceData, frames: torch.T
         normal = F.normalize(geometry[:, 3:6], dim=1)
         distance = MM * ((yb - geometry[:, :3]) * normal).sum(dim=1)
         plane.append(geman_mcclure(distance[visible] ** 2, MM * options.plane_scale))
-        if data.vertex_color is not None:
+        if options.color_weight > 0:
             pixels = project(yb, data.intrinsics)[None, None]
             target = bilinear_sample(data.color[int(frames[b]):int(frames[b]) + 1], pixels)[0, :, 0].T
             error = ((target - data.vertex_color[chosen[b]]) ** 2).sum(dim=1)
             # Normalised per point (colours have no millimetres): an outlier costs at most 1.
-            color.append(geman_mcclure(error[visible], options.color_scale) / options.color_scale ** 2)
+            keep = visible & data.colored[chosen[b]]
+            color.append(geman_mcclure(error[keep], options.color_scale) / options.color_scale ** 2)
 
     def mean(values: List[torch.Tensor]) -> torch.Tensor:
         values = torch.cat(values) if values else d.new_zeros(0)

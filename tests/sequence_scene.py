@@ -67,14 +67,12 @@ def write_sheet_sequence(out: str, frames: int = 6, width: int = 160, height: in
 def accuracy_mm(out: str, sequence: str, folder: str) -> np.ndarray:
     """Per frame, the mean distance (mm) of the reconstruction's vertices in OUT/folder to the
     true surface (exact point-to-triangle distance)."""
-    from fusion.meshio import read_ply
-
     with np.load(os.path.join(sequence, "gt", "gt.npz")) as gt:
         vertices, faces = gt["vertices"], gt["faces"].astype(np.uint32)
     names = sorted(os.listdir(os.path.join(out, folder)))
     errors = []
     for t, name in enumerate(names):
-        mesh = read_ply(os.path.join(out, folder, name))[0]
+        mesh = io.read_ply(os.path.join(out, folder, name))[0]
         scene = o3d.t.geometry.RaycastingScene()
         scene.add_triangles(o3d.core.Tensor(vertices[t]), o3d.core.Tensor(faces))
         errors.append(1000 * scene.compute_distance(o3d.core.Tensor(mesh)).numpy().mean())

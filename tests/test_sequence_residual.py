@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from fusion import meshio
+from dataset import io
 from fusion.oracle import node_procrustes, write_oracle
 from fusion.residual import ResidualError, build_data, fit, load_inputs, new_field, run_residual
 from model.residual import ResidualDeformer
@@ -62,12 +62,12 @@ def test_node_procrustes_recovers_node_motions():
 
 def test_oracle_reconstruction_contract(oracle):
     sequence, out = oracle
-    canonical, faces, colors = meshio.read_ply(os.path.join(out, "canonical.ply"))
-    assert colors is not None and faces.shape[1] == 3
+    canonical, faces = io.read_ply(os.path.join(out, "canonical.ply"))
+    assert faces.shape[1] == 3
     names = sorted(os.listdir(os.path.join(out, "frames")))
     assert names == [f"{t:06d}.ply" for t in range(6)]
     for name in names:
-        vertices, frame_faces, _ = meshio.read_ply(os.path.join(out, "frames", name))
+        vertices, frame_faces = io.read_ply(os.path.join(out, "frames", name))
         assert vertices.shape == canonical.shape and np.array_equal(frame_faces, faces)
         assert np.isfinite(vertices).all()
     with np.load(os.path.join(out, "nodes.npz")) as nodes:
@@ -149,8 +149,8 @@ def test_fit_improves_accuracy_over_the_oracle_graph(oracle, tmp_path):
     for name in ("residual.pt", "residual_errors.png", "residual_summary.json"):
         assert os.path.isfile(os.path.join(out, name)), name
     assert os.listdir(os.path.join(out, "residual_tensorboard"))
-    refined, faces, _ = meshio.read_ply(os.path.join(out, "frames_refined", "000003.ply"))
-    assert np.array_equal(faces, meshio.read_ply(os.path.join(out, "canonical.ply"))[1])
+    refined, faces = io.read_ply(os.path.join(out, "frames_refined", "000003.ply"))
+    assert np.array_equal(faces, io.read_ply(os.path.join(out, "canonical.ply"))[1])
 
 
 def test_pinned_reference_keeps_the_first_frame(oracle, tmp_path):
