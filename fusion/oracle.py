@@ -28,6 +28,7 @@ import torch
 from dataset import io
 from dataset.fileio import atomic_open, atomic_write_bytes
 from dataset.graph import NUM_ANCHORS, gaussian_weights
+from dataset.synthetic_sequence import read_ground_truth
 from model.ext import C
 from model.warp import warp_points
 from options import ArgumentParser, OptionError, check_flag
@@ -112,13 +113,7 @@ def frame_names(sequence_dir: str) -> list:
 def write_oracle(sequence_dir: str, out_dir: str, coverage: float = 0.05, log=print) -> Dict:
     """Builds the oracle reconstruction of a synthetic sequence and writes it to out_dir."""
     path = os.path.join(sequence_dir, "gt", "gt.npz")
-    if not os.path.isfile(path):
-        raise OracleError(f"{path}: ground truth not found (the oracle needs a synthetic sequence)")
-    with np.load(path) as gt:
-        missing = [k for k in ("faces", "vertices", "visible") if k not in gt]
-        if missing:
-            raise OracleError(f"{path}: missing {', '.join(missing)}")
-        faces, vertices, visible = gt["faces"], gt["vertices"], gt["visible"]
+    faces, vertices, visible = read_ground_truth(sequence_dir)   # FormatError naming the file
     names = frame_names(sequence_dir)
     if vertices.shape[0] != len(names):
         raise OracleError(f"{path}: {vertices.shape[0]} frames of vertices, {len(names)} depth frames")

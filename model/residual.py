@@ -104,8 +104,12 @@ class ResidualDeformer(nn.Module):
                                        options.base_resolution,
                                        options.max_resolution)
         layers, width = [], self.encoder.output_dim
+        # Unpinned, the hidden layers have no biases (as Instant-NGP's MLPs): starting from a
+        # zero last layer and near-zero features, Adam's scale-free steps moved the biases far
+        # faster than the feature weights and could switch every ReLU off for good, leaving a
+        # field constant in x and t.
         for _ in range(options.layers):
-            layers += [nn.Linear(width, options.hidden), nn.ReLU()]
+            layers += [nn.Linear(width, options.hidden, bias=pinned), nn.ReLU()]
             width = options.hidden
         layers.append(nn.Linear(width, 3))
         self.mlp = nn.Sequential(*layers)
@@ -121,7 +125,8 @@ class ResidualDeformer(nn.Module):
                 if isinstance(layer, nn.Linear):
                     bound = 1 / math.sqrt(layer.in_features)
                     layer.weight.uniform_(-bound, bound, generator=generator)
-                    layer.bias.zero_()
+                    if layer.bias is not None:
+                        layer.bias.zero_()
             # Unpinned, nothing else makes the start the identity: a zero last layer does
             # (its first step gives it weights, after which gradients reach everything).
             self.mlp[-1].weight.mul_(1e-3 if self.pinned else 0.0)
