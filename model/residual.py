@@ -170,8 +170,12 @@ def surface_normals(points: torch.Tensor, max_jump: float = 0.05) -> Tuple[torch
     up, down = padded[..., :-2, 1:-1], padded[..., 2:, 1:-1]
     valid = centre[:, 2] > 0
     for other in (left, right, up, down):
-        valid &= (other[:, 2] > 0) & ((other - centre).norm(dim=1) <= max_jump)
-    normals = F.normalize(torch.cross(right - left, down - up, dim=1), dim=1)
+        # Squared distances: torch's norm over the channel dimension of an image is several
+        # times slower on the CPU than this sum.
+        valid &= (other[:, 2] > 0) & (((other - centre) ** 2).sum(dim=1) <= max_jump * max_jump)
+    normals = torch.cross(right - left, down - up, dim=1)
+    # F.normalize's eps 1e-12, without its slow channel norm.
+    normals = normals / ((normals ** 2).sum(dim=1, keepdim=True).sqrt().clamp(min=1e-12))
     return normals * valid[:, None], valid
 
 

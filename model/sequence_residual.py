@@ -25,6 +25,7 @@ vertices the frame sees under the graph warp: depth at their projection within `
     temporal: |d(x_c, t) - d(x_c, t')|^2 for the neighbouring frame's time t'.
 Ground truth is never read: only depth, colour, intrinsics and the graph warp.
 """
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -45,11 +46,13 @@ def mesh_neighbours(faces: torch.Tensor, num_vertices: int) -> Tuple[torch.Tenso
     faces = faces.long()
     edges = torch.cat((faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]))
     edges = torch.cat((edges, edges.flip(1)))
-    edges = torch.unique(edges, dim=0)          # sorted by source vertex, then neighbour
-    counts = torch.bincount(edges[:, 0], minlength=num_vertices)
+    # One int64 key per directed edge: a 1D unique (sorted by source vertex, then neighbour) is
+    # far faster than unique over rows.
+    keys = torch.unique(edges[:, 0] * num_vertices + edges[:, 1])
+    counts = torch.bincount(keys // num_vertices, minlength=num_vertices)
     offsets = torch.zeros(num_vertices + 1, dtype=torch.long)
     offsets[1:] = torch.cumsum(counts, 0)
-    return offsets, edges[:, 1].contiguous()
+    return offsets, (keys % num_vertices).contiguous()
 
 
 def project(points: torch.Tensor, intrinsics: Tuple[float, float, float, float]) -> torch.Tensor:
@@ -106,17 +109,29 @@ class SequenceData:
         if T > 1 and bool((times[1:] <= times[:-1]).any()):
             raise ValueError("times must increase")
         intr = tuple(float(intrinsics[k]) for k in ("fx", "fy", "cx", "cy"))
-        geometry = []
-        for depth in depths:
-            points = backproject_depth(depth, intrinsics, max_depth).permute(2, 0, 1)[None]
+        H, W = depths.shape[1:]
+        geometry = torch.zeros(T, 7, H, W)
+        for t, depth in enumerate(depths):
+            # Only the window the mesh can reach is needed (its graph-warped projection, widened
+            # by what the bounded residual can add and the smoothing radius): the rest of the
+            # frame stays 0, "no surface", and the per-frame setup shrinks with the object.
+            pixels = project(warped[t].float(), intr)
+            depth_min = float(warped[t, :, 2].min().clamp(min=1e-3))
+            reach = int(math.ceil(2 * options.max * max(intr[0], intr[1]) / depth_min)) + 8
+            x0, y0 = (pixels.min(dim=0).values.floor().long() - reach).clamp(min=0).tolist()
+            x1, y1 = (pixels.max(dim=0).values.ceil().long() + reach + 1).tolist()
+            x1, y1 = min(x1, W), min(y1, H)
+            if x1 <= x0 or y1 <= y0:
+                continue
+            points = backproject_depth(depth, intrinsics, max_depth).permute(2, 0, 1)[None, :, y0:y1, x0:x1]
             points = smooth_surface(points.contiguous(), options.target_smoothing)
             normals, valid = surface_normals(points)
-            geometry.append(torch.cat((points, normals, valid[:, None].to(points.dtype)), dim=1)[0])
+            geometry[t, :, y0:y1, x0:x1] = torch.cat((points, normals, valid[:, None].to(points.dtype)), dim=1)[0]
         previous = torch.arange(T) - 1
         previous[0] = min(1, T - 1)
         offsets, neighbours = mesh_neighbours(faces, V)
         data = SequenceData(canonical.float(), faces.long(), warped.float(), times.float(), previous,
-                            torch.stack(geometry), colors.float(),
+                            geometry, colors.float(),
                             torch.zeros(V, 3), torch.ones(V, dtype=torch.bool), offsets, neighbours, [], intr, max_depth)
         data.visible = [torch.nonzero(data.sees(t, data.warped[t], options.occlusion))[:, 0]
                         for t in range(T)]
