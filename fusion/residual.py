@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from dataset import io
 from dataset.fileio import atomic_open, atomic_write_bytes
+from model.ext import DeviceError, resolve_device
 from model.residual import ResidualDeformer
 from model.sequence_residual import SequenceData, frame_errors, residuals, sequence_losses, total_loss
 from options import (ArgumentParser, OptionError, SequenceResidualOptions, add_options, check_flag, from_args,
@@ -382,7 +383,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sequence", default=None,
                         help="the sequence folder (default: the one OUT/fusion_options.json records)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/residual.pt")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to fit (default: cpu)")
+    parser.add_argument("--device", default="auto",
+                        help="cpu, cuda[:K], or auto (cuda when it can run here; default: auto)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_residual_options(parser)
     return parser
@@ -395,8 +397,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check_flag("--out", args.out, str, path="dir")
         check_flag("--sequence", args.sequence, str, path="dir")
         options = from_args(args, SequenceResidualOptions, prefix="residual_")
-        run_residual(args.out, args.sequence, options, args.resume, args.device, not args.quiet)
-    except (OptionError, ResidualError, io.FormatError) as error:
+        device = str(resolve_device(args.device))
+        run_residual(args.out, args.sequence, options, args.resume, device, not args.quiet)
+    except (OptionError, ResidualError, io.FormatError, DeviceError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     return 0
 
