@@ -377,6 +377,28 @@ def add_residual_options(parser: argparse.ArgumentParser) -> None:
     add_options(parser, SequenceResidualOptions, "residual field (--residual-*)", prefix="residual_")
 
 
+def add_fuse_flags(parser: argparse.ArgumentParser) -> None:
+    """What fuse.py adds: --residual, --residual-only and the --residual-* flags."""
+    group = parser.add_argument_group("residual field after fusion")
+    group.add_argument("--residual", action="store_true",
+                       help="after fusion, fit the 4D residual field over the sequence and write "
+                            "OUT/frames_refined/NNNNNN.ply (python -m fusion.residual --help)")
+    group.add_argument("--residual-only", action="store_true",
+                       help="skip fusion: fit the residual field to the existing OUT (its canonical.ply "
+                            "and frames/); with --resume it continues OUT/residual.pt")
+    add_residual_options(parser)
+
+
+def residual_after_fusion(args: argparse.Namespace, out: str, sequence: str, resume: bool, device: str,
+                          progress: bool = True, log=print) -> Optional[Dict]:
+    """fuse.py's hook: runs the field when --residual or --residual-only was given (flags of
+    add_fuse_flags); returns its summary, or None when neither was."""
+    if not (getattr(args, "residual", False) or getattr(args, "residual_only", False)):
+        return None
+    options = from_args(args, SequenceResidualOptions, prefix="residual_")
+    return run_residual(out, sequence, options, resume, device, progress, log=log)
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m fusion.residual", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="the fusion's output folder (canonical.ply, frames/)")
