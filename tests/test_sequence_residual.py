@@ -212,3 +212,20 @@ def test_fit_improves_the_generators_detail_sequence(tmp_path):
     after = evaluate_sequence(sequence, out, "frames_refined")
     assert after.accuracy < 0.85 * before.accuracy, (before.accuracy, after.accuracy)
     assert after.deformation_error < before.deformation_error
+
+
+def test_fuse_hook_runs_only_when_asked(oracle, tmp_path):
+    """fuse.py's --residual / --residual-only: the flags and the hook it calls after fusion."""
+    import argparse
+
+    from fusion.residual import add_fuse_flags, residual_after_fusion
+
+    sequence, out = oracle
+    out = _copy(out, tmp_path)
+    parser = argparse.ArgumentParser()
+    add_fuse_flags(parser)
+    assert residual_after_fusion(parser.parse_args([]), out, sequence, False, "cpu", False) is None
+    assert not os.path.isdir(os.path.join(out, "frames_refined"))
+    args = parser.parse_args(["--residual-only", "--residual-iterations", "4", "--residual-points", "64"])
+    summary = residual_after_fusion(args, out, sequence, False, "cpu", False, log=lambda *_: None)
+    assert summary["iterations"] == 4 and len(os.listdir(os.path.join(out, "frames_refined"))) == 6
