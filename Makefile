@@ -60,6 +60,7 @@ bench: setup
 	$(PY) benchmarks/bench_solver.py
 	$(PY) benchmarks/bench_hashgrid.py
 	$(PY) benchmarks/bench_network.py
+	$(PY) benchmarks/bench_sequence.py
 	$(PY) benchmarks/bench_residual_sequence.py
 
 clean:

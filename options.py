@@ -609,8 +609,9 @@ class ResidualOptions(HashFieldOptions):
     """The per-pair deformer (model/residual.py). Flags --residual-*."""
 
     iterations: int = opt(150, "Adam steps of the fit per pair (a fixed budget)", ge=1)
-    time_budget: float = opt(5.0, "stop the fit of a pair after this many seconds even "
-                             "if iterations remain (0 = no limit)", ge=0)
+    time_budget: float = opt(5.0, "stop the fit of a pair after this many seconds (setup "
+                             "included; at least one step is taken) even if iterations "
+                             "remain (0 = no limit)", ge=0)
     points: int = opt(2048, "source points drawn per step (with their right and lower "
                       "neighbours for the smoothness term)", ge=1)
     match_weight: float = opt(1.0, "weight of the correspondence term (distance to the "

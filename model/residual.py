@@ -360,8 +360,10 @@ def _fit_one(data: _PairData, options: ResidualOptions, max_depth: float, start:
     K = min(options.points, P)
     bar = tqdm(total=options.iterations, desc=desc, disable=not progress, leave=False)
     while iterations < options.iterations:
+        # At least one step, whatever the setup cost: a fit stopped before its first step
+        # would silently return the unrefined warp (seen on a loaded machine).
         budget = options.time_budget
-        if budget > 0 and time.perf_counter() - start >= budget:
+        if iterations > 0 and budget > 0 and time.perf_counter() - start >= budget:
             break
         chosen = torch.randperm(P, generator=generator)[:K].to(device)
         terms = _losses(deformer, data, chosen, options, max_depth)

@@ -228,6 +228,23 @@ def _train(*extra, val="val", workspace="ws"):
                       "--max-iterations", "2", "--val-every", "2", *TRAIN_SMALL, *extra]
 
 
+def _sequence(*extra):
+    return lambda c: ["--out", os.path.join(c.tmp, "seq"), "--frames", "2", "--width", "160", "--height", "120",
+                      "--spacing", "0.05", *extra]
+
+
+def _sequence_with_reconstruction(ctx, frames_written=1):
+    """A 2-frame sequence in tmp/seq and a reconstruction in tmp/rec of its first frames only."""
+    from dataset.synthetic_sequence import generate_sequence, read_ground_truth
+    from options import SequenceOptions
+
+    folder = os.path.join(ctx.tmp, "seq")
+    generate_sequence(SequenceOptions(out=folder, frames=2, width=160, height=120, spacing=0.05), progress=False)
+    faces, vertices, _ = read_ground_truth(folder)
+    for t in range(frames_written):
+        io.write_ply(os.path.join(ctx.tmp, "rec", "frames", f"{t:06d}.ply"), vertices[t], faces)
+
+
 def _synthetic(*extra):
     return lambda c: ["--out", os.path.join(c.tmp, "syn"), "--split", "s", "--pairs", "1", "--width", "160",
                       "--height", "120", *extra]
@@ -355,6 +372,24 @@ CASES = [
          lambda c: ["--out", os.path.join(c.tmp, "file"), "--pairs", "1"], "is a file", setup=_a_file),
     Case("syn-real-frames-missing", "-m dataset.synthetic",
          _synthetic("--real-frames", "/nonexistent/frames"), "folder not found"),
+    # python -m dataset.synthetic_sequence (and its pair export), evaluate.py --sequence
+    Case("seq-frames-0", "-m dataset.synthetic_sequence", _sequence("--frames", "0"), "--frames 0"),
+    Case("seq-out-file", "-m dataset.synthetic_sequence",
+         lambda c: ["--out", os.path.join(c.tmp, "file")], "is a file", setup=_a_file),
+    Case("seq-background-missing", "-m dataset.synthetic_sequence", _sequence("--background", "/nonexistent/bg"),
+         "folder not found"),
+    Case("seq-other-settings", "-m dataset.synthetic_sequence", _sequence("--seed", "9"), "other settings",
+         setup=_sequence_with_reconstruction),
+    Case("seq-export-not-a-sequence", "-m dataset.synthetic_sequence.export_pair",
+         lambda c: ["--sequence", c.tmp, "--out", os.path.join(c.tmp, "pairs")], "gt.npz"),
+    Case("seq-export-target-beyond", "-m dataset.synthetic_sequence.export_pair",
+         lambda c: ["--sequence", os.path.join(c.tmp, "seq"), "--target", "5", "--out", os.path.join(c.tmp, "pairs")],
+         "--target 5", setup=_sequence_with_reconstruction),
+    Case("eval-seq-missing-frame", "evaluate.py",
+         lambda c: ["--sequence", os.path.join(c.tmp, "seq"), "--reconstruction", os.path.join(c.tmp, "rec")],
+         "000001.ply", setup=_sequence_with_reconstruction),
+    Case("eval-seq-without-reconstruction", "evaluate.py", lambda c: ["--sequence", c.tmp],
+         "--sequence and --reconstruction go together", status=2),
     # python -m dataset.make_split, python -m utils.checkpoints
     Case("split-out-file", "-m dataset.make_split",
          lambda c: ["--out", os.path.join(c.tmp, "file"), "--split", "s", "--sequence", c.tmp,

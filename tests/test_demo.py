@@ -117,3 +117,24 @@ def test_demo_tracks_with_the_shipped_network(tmp_path):
     assert "the network of " + path in result.stdout
     epe = float(next(line for line in result.stdout.splitlines() if line.startswith("EPE 3D")).split()[2])
     assert epe < 10.0, result.stdout
+
+
+def test_weight_colours_spread_the_predicted_weights():
+    """A head whose weights all sit in [0.95, 0.96] (what a trained head gives on a real pair)
+    still shows red and green lines: the scale follows the weights, and the legend names it."""
+    from utils.demo import WEIGHT_RAMP, draw_weight_legend, weight_colors, weight_scale
+
+    weights = np.linspace(0.95, 0.96, 101)
+    low, high = weight_scale(weights)
+    assert 0.95 <= low < 0.951 and 0.959 < high <= 0.96
+    colours = weight_colors(weights, low, high)
+    np.testing.assert_allclose(colours[0], WEIGHT_RAMP[0])
+    np.testing.assert_allclose(colours[-1], WEIGHT_RAMP[-1])
+    np.testing.assert_allclose(colours[50], WEIGHT_RAMP[1], atol=0.05)
+    # all equal weights: no division by zero, one colour
+    low, high = weight_scale(np.full(10, 0.3))
+    assert low < 0.3 < high
+    assert np.ptp(weight_colors(np.full(10, 0.3), low, high), axis=0).max() == 0
+    image = np.full((240, 320, 3), 255, np.uint8)
+    drawn = draw_weight_legend(image.copy(), 0.95, 0.96)
+    assert (drawn != image).any(axis=2).sum() > 500      # the bar and its labels are there

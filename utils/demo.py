@@ -3,7 +3,8 @@
 Keys (as in the reference demo):
   S  source frame            O  toggle the whole source frame / the tracked object
   T  target frame            B  target frame with the source object (before alignment)
-  C  toggle correspondences  W  toggle weighted correspondences (redder = lower weight)
+  C  toggle correspondences  W  toggle weighted correspondences (red = lowest, green = highest
+                             of the weights shown; the PNG carries the scale's legend)
   A  (after B) align the source object to the target
   R  (with --residual) the alignment refined by the hash-grid residual deformer
   ,  rotate the camera once around the scene
@@ -14,7 +15,7 @@ Without a display the same views are rendered offscreen to PNG files.
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -71,10 +72,52 @@ def _lines(start: np.ndarray, end: np.ndarray, colors: np.ndarray):
     return line_set
 
 
-def weight_colors(weights: np.ndarray) -> np.ndarray:
-    """Red (weight 0) to green (weight 1)."""
-    w = np.clip(weights, 0, 1)[:, None]
-    return (1 - w) * np.array([0.9, 0.05, 0.05]) + w * np.array([0.05, 0.75, 0.1])
+# Red -> yellow -> green: a middle stop keeps mid-range weights apart from both ends.
+WEIGHT_RAMP = np.array([[0.85, 0.1, 0.1], [0.95, 0.8, 0.1], [0.1, 0.7, 0.15]])
+
+
+def weight_scale(weights: np.ndarray) -> Tuple[float, float]:
+    """The (low, high) weights mapped to the ends of the colour ramp.
+
+    A trained weighting head rarely spans [0, 1]: on a real pair all its weights may sit within
+    a few hundredths of each other, and a fixed [0, 1] scale then paints every line one colour.
+    The 2nd and 98th percentiles of the weights shown spread what was predicted; a degenerate
+    spread (all weights equal) widens to a small interval around the value.
+    """
+    if not len(weights):
+        return 0.0, 1.0
+    low, high = (float(v) for v in np.percentile(weights, [2, 98]))
+    if high - low < 1e-6:
+        low, high = float(weights.min()), float(weights.max())
+    if high - low < 1e-6:
+        low, high = low - 0.5e-3, high + 0.5e-3
+    return low, high
+
+
+def weight_colors(weights: np.ndarray, low: float = 0.0, high: float = 1.0) -> np.ndarray:
+    """(M,) weights -> (M, 3) colours in [0, 1] along WEIGHT_RAMP, low red to high green."""
+    u = np.clip((np.asarray(weights, dtype=np.float64) - low) / max(high - low, 1e-12), 0, 1)
+    position = u * (len(WEIGHT_RAMP) - 1)
+    stop = np.minimum(position.astype(np.int64), len(WEIGHT_RAMP) - 2)
+    frac = (position - stop)[:, None]
+    return (1 - frac) * WEIGHT_RAMP[stop] + frac * WEIGHT_RAMP[stop + 1]
+
+
+def draw_weight_legend(image: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Draws the weight scale (a colour bar with its end values) into an RGB uint8 image."""
+    height, width = image.shape[:2]
+    bar_w, bar_h = max(width // 4, 60), max(height // 40, 8)
+    x0, y0 = width - bar_w - 20, height - bar_h - 28
+    colors = weight_colors(np.linspace(low, high, bar_w), low, high)
+    image[y0:y0 + bar_h, x0:x0 + bar_w] = (255 * colors[None]).astype(np.uint8)
+    cv2.rectangle(image, (x0 - 1, y0 - 1), (x0 + bar_w, y0 + bar_h), (60, 60, 60), 1)
+    font, scale, ink = cv2.FONT_HERSHEY_SIMPLEX, 0.45, (30, 30, 30)
+    cv2.putText(image, "correspondence weight", (x0, y0 - 6), font, scale, ink, 1, cv2.LINE_AA)
+    cv2.putText(image, f"{low:.3g}", (x0, y0 + bar_h + 16), font, scale, ink, 1, cv2.LINE_AA)
+    label = f"{high:.3g}"
+    (text_w, _), _ = cv2.getTextSize(label, font, scale, 1)
+    cv2.putText(image, label, (x0 + bar_w - text_w, y0 + bar_h + 16), font, scale, ink, 1, cv2.LINE_AA)
+    return image
 
 
 class DemoViewer:
@@ -115,8 +158,9 @@ class DemoViewer:
         self.geometry["target_shifted"] = _cloud(data.target_points[near] + self.offset, data.target_colors[near])
         self.geometry["lines"] = _lines(data.match_source, data.match_target + self.offset,
                                         np.tile([[0.1, 0.3, 0.95]], (len(data.match_source), 1)))
+        self.weight_range = weight_scale(data.match_weights)
         self.geometry["weighted_lines"] = _lines(data.match_source, data.match_target + self.offset,
-                                                 weight_colors(data.match_weights))
+                                                 weight_colors(data.match_weights, *self.weight_range))
         self.vis = o3d.visualization.VisualizerWithKeyCallback()
         self.vis.create_window("Neural non-rigid tracking", width, height, visible=visible)
         option = self.vis.get_render_option()
@@ -242,8 +286,10 @@ class DemoViewer:
         self.handlers[key](self.vis)
 
     def capture(self, path: str) -> None:
-        image = np.asarray(self.vis.capture_screen_float_buffer(do_render=True))
-        ok, encoded = cv2.imencode(".png", cv2.cvtColor((255 * image).astype(np.uint8), cv2.COLOR_RGB2BGR))
+        image = (255 * np.asarray(self.vis.capture_screen_float_buffer(do_render=True))).astype(np.uint8)
+        if self.view == "weighted_correspondences":
+            image = draw_weight_legend(np.ascontiguousarray(image), *self.weight_range)
+        ok, encoded = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
         if not ok:
             raise RuntimeError(f"{path}: PNG encoding failed")
         with atomic_open(path, "wb") as handle:
@@ -268,6 +314,7 @@ class DemoViewer:
 
     def run(self) -> None:
         print("Keys:\n" + KEYS_HELP)
+        print("W colours the weights from {:.3g} (red) to {:.3g} (green)".format(*self.weight_range))
         self.vis.run()
         self.vis.destroy_window()
 

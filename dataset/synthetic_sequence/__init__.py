@@ -22,15 +22,17 @@ Output, directly in DIR:
 
 Deterministic for a seed; a re-run skips finished frames (each file is written atomically) and
 a longer run extends the sequence (the motion is a function of the frame index). Modules:
-objects (meshes, textures) < motion < sequence (scene, frames, files, command line);
-export_pair writes a frame pair of a sequence as a DeepDeform-format pair.
+objects (meshes, textures) < motion < sequence (scene, frames, files, command line) <
+pair_export (`python -m dataset.synthetic_sequence.export_pair`): a frame pair of a sequence
+as a DeepDeform-format pair.
 """
 from dataset.synthetic_sequence.motion import COMPONENTS, deform, draw_motion
 from dataset.synthetic_sequence.objects import OBJECTS, ground_truth_topology, object_mesh
+from dataset.synthetic_sequence.pair_export import export_pair
 from dataset.synthetic_sequence.sequence import (GENERATOR_VERSION, SequenceError, SequenceScene, build_scene,
                                                  frame_name, frame_paths, generate_sequence, main,
                                                  read_ground_truth)
 
 __all__ = ["COMPONENTS", "deform", "draw_motion", "OBJECTS", "ground_truth_topology", "object_mesh",
            "GENERATOR_VERSION", "SequenceError", "SequenceScene", "build_scene", "frame_name", "frame_paths",
-           "generate_sequence", "main", "read_ground_truth"]
+           "generate_sequence", "main", "read_ground_truth", "export_pair"]

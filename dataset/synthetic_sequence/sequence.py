@@ -104,8 +104,13 @@ def build_scene(options: SequenceOptions) -> SequenceScene:
     intrinsics = real[1] if real else make_intrinsics(options.width, options.height, options.focal)
     distance = options.distance
     if real:
-        # In front of the room: well before the median depth of the real frame.
-        distance = min(distance, 0.7 * float(np.median(real[0].depth[np.isfinite(real[0].depth)])))
+        # In front of what the real frame shows in the middle half of the image (where the
+        # object goes), with room for the object's own depth and motion.
+        h, w = real[0].depth.shape
+        middle = real[0].depth[h // 4:3 * h // 4, w // 4:3 * w // 4]
+        middle = middle[np.isfinite(middle)]
+        if middle.size:
+            distance = min(distance, 0.75 * float(np.percentile(middle, 5)))
     if options.object == "cloth":
         orientation = rotation([1, 0, 0], np.deg2rad(rng.uniform(-20, 20))) @ \
             rotation([0, 1, 0], np.deg2rad(rng.uniform(-20, 20))) @ rotation([0, 0, 1], rng.uniform(0, 2 * np.pi))
