@@ -638,6 +638,13 @@ class SequenceResidualOptions(HashFieldOptions):
     log2_table_size: int = opt(17, "hash encoding: 2^T table rows per level (the surface "
                                "swept over the sequence fills a 3D slab of the 4D "
                                "grid, far more cells than one pair)", ge=4, le=24)
+    max: float = opt(0.05, "largest residual displacement in metres, per axis "
+                     "(max * tanh of the MLP output); a fused surface can be further from "
+                     "the truth than a pair's graph warp", gt=0)
+    occlusion: float = opt(0.05, "the point-to-plane and colour terms ignore a vertex whose "
+                           "depth differs from the frame's depth at its projection by more "
+                           "than this many metres (occluded, or off the object); on fused "
+                           "reconstructions 5 cm recovered more than 3 cm (BENCHMARKS.md)", gt=0)
     iterations: int = opt(1500, "Adam steps of the fit over the whole sequence", ge=1)
     time_budget: float = opt(0.0, "stop the fit after this many seconds even if "
                              "iterations remain (0 = no limit); the checkpoint keeps "
