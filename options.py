@@ -69,6 +69,12 @@ class GraphOptions:
 # Gauss-Newton solver (docs/DESIGN.md 5.3)
 
 
+# Limits of the machine a run is on, and the choice between two solves of the same linear
+# system: a checkpoint stores them (they made it) but never imposes them on a later run, whose
+# flags or defaults hold (the shipped checkpoint was made under the old 500-node dense limit).
+SOLVER_MACHINE_FIELDS = ("max_nodes", "max_memory_gb", "linear_solver", "sparse_min_nodes")
+
+
 @dataclass
 class SolverOptions:
     iterations: int = opt(3, "Gauss-Newton iterations (3 in training, as the reference)", ge=1)
@@ -84,8 +90,25 @@ class SolverOptions:
     min_cluster_weight: float = opt(200.0, "least total match weight (correspondence weight x "
                                            "skinning weight, summed) a cluster needs to be solved", ge=0)
     min_nodes: int = opt(4, "a sample with fewer solvable nodes is marked failed", ge=1)
-    max_nodes: int = opt(500, "a sample with more nodes is marked failed (the dense 6N x 6N "
-                              "system grows quadratically)", ge=1)
+    max_nodes: int = opt(1_000_000, "a sample with more nodes is marked failed (a cap of your "
+                                    "own; the working memory is checked with --max-memory-gb)", ge=1)
+    linear_solver: str = opt("auto", "linear solve of each Gauss-Newton step: dense Cholesky of "
+                                     "the 6N x 6N system (memory N^2, time N^3), block-Jacobi "
+                                     "preconditioned conjugate gradients on the block-sparse "
+                                     "system (memory linear in nodes and matches), or auto: dense "
+                                     "up to --sparse-min-nodes nodes, sparse above",
+                             choices=("auto", "dense", "sparse"))
+    sparse_min_nodes: int = opt(200, "auto linear solver: graphs with more nodes than this (padded "
+                                     "over the batch) use the sparse solve", ge=0)
+    cg_max_iterations: int = opt(1000, "sparse solve: most conjugate-gradient iterations per "
+                                       "Gauss-Newton step; a step that does not reach "
+                                       "--cg-tolerance within them marks its sample failed", ge=1)
+    cg_tolerance: float = opt(1e-6, "sparse solve: conjugate gradients stop when the residual "
+                                    "norm is below this fraction of the right-hand side's", gt=0, lt=1)
+    max_memory_gb: float = opt(8.0, "a sample whose estimated linear-solve working memory (dense: "
+                                    "~3 x (6N)^2 values; sparse: the 6x6 blocks and term lists) "
+                                    "exceeds this many GiB is marked failed instead of running "
+                                    "out of memory", gt=0)
     max_depth: float = opt(6.0, "source points and target depths beyond this many metres are ignored", gt=0)
     convergence_tolerance: float = opt(1e-6, "a sample has converged (and stops updating) when "
                                              "its largest increment is below this (radians / metres)", ge=0)
@@ -144,6 +167,10 @@ class TrackerOptions:
     dis_consistency: float = opt(2.0, "DIS: drop matches whose forward flow and the backward flow "
                                       "at the match disagree by more than this many pixels "
                                       "(0 = keep all)", ge=0)
+    dis_min_consistent: float = opt(0.05, "DIS: skip that check for a pair when fewer than this "
+                                          "fraction of its anchored pixels pass it (DIS's backward "
+                                          "flow failed there, not the matches; the solver's robust "
+                                          "loss still down-weights outliers)", ge=0, le=1)
     max_depth_jump: float = opt(0.05, "reject a match whose 4 target pixels differ in depth by "
                                       "more than this many metres (a depth edge)", gt=0)
 

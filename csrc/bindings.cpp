@@ -50,6 +50,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("assemble_normal_equations_backward", &nnrt::AssembleNormalEquationsBackward,
         py::arg("grad_A"), py::arg("grad_b"), py::arg("J"), py::arg("r"), py::arg("nodes"),
         py::arg("num_nodes"));
+  m.def("term_block_keys", &nnrt::CheckedTermBlockKeys, py::arg("nodes"), py::arg("num_samples"),
+        py::arg("num_nodes"));
+  m.def("build_block_pattern", &nnrt::BuildBlockPattern, py::arg("nodes_list"),
+        py::arg("num_samples"), py::arg("num_nodes"));
+  m.def("build_block_pattern_sorted", &nnrt::BuildBlockPatternSorted, py::arg("nodes_list"),
+        py::arg("num_samples"), py::arg("num_nodes"));
+  m.def("assemble_blocks", &nnrt::AssembleBlocks, py::arg("J"), py::arg("r"), py::arg("nodes"),
+        py::arg("entry_order"), py::arg("entry_start"), py::arg("slot_order"),
+        py::arg("slot_start"), py::arg("blocks"), py::arg("b"), py::arg("accumulate"));
+  m.def("assemble_blocks_backward", &nnrt::AssembleBlocksBackward, py::arg("grad_blocks"),
+        py::arg("grad_b"), py::arg("J"), py::arg("r"), py::arg("nodes"), py::arg("term_blocks"));
+  m.def("blocks_to_dense", &nnrt::BlocksToDense, py::arg("blocks"), py::arg("block_row"),
+        py::arg("block_col"), py::arg("num_samples"), py::arg("num_nodes"));
+  m.def("block_matvec", &nnrt::BlockMatvec, py::arg("blocks"), py::arg("block_row"),
+        py::arg("block_col"), py::arg("row_start"), py::arg("col_order"), py::arg("col_start"),
+        py::arg("x"));
   m.def("solve_step_backward", &nnrt::StepBackward, py::arg("J"), py::arg("r"), py::arg("nodes"),
         py::arg("u"), py::arg("x"));
   m.def("match_jacobian", &nnrt::MatchJacobian, py::arg("q"), py::arg("w"), py::arg("dv"));

@@ -3,7 +3,7 @@
 Flow from the source to the target frame, a forward-backward consistency check (matches whose
 backward flow does not lead back are dropped) and uniform or photometric match weights.
 """
-from typing import Tuple
+from typing import Optional, Tuple
 
 import cv2
 import numpy as np
@@ -11,12 +11,18 @@ import numpy as np
 from options import TrackerOptions
 
 
-def dis_flow(source_rgb: np.ndarray, target_rgb: np.ndarray, options: TrackerOptions
-             ) -> Tuple[np.ndarray, np.ndarray]:
+def dis_flow(source_rgb: np.ndarray, target_rgb: np.ndarray, options: TrackerOptions,
+             object_mask: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
     """DIS optical flow between two (H, W, 3) uint8 RGB frames.
 
     Returns flow (2, H, W) float32 in pixels (NaN where the forward-backward check fails) and
-    weights (H, W) float32 in [0, 1].
+    weights (H, W) float32 in [0, 1]. object_mask (H, W) bool, the pixels the solver will use
+    (those with anchors): when fewer than options.dis_min_consistent of them pass the check,
+    the check is skipped. DIS's backward flow can fail on an object where the forward flow is
+    right (a procedural 320x240 pair: forward median error 0.3 px, backward off by ~15 px, so
+    the check dropped every object pixel and the solve had no match at all); a check that
+    rejects almost everything says more about the backward flow than about the matches, and
+    the solver's robust loss still down-weights outliers.
     """
     presets = {"ultrafast": cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST,
                "fast": cv2.DISOPTICAL_FLOW_PRESET_FAST, "medium": cv2.DISOPTICAL_FLOW_PRESET_MEDIUM}
@@ -32,7 +38,10 @@ def dis_flow(source_rgb: np.ndarray, target_rgb: np.ndarray, options: TrackerOpt
         backward = dis.calc(target_gray, source_gray, None)
         back_at_match = cv2.remap(backward, map_x, map_y, cv2.INTER_LINEAR,
                                   borderMode=cv2.BORDER_CONSTANT, borderValue=(1e6, 1e6))
-        valid &= np.linalg.norm(forward + back_at_match, axis=-1) <= options.dis_consistency
+        consistent = np.linalg.norm(forward + back_at_match, axis=-1) <= options.dis_consistency
+        inside = valid if object_mask is None else valid & object_mask
+        if not inside.any() or consistent[inside].mean() >= options.dis_min_consistent:
+            valid &= consistent
     if options.dis_weights == "photometric":
         warped = cv2.remap(target_rgb, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         difference = (warped.astype(np.float32) - source_rgb.astype(np.float32)) / 255.0

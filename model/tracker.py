@@ -8,7 +8,7 @@ Correspondence front-ends (TrackerOptions.flow):
   * dis: OpenCV's DIS optical flow with uniform or photometric weights and a forward-backward
     consistency check; needs no checkpoint;
   * gt: the ground-truth optical flow of the batch (oracle studies).
-The correspondences feed the differentiable Gauss-Newton solver (model/solver.py); its node
+The correspondences feed the differentiable Gauss-Newton solver (model/solver/); its node
 motions warp every source pixel that has 4 anchors and valid depth.
 How frames map to the network input: model/network_frame.py; DIS flow: model/dis_flow.py.
 """
@@ -73,9 +73,10 @@ class Tracker(nn.Module):
 
     def _dis_flow(self, batch: Dict) -> Dict:
         flows, weights = [], []
-        for source, target in zip(batch["source_color"], batch["target_color"]):
+        anchored = (batch["pixel_anchors"] >= 0).all(dim=-1).cpu().numpy()
+        for source, target, mask in zip(batch["source_color"], batch["target_color"], anchored):
             to_u8 = lambda image: (image.permute(1, 2, 0).detach().cpu().numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8)  # noqa: E731
-            flow, weight = dis_flow(to_u8(source), to_u8(target), self.options)
+            flow, weight = dis_flow(to_u8(source), to_u8(target), self.options, mask)
             flows.append(torch.from_numpy(flow))
             weights.append(torch.from_numpy(weight))
         device = batch["source_color"].device

@@ -87,3 +87,57 @@ def angle_error(R: torch.Tensor, R_gt: torch.Tensor) -> torch.Tensor:
     cos = ((R.transpose(-1, -2) @ R_gt).diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2
     return torch.arccos(cos.clamp(-1, 1)) if cos.numel() else cos
 
+
+
+def make_grid_problem(nodes_side: int, num_points: int, rotation: float = 0.03,
+                      translation: float = 0.01, dtype=torch.float32, seed: int = 0) -> SolverProblem:
+    """A one-sample problem of any size, built without all-pairs distances: nodes_side^2 nodes
+    on a regular grid over a wavy 1 m x 1 m surface 1.5 m away, num_points random points, each
+    anchored to the 4 nodes of its grid cell (bilinear weights), 8-neighbour edges, a smooth
+    random motion (low-frequency waves) and exact targets. For benchmarks of 100 to 4096+ nodes."""
+    gen = torch.Generator().manual_seed(seed)
+    s = nodes_side
+    lin = torch.linspace(-0.5, 0.5, s, dtype=torch.float64)
+
+    def surface(x, y):
+        return 1.5 + 0.05 * torch.sin(4 * x) * torch.cos(3 * y)
+
+    ny, nx = torch.meshgrid(lin, lin, indexing="ij")
+    nodes = torch.stack((nx, ny, surface(nx, ny)), -1).reshape(-1, 3)
+    uv = torch.rand(num_points, 2, generator=gen, dtype=torch.float64) * (s - 1)
+    cell = uv.floor().clamp(max=s - 2).long()
+    f = uv - cell
+    ix, iy = cell[:, 0], cell[:, 1]
+    anchors = torch.stack((iy * s + ix, iy * s + ix + 1, (iy + 1) * s + ix, (iy + 1) * s + ix + 1), 1)
+    fx, fy = f[:, 0], f[:, 1]
+    anchor_weights = torch.stack(((1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy), 1)
+    px, py = -0.5 + uv[:, 0] / (s - 1), -0.5 + uv[:, 1] / (s - 1)
+    points = torch.stack((px, py, surface(px, py)), 1)
+    phase = torch.rand(6, generator=gen, dtype=torch.float64) * 6.28
+    waves = torch.stack([torch.sin(2 * nodes[:, k % 2] + phase[k]) for k in range(6)], 1)
+    R_gt = so3_exp(rotation * waves[:, :3])
+    t_gt = translation * waves[:, 3:]
+    warped = warp_points(points, anchors, anchor_weights, nodes, R_gt, t_gt)
+    fx_, fy_, cx, cy = 500.0, 500.0, 320.0, 240.0
+    target_pixels = torch.stack((fx_ * warped[:, 0] / warped[:, 2] + cx, fy_ * warped[:, 1] / warped[:, 2] + cy), 1)
+    idx = torch.arange(s * s).reshape(s, s)
+    edges = torch.full((s, s, 8), -1, dtype=torch.int64)
+    k = 0
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if dx == dy == 0:
+                continue
+            shifted = torch.full((s, s), -1, dtype=torch.int64)
+            ys = slice(max(0, -dy), s - max(0, dy))
+            xs = slice(max(0, -dx), s - max(0, dx))
+            shifted[ys, xs] = idx[max(0, dy):s + min(0, dy), max(0, dx):s + min(0, dx)]
+            edges[..., k] = shifted
+            k += 1
+    N = s * s
+    return SolverProblem(
+        nodes=nodes.to(dtype)[None], num_nodes=torch.tensor([N]), edges=edges.reshape(1, N, 8),
+        edge_weights=torch.full((1, N, 8), 1.0 / 8, dtype=dtype), clusters=torch.zeros(1, N, dtype=torch.int64),
+        intrinsics=torch.tensor([[fx_, fy_, cx, cy]], dtype=dtype),
+        match_sample=torch.zeros(num_points, dtype=torch.int64), source_points=points.to(dtype),
+        anchors=anchors, anchor_weights=anchor_weights.to(dtype), target_pixels=target_pixels.to(dtype),
+        target_depth=warped[:, 2].to(dtype), weights=torch.ones(num_points, dtype=dtype))

@@ -121,6 +121,42 @@ def test_normal_equation_assembly(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_block_sparse_kernels(dtype):
+    J, r, nodes = _random_terms(M=2000, S=4, B=2, N=30, dtype=dtype, seed=3)
+    J2, r2, nodes2 = _random_terms(M=200, S=2, B=2, N=30, dtype=dtype, seed=4)
+    cpu_pattern = gn.build_block_pattern([nodes, nodes2], 2, 30)
+    gpu_pattern = gn.build_block_pattern([nodes.to(DEVICE), nodes2.to(DEVICE)], 2, 30)
+    for name in ("block_row", "block_col", "row_start", "col_order", "col_start", "term_blocks",
+                 "entry_order", "entry_start", "slot_order", "slot_start"):
+        a, b = getattr(cpu_pattern, name), getattr(gpu_pattern, name)
+        for x, y in (zip(a, b) if isinstance(a, list) else [(a, b)]):
+            assert torch.equal(x, y.cpu()), f"block pattern {name} differs on {DEVICE}"
+
+    def sparse(J, r):
+        pattern = cpu_pattern if J.device.type == "cpu" else gpu_pattern
+        blocks, b = gn.assemble_block_sparse(J, r, nodes.to(J.device), pattern)
+        return blocks, b, gn.block_matvec(pattern, blocks, b), gn.blocks_to_dense(pattern, blocks)
+
+    _compare(_both(sparse, J, r, grad=True), dtype, "block-sparse assembly")
+    first = sparse(J.to(DEVICE), r.to(DEVICE))
+    second = sparse(J.to(DEVICE), r.to(DEVICE))
+    assert all(torch.equal(a, b) for a, b in zip(first, second)), "block sums are not deterministic"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sparse_solve(dtype):
+    problem = to_solver_problem([make_problem(points_side=16, seed=s, dtype=dtype) for s in (8, 9)])
+    options = SolverOptions(iterations=4, robust_loss="cauchy", linear_solver="sparse", cg_tolerance=1e-10)
+    on_gpu = {f.name: getattr(problem, f.name) for f in dataclasses.fields(problem)}
+    on_gpu = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in on_gpu.items()}
+    cpu = gn.solve(problem, options)
+    gpu = gn.solve(dataclasses.replace(problem, **on_gpu), options)
+    assert list(gpu.status) == list(cpu.status) and gpu.linear_solver == "sparse"
+    tol = TOL[dtype] if dtype == torch.float64 else dict(atol=1e-4, rtol=1e-3)
+    assert_close(gpu.translations.cpu(), cpu.translations, what="sparse translations", **tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_match_jacobian(dtype):
     gen = torch.Generator().manual_seed(4)
     q = torch.randn(500, 4, 3, generator=gen, dtype=dtype)

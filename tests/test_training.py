@@ -153,3 +153,17 @@ def test_a_signal_saves_the_step_and_resume_continues(data, tmp_path, signal_num
     result = _train(*args[1:], "--resume", "--max-iterations", str(state["iteration"] + 1))
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"at iteration {state['iteration']}" in result.stdout + result.stderr
+
+
+def test_checkpoints_never_impose_machine_limits():
+    """The shipped checkpoint was made under the old 500-node dense limit: a run with it takes
+    its node cap, memory budget and linear solve from its own flags and defaults."""
+    from options import SOLVER_MACHINE_FIELDS, SolverOptions
+    from utils.checkpoints import checkpoint_options, load_tracker, read_checkpoint
+
+    shipped = os.path.join(REPO, "checkpoints", "nnrt_synthetic.pt")
+    stored = read_checkpoint(shipped)
+    assert stored["solver_options"]["max_nodes"] == 500
+    _, solver = checkpoint_options(stored, shipped)
+    assert not set(SOLVER_MACHINE_FIELDS) & set(solver) and solver["iterations"] == 3
+    assert load_tracker(shipped, log=lambda *_: None).solver_options.max_nodes == SolverOptions().max_nodes

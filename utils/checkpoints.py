@@ -26,8 +26,8 @@ import torch.nn as nn
 from dataset.fileio import atomic_open
 from model.ext import DeviceError, resolve_device
 from model.tracker import Tracker
-from options import (ArgumentParser, OptionError, RunOptions, SolverOptions, TrackerOptions, check_flag, from_args,
-                     from_dict)
+from options import (SOLVER_MACHINE_FIELDS, ArgumentParser, OptionError, RunOptions, SolverOptions, TrackerOptions,
+                     check_flag, from_args, from_dict)
 
 FLOW_PREFIX = "flow_net."
 MASK_PREFIX = "mask_net."
@@ -242,6 +242,8 @@ def checkpoint_options(obj: Mapping, source: Optional[str] = None) -> Tuple[dict
                 from_dict(SolverOptions, solver, source)
             except (TypeError, ValueError) as error:   # OptionError, or a field of another type
                 raise CheckpointError(f"{source}: stored options unusable ({error})") from error
+        for name in SOLVER_MACHINE_FIELDS:
+            solver.pop(name, None)
         return tracker, solver
     return {}, {}
 

@@ -1,4 +1,4 @@
-// Normal-equation assembly of the Gauss-Newton solver (DESIGN.md 5.3), never forming J densely.
+// Normal-equation assembly of the Gauss-Newton solver (docs/DESIGN.md 5.3), never forming J densely.
 //
 // A problem is a set of M "terms" (a match, or a graph edge). Term m has R residual rows that
 // depend on S node slots of 6 unknowns each (3 rotation, 3 translation):
@@ -15,13 +15,22 @@
 //   grad_J_m = J_m (G_m + G_m^T) + r_m g_m^T,   grad_r_m = J_m g_m,
 // where G_m (6S x 6S) and g_m (6S) are grad_A and grad_b gathered at the term's nodes.
 //
-// CPU: each thread owns a set of node rows of A and adds the 6x6 blocks of those rows from the
-// terms touching them (a node -> term index built per call), so there are no races and no
-// per-thread copies of A. Blocks are summed in a block-contiguous scratch row first (far fewer
-// cache lines touched than A's strided rows), then added to A. Only blocks (i, j) with j >= i
-// are computed; the lower triangle is mirrored at the end. CUDA: one thread per (term, slot pair)
-// with atomicAdd. Both call the per-block functions below.
+// Launch logic (docs/DESIGN.md 2 and 5.3), the same on both devices: every loop body below is a
+// HOST_DEVICE function that the CPU launcher's parallel loop and the CUDA kernel both call.
+//  1. Per term (TermBlockKeys): check the term (node indices in range, all used slots in one
+//     sample) and list the blocks it adds: one key row * T + col (T = B * N flat nodes, row <=
+//     col, so only the upper triangle) per unordered slot pair {s <= t} with both slots used.
+//  2. The block pattern (BuildBlockPattern, ATen sort/search, any device, once per problem):
+//     the sorted union of the keys of every term group plus every diagonal block, and per group
+//     the entries (term, slot pair) sorted by block and the used slots sorted by node.
+//  3. Per block (AssembleBlockBody): sum the 6x6 products of its entries in their sorted order;
+//     per node (AssembleRhsBody): sum J_s^T r of its slots. One writer per output, a fixed order
+//     of summation: no atomics, the same A bit for bit on every run and thread count.
+//  4. Dense A (BlocksToDenseBody) mirrors the upper blocks; the block-sparse one
+//     (BlockMatvecBody) multiplies by both triangles from the upper blocks.
 #pragma once
+
+#include <sstream>
 
 #include "common.h"
 
@@ -140,7 +149,7 @@ HOST_DEVICE inline void StepTermBackward(const scalar_t* J, const scalar_t* res,
   }
 }
 
-// Jacobian blocks of the data terms of one match (DESIGN.md 5.3). With the derivative of the
+// Jacobian blocks of the data terms of one match (docs/DESIGN.md 5.3). With the derivative of the
 // residuals (flow x, flow y, depth) w.r.t. the warped point written
 //   D = [[a, 0, b], [0, c, d], [0, 0, e]]   (dv = (a, b, c, d, e)),
 // and q_k = R_k (x - g_k) the rotated offset of anchor k with skinning weight w_k, row i of the
@@ -203,6 +212,259 @@ HOST_DEVICE inline void MatchJacobianBlockBackward(const scalar_t* grad_J, const
   grad_dv[4] = gD[2][2];
 }
 
+// ---------------------------------------------------------------------------------------------
+// Block-sparse assembly (launch logic above). Shapes, for B samples of N nodes, T = B * N:
+//   keys         (M, E) int64, E = S (S + 1) / 2: key of the block each slot pair {s <= t} adds
+//                (in the order s = 0..S-1, t = s..S-1), -1 when a slot is unused
+//   block_row/col (P,) int64 flat node of each stored block, sorted by (row, col), row <= col;
+//                every diagonal block (n, n) is stored, so block row_start[n] is (n, n)
+//   row_start    (T + 1,) blocks of row n: [row_start[n], row_start[n + 1])
+//   col_order    (P,) block ids sorted by column (stable); col_start (T + 1,) its ranges
+//   term_blocks  (M, E) block id of each key (-1 for none)
+//   entry_order  (Q,) entry ids m * E + k sorted by block; entry_start (P + 1,) their ranges
+//   slot_order   (U,) used slot ids m * S + s sorted by node; slot_start (T + 1,) their ranges
+//   blocks       (P, 6, 6) upper blocks of A; b (T, 6)
+
+constexpr int kTermOk = 0;
+constexpr int kTermNodeOutOfRange = 1;
+constexpr int kTermMixedSamples = 2;
+
+HOST_DEVICE inline int NumPairs(int S) { return S * (S + 1) / 2; }
+
+// Slot pair {s <= t} of pair index k (s = 0..S-1, t = s..S-1 in order).
+HOST_DEVICE inline void PairOfIndex(int k, int S, int* s, int* t) {
+  if (S == 4) {  // the matches' shape, by table (this runs once per block entry)
+    constexpr int kFirst[10] = {0, 0, 0, 0, 1, 1, 1, 2, 2, 3};
+    constexpr int kSecond[10] = {0, 1, 2, 3, 1, 2, 3, 2, 3, 3};
+    *s = kFirst[k];
+    *t = kSecond[k];
+    return;
+  }
+  int first = 0;
+  while (k >= S - first) {
+    k -= S - first;
+    ++first;
+  }
+  *s = first;
+  *t = first + k;
+}
+
+// Step 1 for term m: returns kTermOk or the error code, and fills keys (E,) (-1 for pairs with an
+// unused slot; all -1 when the term is bad). Slots < 0 are unused.
+HOST_DEVICE inline int TermBlockKeys(const int64_t* nodes_m, int S, int64_t N, int64_t total,
+                                     int64_t* keys) {
+  const int E = NumPairs(S);
+  for (int k = 0; k < E; ++k) keys[k] = -1;
+  int64_t sample = -1;
+  for (int s = 0; s < S; ++s) {
+    const int64_t n = nodes_m[s];
+    if (n < 0) continue;
+    if (n >= total) return kTermNodeOutOfRange;
+    if (sample < 0) sample = n / N;
+    if (n / N != sample) return kTermMixedSamples;
+  }
+  int k = 0;
+  for (int s = 0; s < S; ++s) {
+    for (int t = s; t < S; ++t, ++k) {
+      const int64_t ns = nodes_m[s], nt = nodes_m[t];
+      if (ns < 0 || nt < 0) continue;
+      keys[k] = ns <= nt ? ns * total + nt : nt * total + ns;
+    }
+  }
+  return kTermOk;
+}
+
+// acc (6x6, row-major) += J_s^T J_t of one term; with `both`, += J_s^T J_t + (J_s^T J_t)^T, so
+// that a diagonal block fed by two different slots of one node stays exactly symmetric (a + b
+// and b + a round alike).
+template <typename scalar_t, int kR = 0, int kS = 0>
+HOST_DEVICE inline void AccumulatePairBlock(const scalar_t* Jm, int R, int S, int s, int t,
+                                            bool both, scalar_t* acc) {
+  const int RR = kR > 0 ? kR : R, cols = 6 * (kS > 0 ? kS : S);
+  if (!both) {
+    for (int row = 0; row < RR; ++row) {
+      const scalar_t* js = Jm + row * cols + 6 * s;
+      const scalar_t* jt = Jm + row * cols + 6 * t;
+      for (int p = 0; p < 6; ++p) {
+        const scalar_t a = js[p];
+        for (int q = 0; q < 6; ++q) acc[6 * p + q] += a * jt[q];
+      }
+    }
+    return;
+  }
+  scalar_t X[36];
+  for (int e = 0; e < 36; ++e) X[e] = 0;
+  for (int row = 0; row < RR; ++row) {
+    const scalar_t* js = Jm + row * cols + 6 * s;
+    const scalar_t* jt = Jm + row * cols + 6 * t;
+    for (int p = 0; p < 6; ++p)
+      for (int q = 0; q < 6; ++q) X[6 * p + q] += js[p] * jt[q];
+  }
+  for (int p = 0; p < 6; ++p)
+    for (int q = 0; q < 6; ++q) acc[6 * p + q] += X[6 * p + q] + X[6 * q + p];
+}
+
+// Step 3, block p: blocks[p] = sum over its entries (term m, pair k = {s <= t}) of J_a^T J_b,
+// with a the slot of the lower node (the block is (node_a, node_b), node_a <= node_b), or
+// J_s^T J_t + J_t^T J_s when both slots hold the block's node. `accumulate` adds to blocks[p]
+// (the next term group) instead of overwriting it.
+template <typename scalar_t, int kR = 0, int kS = 0>
+HOST_DEVICE inline void AssembleBlockBody(int64_t p, const scalar_t* J, int R, int S,
+                                          const int64_t* nodes, const int64_t* entry_order,
+                                          const int64_t* entry_start, bool accumulate,
+                                          scalar_t* blocks) {
+  const int SS = kS > 0 ? kS : S, RR = kR > 0 ? kR : R, E = NumPairs(SS);
+  scalar_t acc[36];
+  for (int e = 0; e < 36; ++e) acc[e] = 0;
+  for (int64_t e = entry_start[p]; e < entry_start[p + 1]; ++e) {
+    const int64_t id = entry_order[e], m = id / E;
+    int s, t;
+    PairOfIndex(static_cast<int>(id % E), SS, &s, &t);
+    const int64_t ns = nodes[m * SS + s], nt = nodes[m * SS + t];
+    const scalar_t* Jm = J + m * RR * 6 * SS;
+    if (ns == nt && s != t) {
+      AccumulatePairBlock<scalar_t, kR, kS>(Jm, RR, SS, s, t, true, acc);
+    } else if (ns > nt) {
+      AccumulatePairBlock<scalar_t, kR, kS>(Jm, RR, SS, t, s, false, acc);
+    } else {
+      AccumulatePairBlock<scalar_t, kR, kS>(Jm, RR, SS, s, t, false, acc);
+    }
+  }
+  scalar_t* out = blocks + 36 * p;
+  for (int e = 0; e < 36; ++e) out[e] = accumulate ? out[e] + acc[e] : acc[e];
+}
+
+// Step 3, node n: b[n] = sum over the used slots (term m, slot s) at n of J_s^T r_m; every used
+// slot adds its part, whichever other slots of the term are unused.
+template <typename scalar_t, int kR = 0, int kS = 0>
+HOST_DEVICE inline void AssembleRhsBody(int64_t n, const scalar_t* J, const scalar_t* r, int R,
+                                        int S, const int64_t* slot_order, const int64_t* slot_start,
+                                        bool accumulate, scalar_t* b) {
+  const int SS = kS > 0 ? kS : S, RR = kR > 0 ? kR : R;
+  scalar_t acc[6] = {0, 0, 0, 0, 0, 0};
+  for (int64_t e = slot_start[n]; e < slot_start[n + 1]; ++e) {
+    const int64_t id = slot_order[e], m = id / SS;
+    AddJtrBlock<scalar_t, scalar_t>(J + m * RR * 6 * SS, r + m * RR, RR, SS,
+                                    static_cast<int>(id % SS), acc);
+  }
+  for (int p = 0; p < 6; ++p) b[6 * n + p] = accumulate ? b[6 * n + p] + acc[p] : acc[p];
+}
+
+// Backward of step 3 for term m. With H (6S x 6S) the gradient of the term's own contributions
+// (H[a][b] = grad of block (node_a, node_b) for the pairs the term adds, both orientations
+// folded into one as in the forward) and g = grad_b at its slots, the term's part of the
+// energy-like sum <grad_blocks, blocks> + <grad_b, b> is  sum_rows J_r^T H J_r + r g^T J_r, so
+//   grad_J_r = (H + H^T) J_r + r_r g,   grad_r = J_r g   (ApplyTermGradient).
+template <typename scalar_t, int kS = 0>
+HOST_DEVICE inline void SparseTermGradientBody(int64_t m, const scalar_t* J, const scalar_t* r,
+                                               int R, int S, const int64_t* nodes,
+                                               const int64_t* term_blocks,
+                                               const scalar_t* grad_blocks,
+                                               const scalar_t* grad_b, scalar_t* grad_J,
+                                               scalar_t* grad_r) {
+  const int SS = kS > 0 ? kS : S, cols = 6 * SS, E = NumPairs(SS);
+  scalar_t H[36 * kMaxSlots * kMaxSlots];
+  scalar_t g[6 * kMaxSlots];
+  for (int e = 0; e < cols * cols; ++e) H[e] = 0;
+  const int64_t* nm = nodes + m * SS;
+  for (int k = 0; k < E; ++k) {
+    const int64_t id = term_blocks[m * E + k];
+    if (id < 0) continue;
+    int s, t;
+    PairOfIndex(k, SS, &s, &t);
+    const scalar_t* gp = grad_blocks + 36 * id;
+    const bool both = nm[s] == nm[t] && s != t;
+    if (nm[s] > nm[t]) {
+      const int tmp = s;
+      s = t;
+      t = tmp;
+    }
+    for (int p = 0; p < 6; ++p)
+      for (int q = 0; q < 6; ++q)
+        H[(6 * s + p) * cols + 6 * t + q] += both ? gp[6 * p + q] + gp[6 * q + p] : gp[6 * p + q];
+  }
+  scalar_t G[36 * kMaxSlots * kMaxSlots];
+  for (int a = 0; a < cols; ++a)
+    for (int c = 0; c < cols; ++c) G[a * cols + c] = H[a * cols + c] + H[c * cols + a];
+  for (int a = 0; a < cols; ++a) g[a] = nm[a / 6] < 0 ? scalar_t(0) : grad_b[6 * nm[a / 6] + a % 6];
+  ApplyTermGradient<scalar_t, kS>(J + m * R * cols, r + m * R, R, SS, G, g, grad_J + m * R * cols,
+                                  grad_r + m * R);
+}
+
+// Step 4, dense: block p written to A (B, 6N, 6N) at (row, col) and, off the diagonal, its
+// transpose at (col, row). Each entry of A has one writer.
+template <typename scalar_t>
+HOST_DEVICE inline void BlocksToDenseBody(int64_t p, const scalar_t* blocks, const int64_t* block_row,
+                                          const int64_t* block_col, int64_t N, scalar_t* A) {
+  const int64_t dim = 6 * N, row = block_row[p], col = block_col[p];
+  const int64_t i = row % N, j = col % N;
+  scalar_t* Ab = A + (row / N) * dim * dim;
+  const scalar_t* blk = blocks + 36 * p;
+  for (int a = 0; a < 6; ++a)
+    for (int c = 0; c < 6; ++c) {
+      Ab[(6 * i + a) * dim + 6 * j + c] = blk[6 * a + c];
+      if (i != j) Ab[(6 * j + c) * dim + 6 * i + a] = blk[6 * a + c];
+    }
+}
+
+// Step 4, block-sparse: y[n] = sum_j A_nj x_j from the upper blocks: the blocks of row n as
+// stored, and the blocks of column n (rows < n) transposed.
+template <typename scalar_t>
+HOST_DEVICE inline void BlockMatvecBody(int64_t n, const scalar_t* blocks, const int64_t* block_row,
+                                        const int64_t* block_col, const int64_t* row_start,
+                                        const int64_t* col_order, const int64_t* col_start,
+                                        const scalar_t* x, scalar_t* y) {
+  scalar_t acc[6] = {0, 0, 0, 0, 0, 0};
+  for (int64_t p = row_start[n]; p < row_start[n + 1]; ++p) {
+    const scalar_t* blk = blocks + 36 * p;
+    const scalar_t* xc = x + 6 * block_col[p];
+    for (int a = 0; a < 6; ++a)
+      for (int c = 0; c < 6; ++c) acc[a] += blk[6 * a + c] * xc[c];
+  }
+  for (int64_t e = col_start[n]; e < col_start[n + 1]; ++e) {
+    const int64_t p = col_order[e];
+    if (block_row[p] == n) continue;  // the diagonal block, done above
+    const scalar_t* blk = blocks + 36 * p;
+    const scalar_t* xr = x + 6 * block_row[p];
+    for (int c = 0; c < 6; ++c)
+      for (int a = 0; a < 6; ++a) acc[a] += blk[6 * c + a] * xr[c];
+  }
+  for (int a = 0; a < 6; ++a) y[6 * n + a] = acc[a];
+}
+
+// Launchers (block_sparse_cpu.cpp, block_sparse_cuda.cu); the dispatching wrappers follow.
+std::vector<at::Tensor> BuildBlockPatternCpu(const std::vector<at::Tensor>& nodes_list,
+                                             const std::vector<at::Tensor>& keys, int64_t num_samples,
+                                             int64_t num_nodes);
+std::vector<at::Tensor> TermBlockKeysCpu(const at::Tensor& nodes, int64_t num_nodes, int64_t total);
+at::Tensor AssembleBlocksCpu(const at::Tensor& J, const at::Tensor& r, const at::Tensor& nodes,
+                             const at::Tensor& entry_order, const at::Tensor& entry_start,
+                             const at::Tensor& slot_order, const at::Tensor& slot_start,
+                             at::Tensor blocks, at::Tensor b, bool accumulate);
+std::vector<at::Tensor> AssembleBlocksBackwardCpu(const at::Tensor& grad_blocks, const at::Tensor& grad_b,
+                                                  const at::Tensor& J, const at::Tensor& r,
+                                                  const at::Tensor& nodes, const at::Tensor& term_blocks);
+at::Tensor BlocksToDenseCpu(const at::Tensor& blocks, const at::Tensor& block_row,
+                            const at::Tensor& block_col, int64_t num_samples, int64_t num_nodes);
+at::Tensor BlockMatvecCpu(const at::Tensor& blocks, const at::Tensor& block_row,
+                          const at::Tensor& block_col, const at::Tensor& row_start,
+                          const at::Tensor& col_order, const at::Tensor& col_start, const at::Tensor& x);
+#ifdef WITH_CUDA
+std::vector<at::Tensor> TermBlockKeysCuda(const at::Tensor& nodes, int64_t num_nodes, int64_t total);
+at::Tensor AssembleBlocksCuda(const at::Tensor& J, const at::Tensor& r, const at::Tensor& nodes,
+                              const at::Tensor& entry_order, const at::Tensor& entry_start,
+                              const at::Tensor& slot_order, const at::Tensor& slot_start,
+                              at::Tensor blocks, at::Tensor b, bool accumulate);
+std::vector<at::Tensor> AssembleBlocksBackwardCuda(const at::Tensor& grad_blocks, const at::Tensor& grad_b,
+                                                   const at::Tensor& J, const at::Tensor& r,
+                                                   const at::Tensor& nodes, const at::Tensor& term_blocks);
+at::Tensor BlocksToDenseCuda(const at::Tensor& blocks, const at::Tensor& block_row,
+                             const at::Tensor& block_col, int64_t num_samples, int64_t num_nodes);
+at::Tensor BlockMatvecCuda(const at::Tensor& blocks, const at::Tensor& block_row,
+                           const at::Tensor& block_col, const at::Tensor& row_start,
+                           const at::Tensor& col_order, const at::Tensor& col_start, const at::Tensor& x);
+#endif
+
 std::vector<at::Tensor> MatchJacobianCpu(const at::Tensor& q, const at::Tensor& w, const at::Tensor& dv);
 std::vector<at::Tensor> MatchJacobianBackwardCpu(const at::Tensor& grad_J, const at::Tensor& q,
                                                  const at::Tensor& w, const at::Tensor& dv);
@@ -221,18 +483,12 @@ std::vector<at::Tensor> StepBackwardCuda(const at::Tensor& J, const at::Tensor& 
                                          const at::Tensor& x);
 #endif
 
-std::vector<at::Tensor> AssembleNormalEquationsCpu(const at::Tensor& J, const at::Tensor& r,
-                                                   const at::Tensor& nodes, int64_t num_samples,
-                                                   int64_t num_nodes);
 std::vector<at::Tensor> AssembleNormalEquationsBackwardCpu(const at::Tensor& grad_A,
                                                            const at::Tensor& grad_b,
                                                            const at::Tensor& J, const at::Tensor& r,
                                                            const at::Tensor& nodes,
                                                            int64_t num_nodes);
 #ifdef WITH_CUDA
-std::vector<at::Tensor> AssembleNormalEquationsCuda(const at::Tensor& J, const at::Tensor& r,
-                                                    const at::Tensor& nodes, int64_t num_samples,
-                                                    int64_t num_nodes);
 std::vector<at::Tensor> AssembleNormalEquationsBackwardCuda(const at::Tensor& grad_A,
                                                             const at::Tensor& grad_b,
                                                             const at::Tensor& J,
@@ -261,20 +517,214 @@ inline void CheckAssemblyInputs(const at::Tensor& J, const at::Tensor& r, const 
               "J, r and nodes must be on one device");
 }
 
+// Step 1 on the tensor's device: keys (M, E); a bad term is a one-line error naming it (on a GPU
+// this reads the per-term codes back: one synchronisation, once per problem).
+inline at::Tensor CheckedTermBlockKeys(const at::Tensor& nodes, int64_t num_samples, int64_t num_nodes) {
+  NNRT_CHECK_DIM(nodes, 2);
+  NNRT_CHECK_DTYPE(nodes, at::kLong);
+  TORCH_CHECK(num_samples >= 1 && num_nodes >= 1, "num_samples and num_nodes must be >= 1");
+  TORCH_CHECK(nodes.size(1) >= 1 && nodes.size(1) <= kMaxSlots, "1 to ", kMaxSlots,
+              " slots per term, found ", nodes.size(1));
+  const int64_t total = num_samples * num_nodes;
+  const at::Tensor idx = nodes.contiguous();
+  std::vector<at::Tensor> out;
+  if (idx.is_cuda()) {
+#ifdef WITH_CUDA
+    out = TermBlockKeysCuda(idx, num_nodes, total);
+#else
+    NNRT_NO_CUDA("term_block_keys");
+#endif
+  } else {
+    out = TermBlockKeysCpu(idx, num_nodes, total);
+  }
+  const at::Tensor bad = at::nonzero(out[1]).flatten();
+  if (bad.numel() > 0) {
+    const int64_t m = bad[0].item<int64_t>();
+    const int code = out[1][m].item<int>();
+    const at::Tensor row = idx[m].cpu();
+    const int64_t* n = row.data_ptr<int64_t>();
+    std::ostringstream slots;
+    for (int64_t s = 0; s < row.numel(); ++s) slots << (s ? ", " : "") << n[s];
+    TORCH_CHECK(code != kTermNodeOutOfRange, "term ", m, " (nodes ", slots.str(), "): a node outside [0, ",
+                total, ")");
+    TORCH_CHECK(false, "term ", m, " (nodes ", slots.str(), ") mixes samples (", num_nodes,
+                " nodes per sample)");
+  }
+  return out[0];
+}
+
+// Step 2 by sorting with ATen (any device; what a GPU runs): the block pattern of the term groups
+// `nodes_list` (each (M_g, S_g) as above). Returns block_row, block_col, row_start, col_order,
+// col_start, then per group term_blocks, entry_order, entry_start, slot_order, slot_start.
+inline std::vector<at::Tensor> BuildBlockPatternSorted(const std::vector<at::Tensor>& nodes_list,
+                                                       int64_t num_samples, int64_t num_nodes) {
+  TORCH_CHECK(!nodes_list.empty(), "build_block_pattern needs at least one term group");
+  const int64_t total = num_samples * num_nodes;
+  const auto opts = nodes_list[0].options().dtype(at::kLong);
+  const at::Tensor flat_nodes = at::arange(total, opts);
+  const at::Tensor bounds = at::arange(total + 1, opts);
+  std::vector<at::Tensor> keys, used_keys;
+  used_keys.push_back(flat_nodes * total + flat_nodes);  // every diagonal block
+  for (const at::Tensor& nodes : nodes_list) {
+    TORCH_CHECK(nodes.device() == nodes_list[0].device(), "term groups must be on one device");
+    keys.push_back(CheckedTermBlockKeys(nodes, num_samples, num_nodes));
+    const at::Tensor k = keys.back().flatten();
+    used_keys.push_back(k.masked_select(k >= 0));
+  }
+  const at::Tensor block_keys = std::get<0>(at::_unique(at::cat(used_keys), /*sorted=*/true));
+  const at::Tensor block_row = at::div(block_keys, total, "floor");
+  const at::Tensor block_col = block_keys - block_row * total;
+  const at::Tensor row_start = at::searchsorted(block_row, bounds);
+  const at::Tensor col_order = std::get<1>(at::sort(block_col, /*stable=*/true, 0, false));
+  const at::Tensor col_start = at::searchsorted(block_col.index_select(0, col_order), bounds);
+  const at::Tensor block_bounds = at::arange(block_keys.numel() + 1, opts);
+  std::vector<at::Tensor> out = {block_row, block_col, row_start, col_order, col_start};
+  for (size_t g = 0; g < nodes_list.size(); ++g) {
+    const at::Tensor k = keys[g].flatten();
+    const at::Tensor valid = k >= 0;
+    const at::Tensor found = at::searchsorted(block_keys, k);
+    out.push_back(at::where(valid, found, at::full_like(found, -1)).view(keys[g].sizes()));
+    const at::Tensor ids = at::nonzero(valid).flatten();
+    const at::Tensor by_block = std::get<1>(at::sort(found.index_select(0, ids), true, 0, false));
+    const at::Tensor entry_order = ids.index_select(0, by_block);
+    out.push_back(entry_order);
+    out.push_back(at::searchsorted(found.index_select(0, entry_order), block_bounds));
+    const at::Tensor n = nodes_list[g].contiguous().flatten();
+    const at::Tensor used = at::nonzero(n >= 0).flatten();
+    const at::Tensor by_node = std::get<1>(at::sort(n.index_select(0, used), true, 0, false));
+    const at::Tensor slot_order = used.index_select(0, by_node);
+    out.push_back(slot_order);
+    out.push_back(at::searchsorted(n.index_select(0, slot_order), bounds));
+  }
+  return out;
+}
+
+// Step 2, the same tensors: on the CPU by counting sorts over the nodes (BuildBlockPatternCpu,
+// several times faster than sorting 64-bit keys), elsewhere BuildBlockPatternSorted. Both give
+// the same pattern (a test compares them).
+inline std::vector<at::Tensor> BuildBlockPattern(const std::vector<at::Tensor>& nodes_list,
+                                                 int64_t num_samples, int64_t num_nodes) {
+  TORCH_CHECK(!nodes_list.empty(), "build_block_pattern needs at least one term group");
+  if (nodes_list[0].is_cuda()) return BuildBlockPatternSorted(nodes_list, num_samples, num_nodes);
+  std::vector<at::Tensor> keys;
+  for (const at::Tensor& nodes : nodes_list) {
+    TORCH_CHECK(!nodes.is_cuda(), "term groups must be on one device");
+    keys.push_back(CheckedTermBlockKeys(nodes, num_samples, num_nodes));
+  }
+  return BuildBlockPatternCpu(nodes_list, keys, num_samples, num_nodes);
+}
+
+// Step 3 for one term group: blocks (P, 6, 6) and b (T, 6), written (or added to, with
+// accumulate) in place and returned. The pattern tensors are the group's from BuildBlockPattern.
+inline std::vector<at::Tensor> AssembleBlocks(const at::Tensor& J, const at::Tensor& r,
+                                              const at::Tensor& nodes, const at::Tensor& entry_order,
+                                              const at::Tensor& entry_start,
+                                              const at::Tensor& slot_order,
+                                              const at::Tensor& slot_start, at::Tensor blocks,
+                                              at::Tensor b, bool accumulate) {
+  CheckAssemblyInputs(J, r, nodes, 1, 1);
+  TORCH_CHECK(nodes.size(1) <= kMaxSlots, "at most ", kMaxSlots, " slots per term, found ", nodes.size(1));
+  TORCH_CHECK(blocks.dim() == 3 && blocks.size(1) == 6 && blocks.size(2) == 6 &&
+                  blocks.is_contiguous() && blocks.scalar_type() == J.scalar_type(),
+              "blocks must be contiguous (P, 6, 6) of J's dtype, found ", blocks.sizes());
+  TORCH_CHECK(entry_start.numel() == blocks.size(0) + 1, "entry_start must have P + 1 = ",
+              blocks.size(0) + 1, " entries, found ", entry_start.numel());
+  TORCH_CHECK(b.dim() == 2 && b.size(1) == 6 && b.is_contiguous() && b.scalar_type() == J.scalar_type() &&
+                  slot_start.numel() == b.size(0) + 1,
+              "b must be contiguous (T, 6) of J's dtype with slot_start (T + 1), found ", b.sizes(),
+              " and ", slot_start.sizes());
+  if (J.is_cuda()) {
+#ifdef WITH_CUDA
+    AssembleBlocksCuda(J.contiguous(), r.contiguous(), nodes.contiguous(), entry_order.contiguous(),
+                       entry_start.contiguous(), slot_order.contiguous(), slot_start.contiguous(),
+                       blocks, b, accumulate);
+#else
+    NNRT_NO_CUDA("assemble_blocks");
+#endif
+  } else {
+    AssembleBlocksCpu(J.contiguous(), r.contiguous(), nodes.contiguous(), entry_order.contiguous(),
+                      entry_start.contiguous(), slot_order.contiguous(), slot_start.contiguous(),
+                      blocks, b, accumulate);
+  }
+  return {blocks, b};
+}
+
+// Backward of AssembleBlocks: (grad_J, grad_r) from grad_blocks (P, 6, 6) and grad_b (T, 6).
+inline std::vector<at::Tensor> AssembleBlocksBackward(const at::Tensor& grad_blocks,
+                                                      const at::Tensor& grad_b, const at::Tensor& J,
+                                                      const at::Tensor& r, const at::Tensor& nodes,
+                                                      const at::Tensor& term_blocks) {
+  CheckAssemblyInputs(J, r, nodes, 1, 1);
+  TORCH_CHECK(nodes.size(1) <= kMaxSlots, "at most ", kMaxSlots, " slots per term, found ", nodes.size(1));
+  TORCH_CHECK(term_blocks.dim() == 2 && term_blocks.size(0) == J.size(0) &&
+                  term_blocks.size(1) == NumPairs(static_cast<int>(nodes.size(1))),
+              "term_blocks must be (M, S (S + 1) / 2), found ", term_blocks.sizes());
+  const at::Tensor gB = grad_blocks.to(J.scalar_type()).contiguous();
+  const at::Tensor gb = grad_b.to(J.scalar_type()).contiguous();
+  if (J.is_cuda()) {
+#ifdef WITH_CUDA
+    return AssembleBlocksBackwardCuda(gB, gb, J.contiguous(), r.contiguous(), nodes.contiguous(),
+                                      term_blocks.contiguous());
+#else
+    NNRT_NO_CUDA("assemble_blocks_backward");
+#endif
+  }
+  return AssembleBlocksBackwardCpu(gB, gb, J.contiguous(), r.contiguous(), nodes.contiguous(),
+                                   term_blocks.contiguous());
+}
+
+// Step 4, dense: A (B, 6N, 6N) from the upper blocks, both triangles.
+inline at::Tensor BlocksToDense(const at::Tensor& blocks, const at::Tensor& block_row,
+                                const at::Tensor& block_col, int64_t num_samples, int64_t num_nodes) {
+  TORCH_CHECK(blocks.dim() == 3 && blocks.size(1) == 6 && blocks.size(2) == 6 &&
+                  block_row.numel() == blocks.size(0) && block_col.numel() == blocks.size(0),
+              "blocks must be (P, 6, 6) with P rows and columns, found ", blocks.sizes());
+  if (blocks.is_cuda()) {
+#ifdef WITH_CUDA
+    return BlocksToDenseCuda(blocks.contiguous(), block_row.contiguous(), block_col.contiguous(),
+                             num_samples, num_nodes);
+#else
+    NNRT_NO_CUDA("blocks_to_dense");
+#endif
+  }
+  return BlocksToDenseCpu(blocks.contiguous(), block_row.contiguous(), block_col.contiguous(),
+                          num_samples, num_nodes);
+}
+
+// Step 4, block-sparse: y (T, 6) = A x for x (T, 6).
+inline at::Tensor BlockMatvec(const at::Tensor& blocks, const at::Tensor& block_row,
+                              const at::Tensor& block_col, const at::Tensor& row_start,
+                              const at::Tensor& col_order, const at::Tensor& col_start,
+                              const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == 6 && x.size(0) + 1 == row_start.numel() &&
+                  x.scalar_type() == blocks.scalar_type(),
+              "x must be (T, 6) of the blocks' dtype with T + 1 = ", row_start.numel(), ", found ",
+              x.sizes());
+  if (blocks.is_cuda()) {
+#ifdef WITH_CUDA
+    return BlockMatvecCuda(blocks.contiguous(), block_row, block_col, row_start, col_order,
+                           col_start, x.contiguous());
+#else
+    NNRT_NO_CUDA("block_matvec");
+#endif
+  }
+  return BlockMatvecCpu(blocks.contiguous(), block_row, block_col, row_start, col_order, col_start,
+                        x.contiguous());
+}
+
+// Dense A (B, 6N, 6N) and b (B, 6N) of one term group: steps 1-4 in one call (the solver builds
+// the pattern once per problem instead and calls the steps itself).
 inline std::vector<at::Tensor> AssembleNormalEquations(const at::Tensor& J, const at::Tensor& r,
                                                        const at::Tensor& nodes, int64_t num_samples,
                                                        int64_t num_nodes) {
   CheckAssemblyInputs(J, r, nodes, num_samples, num_nodes);
-  if (J.is_cuda()) {
-#ifdef WITH_CUDA
-    return AssembleNormalEquationsCuda(J.contiguous(), r.contiguous(), nodes.contiguous(),
-                                       num_samples, num_nodes);
-#else
-    NNRT_NO_CUDA("assemble_normal_equations");
-#endif
-  }
-  return AssembleNormalEquationsCpu(J.contiguous(), r.contiguous(), nodes.contiguous(), num_samples,
-                                    num_nodes);
+  const std::vector<at::Tensor> pattern = BuildBlockPattern({nodes}, num_samples, num_nodes);
+  const int64_t total = num_samples * num_nodes;
+  at::Tensor blocks = at::empty({pattern[0].numel(), 6, 6}, J.options());
+  at::Tensor b = at::empty({total, 6}, J.options());
+  AssembleBlocks(J, r, nodes, pattern[6], pattern[7], pattern[8], pattern[9], blocks, b, false);
+  return {BlocksToDense(blocks, pattern[0], pattern[1], num_samples, num_nodes),
+          b.view({num_samples, 6 * num_nodes})};
 }
 
 inline std::vector<at::Tensor> AssembleNormalEquationsBackward(const at::Tensor& grad_A,
@@ -284,6 +734,7 @@ inline std::vector<at::Tensor> AssembleNormalEquationsBackward(const at::Tensor&
                                                                const at::Tensor& nodes,
                                                                int64_t num_nodes) {
   CheckAssemblyInputs(J, r, nodes, grad_A.size(0), num_nodes);
+  CheckedTermBlockKeys(nodes, grad_A.size(0), num_nodes);  // the input checks, the same on both devices
   const int64_t B = grad_A.size(0), dim = 6 * num_nodes;
   TORCH_CHECK(grad_A.dim() == 3 && grad_A.size(1) == dim && grad_A.size(2) == dim,
               "grad_A must be (B, 6N, 6N) with 6N = ", dim, ", found ", grad_A.sizes());
@@ -313,6 +764,7 @@ inline std::vector<at::Tensor> StepBackward(const at::Tensor& J, const at::Tenso
   TORCH_CHECK(u.dim() == 2 && u.sizes() == x.sizes() && u.size(1) % 6 == 0,
               "u and x must be (B, 6N) alike, found ", u.sizes(), " and ", x.sizes());
   CheckAssemblyInputs(J, r, nodes, u.size(0), u.size(1) / 6);
+  CheckedTermBlockKeys(nodes, u.size(0), u.size(1) / 6);  // the input checks, the same on both devices
   TORCH_CHECK(nodes.size(1) <= kMaxSlots, "at most ", kMaxSlots, " slots per term, found ", nodes.size(1));
   const at::Tensor uu = u.to(J.scalar_type()).contiguous(), xx = x.to(J.scalar_type()).contiguous();
   if (J.is_cuda()) {

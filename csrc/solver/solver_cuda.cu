@@ -10,36 +10,6 @@ inline int NumBlocks(int64_t n, int threads) {
   return static_cast<int>(std::min<int64_t>((n + threads - 1) / threads, 65535));
 }
 
-// One thread per (term, slot s, slot t): adds block (node_s, node_t) of A, and for t == 0 the
-// slot's part of b. Atomics, because many terms share nodes.
-template <typename scalar_t>
-__global__ void AssembleKernel(const scalar_t* __restrict__ J, const scalar_t* __restrict__ r,
-                               const int64_t* __restrict__ nodes, int64_t M, int R, int S,
-                               int64_t N, scalar_t* __restrict__ A, scalar_t* __restrict__ b) {
-  const int64_t dim = 6 * N;
-  const int64_t pairs = int64_t(S) * S;
-  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < M * pairs;
-       k += int64_t(blockDim.x) * gridDim.x) {
-    const int64_t m = k / pairs;
-    const int s = int((k % pairs) / S), t = int(k % S);
-    const int64_t ns = nodes[m * S + s], nt = nodes[m * S + t];
-    if (ns < 0 || nt < 0) continue;
-    const int64_t sample = ns / N, i = ns % N, j = nt % N;
-    const scalar_t* Jm = J + m * R * 6 * S;
-    scalar_t block[36];
-    for (int e = 0; e < 36; ++e) block[e] = 0;
-    AddJtJBlock<scalar_t, scalar_t>(Jm, R, S, s, t, block, 6);  // then one atomic per entry
-    scalar_t* Ab = A + sample * dim * dim;
-    for (int p = 0; p < 6; ++p)
-      for (int q = 0; q < 6; ++q) atomicAdd(Ab + (6 * i + p) * dim + 6 * j + q, block[6 * p + q]);
-    if (t == 0) {
-      scalar_t part[6] = {0, 0, 0, 0, 0, 0};
-      AddJtrBlock<scalar_t, scalar_t>(Jm, r + m * R, R, S, s, part);
-      for (int p = 0; p < 6; ++p) atomicAdd(b + sample * dim + 6 * i + p, part[p]);
-    }
-  }
-}
-
 template <typename scalar_t>
 __global__ void AssembleBackwardKernel(const scalar_t* __restrict__ grad_A,
                                        const scalar_t* __restrict__ grad_b,
@@ -161,26 +131,6 @@ std::vector<at::Tensor> StepBackwardCuda(const at::Tensor& J, const at::Tensor& 
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {grad_J, grad_r};
-}
-
-std::vector<at::Tensor> AssembleNormalEquationsCuda(const at::Tensor& J, const at::Tensor& r,
-                                                    const at::Tensor& nodes, int64_t num_samples,
-                                                    int64_t num_nodes) {
-  at::cuda::CUDAGuard guard(J.device());
-  const int64_t M = J.size(0), dim = 6 * num_nodes;
-  const int R = static_cast<int>(J.size(1)), S = static_cast<int>(nodes.size(1));
-  TORCH_CHECK(S <= kMaxSlots, "at most ", kMaxSlots, " slots per term, found ", S);
-  at::Tensor A = at::zeros({num_samples, dim, dim}, J.options());
-  at::Tensor b = at::zeros({num_samples, dim}, J.options());
-  if (M == 0) return {A, b};
-  auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(J.scalar_type(), "assemble_normal_equations_cuda", [&] {
-    AssembleKernel<scalar_t><<<NumBlocks(M * S * S, 256), 256, 0, stream>>>(
-        J.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(), nodes.data_ptr<int64_t>(), M, R, S,
-        num_nodes, A.data_ptr<scalar_t>(), b.data_ptr<scalar_t>());
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {A, b};
 }
 
 std::vector<at::Tensor> AssembleNormalEquationsBackwardCuda(const at::Tensor& grad_A,

@@ -1,4 +1,4 @@
-"""Synthetic training and test data in the DeepDeform format (DESIGN.md 5.8).
+"""Synthetic training and test data in the DeepDeform format (docs/DESIGN.md 5.8).
 
     python -m dataset.synthetic --out DIR --split train --pairs 1000 --seed 0 [--real-frames F]
 

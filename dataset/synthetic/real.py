@@ -13,7 +13,7 @@ from dataset import io
 from model import image_proc
 from dataset.synthetic.scene import Background, Mesh
 
-# Real frames are meshed like the graph builder meshes them (DESIGN.md 5.1).
+# Real frames are meshed like the graph builder meshes them (docs/DESIGN.md 5.1).
 REAL_MESH_MAX_EDGE = 0.05
 
 @dataclass

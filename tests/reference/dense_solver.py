@@ -3,7 +3,7 @@
 One sample, everything in plain PyTorch with autograd all the way: the full Jacobian J of size
 (3 M + 3 E) x 6 N is filled column block by column block with index_put, then A = J^T J + damping
 I, b = J^T r, and the increment comes from torch.linalg.solve. It is slow and memory hungry, as
-the original was; model/solver.py must reproduce its numbers, and the benchmark times it.
+the original was; model/solver/ must reproduce its numbers, and the benchmark times it.
 `residuals` writes the energy directly (no Jacobian), so tests check `dense_jacobian` against
 torch.autograd.functional.jacobian.
 

@@ -1,0 +1,253 @@
+// CPU launchers of the block-sparse assembly (csrc/solver/solver.h, "Launch logic"): parallel
+// loops over terms, blocks or nodes, each iteration one call of the header's loop body.
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "solver/solver.h"
+
+namespace nnrt {
+
+std::vector<at::Tensor> TermBlockKeysCpu(const at::Tensor& nodes, int64_t num_nodes, int64_t total) {
+  const int64_t M = nodes.size(0);
+  const int S = static_cast<int>(nodes.size(1)), E = NumPairs(S);
+  at::Tensor keys = at::empty({M, E}, nodes.options());
+  at::Tensor codes = at::empty({M}, nodes.options().dtype(at::kInt));
+  const int64_t* idx = nodes.data_ptr<int64_t>();
+  int64_t* kp = keys.data_ptr<int64_t>();
+  int* cp = codes.data_ptr<int>();
+  at::parallel_for(0, M, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) cp[m] = TermBlockKeys(idx + m * S, S, num_nodes, total, kp + m * E);
+  });
+  return {keys, codes};
+}
+
+at::Tensor AssembleBlocksCpu(const at::Tensor& J, const at::Tensor& r, const at::Tensor& nodes,
+                             const at::Tensor& entry_order, const at::Tensor& entry_start,
+                             const at::Tensor& slot_order, const at::Tensor& slot_start,
+                             at::Tensor blocks, at::Tensor b, bool accumulate) {
+  const int R = static_cast<int>(J.size(1)), S = static_cast<int>(nodes.size(1));
+  const int64_t P = blocks.size(0), T = b.size(0);
+  const int64_t* idx = nodes.data_ptr<int64_t>();
+  const int64_t* eo = entry_order.data_ptr<int64_t>();
+  const int64_t* es = entry_start.data_ptr<int64_t>();
+  const int64_t* so = slot_order.data_ptr<int64_t>();
+  const int64_t* ss = slot_start.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(J.scalar_type(), "assemble_blocks_cpu", [&] {
+    const scalar_t* Jp = J.data_ptr<scalar_t>();
+    const scalar_t* rp = r.data_ptr<scalar_t>();
+    scalar_t* Bp = blocks.data_ptr<scalar_t>();
+    scalar_t* bp = b.data_ptr<scalar_t>();
+    auto run = [&](auto rows, auto slots) {
+      constexpr int kR = decltype(rows)::value, kS = decltype(slots)::value;
+      at::parallel_for(0, P, 64, [&](int64_t begin, int64_t end) {
+        for (int64_t p = begin; p < end; ++p)
+          AssembleBlockBody<scalar_t, kR, kS>(p, Jp, R, S, idx, eo, es, accumulate, Bp);
+      });
+      at::parallel_for(0, T, 256, [&](int64_t begin, int64_t end) {
+        for (int64_t n = begin; n < end; ++n)
+          AssembleRhsBody<scalar_t, kR, kS>(n, Jp, rp, R, S, so, ss, accumulate, bp);
+      });
+    };
+    // Compile-time sizes for the solver's two shapes (matches: 3 rows x 4 anchors, edges: 3 rows
+    // x 2 nodes) let the compiler unroll the 6x6 products.
+    using Any = std::integral_constant<int, 0>;
+    using Three = std::integral_constant<int, 3>;
+    if (R == 3 && S == 4) {
+      run(Three{}, std::integral_constant<int, 4>{});
+    } else if (R == 3 && S == 2) {
+      run(Three{}, std::integral_constant<int, 2>{});
+    } else {
+      run(Any{}, Any{});
+    }
+  });
+  return blocks;
+}
+
+std::vector<at::Tensor> AssembleBlocksBackwardCpu(const at::Tensor& grad_blocks, const at::Tensor& grad_b,
+                                                  const at::Tensor& J, const at::Tensor& r,
+                                                  const at::Tensor& nodes, const at::Tensor& term_blocks) {
+  const int64_t M = J.size(0);
+  const int R = static_cast<int>(J.size(1)), S = static_cast<int>(nodes.size(1));
+  at::Tensor grad_J = at::empty_like(J);
+  at::Tensor grad_r = at::empty_like(r);
+  const int64_t* idx = nodes.data_ptr<int64_t>();
+  const int64_t* tb = term_blocks.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(J.scalar_type(), "assemble_blocks_backward_cpu", [&] {
+    const scalar_t* Jp = J.data_ptr<scalar_t>();
+    const scalar_t* rp = r.data_ptr<scalar_t>();
+    const scalar_t* gB = grad_blocks.data_ptr<scalar_t>();
+    const scalar_t* gb = grad_b.data_ptr<scalar_t>();
+    scalar_t* gJ = grad_J.data_ptr<scalar_t>();
+    scalar_t* gr = grad_r.data_ptr<scalar_t>();
+    at::parallel_for(0, M, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m)
+        SparseTermGradientBody<scalar_t>(m, Jp, rp, R, S, idx, tb, gB, gb, gJ, gr);
+    });
+  });
+  return {grad_J, grad_r};
+}
+
+at::Tensor BlocksToDenseCpu(const at::Tensor& blocks, const at::Tensor& block_row,
+                            const at::Tensor& block_col, int64_t num_samples, int64_t num_nodes) {
+  const int64_t P = blocks.size(0), dim = 6 * num_nodes;
+  at::Tensor A = at::zeros({num_samples, dim, dim}, blocks.options());
+  const int64_t* br = block_row.data_ptr<int64_t>();
+  const int64_t* bc = block_col.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(blocks.scalar_type(), "blocks_to_dense_cpu", [&] {
+    const scalar_t* Bp = blocks.data_ptr<scalar_t>();
+    scalar_t* Ap = A.data_ptr<scalar_t>();
+    at::parallel_for(0, P, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) BlocksToDenseBody<scalar_t>(p, Bp, br, bc, num_nodes, Ap);
+    });
+  });
+  return A;
+}
+
+at::Tensor BlockMatvecCpu(const at::Tensor& blocks, const at::Tensor& block_row,
+                          const at::Tensor& block_col, const at::Tensor& row_start,
+                          const at::Tensor& col_order, const at::Tensor& col_start, const at::Tensor& x) {
+  const int64_t T = x.size(0);
+  at::Tensor y = at::empty_like(x);
+  const int64_t* br = block_row.data_ptr<int64_t>();
+  const int64_t* bc = block_col.data_ptr<int64_t>();
+  const int64_t* rs = row_start.data_ptr<int64_t>();
+  const int64_t* co = col_order.data_ptr<int64_t>();
+  const int64_t* cs = col_start.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(blocks.scalar_type(), "block_matvec_cpu", [&] {
+    const scalar_t* Bp = blocks.data_ptr<scalar_t>();
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    at::parallel_for(0, T, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) BlockMatvecBody<scalar_t>(n, Bp, br, bc, rs, co, cs, xp, yp);
+    });
+  });
+  return y;
+}
+
+}  // namespace nnrt
+
+namespace nnrt {
+
+// Step 2 on the CPU (see BuildBlockPattern): counting sorts over the T flat nodes instead of
+// sorting 64-bit keys. Items (group, entry id) are bucketed by the block's row node in the order
+// groups, then entry ids, then sorted by column within a row (stable, so the entries of a block
+// keep that order, as the sort by key does).
+std::vector<at::Tensor> BuildBlockPatternCpu(const std::vector<at::Tensor>& nodes_list,
+                                             const std::vector<at::Tensor>& keys, int64_t num_samples,
+                                             int64_t num_nodes) {
+  const int64_t T = num_samples * num_nodes;
+  const auto opts = at::TensorOptions().dtype(at::kLong);
+  const size_t G = nodes_list.size();
+  struct Item {
+    int64_t col;
+    int64_t id;     // entry id m * E + k within its group; -1 for the diagonal block
+    int32_t group;
+  };
+  // Bucket by row: the diagonal item first, then every valid key.
+  std::vector<int64_t> start(T + 1, 0);
+  for (int64_t n = 0; n < T; ++n) start[n + 1] = 1;
+  for (size_t g = 0; g < G; ++g) {
+    const int64_t* k = keys[g].data_ptr<int64_t>();
+    for (int64_t e = 0; e < keys[g].numel(); ++e)
+      if (k[e] >= 0) ++start[k[e] / T + 1];
+  }
+  for (int64_t n = 0; n < T; ++n) start[n + 1] += start[n];
+  std::vector<Item> items(start[T]);
+  {
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t n = 0; n < T; ++n) items[fill[n]++] = Item{n, -1, -1};
+    for (size_t g = 0; g < G; ++g) {
+      const int64_t* k = keys[g].data_ptr<int64_t>();
+      for (int64_t e = 0; e < keys[g].numel(); ++e)
+        if (k[e] >= 0) items[fill[k[e] / T]++] = Item{k[e] % T, e, static_cast<int32_t>(g)};
+    }
+  }
+  // Sort each row by column and count its distinct columns (blocks).
+  std::vector<int64_t> row_blocks(T, 0);
+  at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      std::stable_sort(items.begin() + start[n], items.begin() + start[n + 1],
+                       [](const Item& a, const Item& b) { return a.col < b.col; });
+      int64_t count = 0;
+      for (int64_t i = start[n]; i < start[n + 1]; ++i)
+        if (i == start[n] || items[i].col != items[i - 1].col) ++count;
+      row_blocks[n] = count;
+    }
+  });
+  at::Tensor row_start = at::empty({T + 1}, opts);
+  int64_t* rs = row_start.data_ptr<int64_t>();
+  rs[0] = 0;
+  for (int64_t n = 0; n < T; ++n) rs[n + 1] = rs[n] + row_blocks[n];
+  const int64_t P = rs[T];
+  at::Tensor block_row = at::empty({P}, opts), block_col = at::empty({P}, opts);
+  int64_t* br = block_row.data_ptr<int64_t>();
+  int64_t* bc = block_col.data_ptr<int64_t>();
+  std::vector<at::Tensor> term_blocks, entry_start, entry_order;
+  std::vector<int64_t*> tb(G), es(G);
+  for (size_t g = 0; g < G; ++g) {
+    term_blocks.push_back(at::full(keys[g].sizes(), -1, opts));
+    entry_start.push_back(at::zeros({P + 1}, opts));
+    tb[g] = term_blocks[g].data_ptr<int64_t>();
+    es[g] = entry_start[g].data_ptr<int64_t>();
+  }
+  for (int64_t n = 0, p = -1; n < T; ++n) {
+    for (int64_t i = start[n]; i < start[n + 1]; ++i) {
+      const Item& item = items[i];
+      if (i == start[n] || item.col != items[i - 1].col) {
+        ++p;
+        br[p] = n;
+        bc[p] = item.col;
+      }
+      if (item.group >= 0) {
+        tb[item.group][item.id] = p;
+        ++es[item.group][p + 1];
+      }
+    }
+  }
+  std::vector<at::Tensor> out = {block_row, block_col, row_start};
+  // Blocks by column (stable in block order).
+  {
+    at::Tensor col_start = at::zeros({T + 1}, opts), col_order = at::empty({P}, opts);
+    int64_t* cs = col_start.data_ptr<int64_t>();
+    int64_t* co = col_order.data_ptr<int64_t>();
+    for (int64_t p = 0; p < P; ++p) ++cs[bc[p] + 1];
+    for (int64_t n = 0; n < T; ++n) cs[n + 1] += cs[n];
+    std::vector<int64_t> fill(cs, cs + T);
+    for (int64_t p = 0; p < P; ++p) co[fill[bc[p]]++] = p;
+    out.push_back(col_order);
+    out.push_back(col_start);
+  }
+  for (size_t g = 0; g < G; ++g) {
+    for (int64_t p = 0; p < P; ++p) es[g][p + 1] += es[g][p];
+    entry_order.push_back(at::empty({es[g][P]}, opts));
+    int64_t* eo = entry_order[g].data_ptr<int64_t>();
+    std::vector<int64_t> fill(es[g], es[g] + P);
+    // Entry ids ascending within each block: the rows' stable order already holds them so.
+    for (int64_t i = 0; i < start[T]; ++i) {
+      const Item& item = items[i];
+      if (item.group == static_cast<int32_t>(g)) eo[fill[tb[g][item.id]]++] = item.id;
+    }
+    // Used slots by node, ids ascending.
+    const at::Tensor nodes = nodes_list[g].contiguous();
+    const int64_t* idx = nodes.data_ptr<int64_t>();
+    at::Tensor slot_start = at::zeros({T + 1}, opts);
+    int64_t* ss = slot_start.data_ptr<int64_t>();
+    for (int64_t e = 0; e < nodes.numel(); ++e)
+      if (idx[e] >= 0) ++ss[idx[e] + 1];
+    for (int64_t n = 0; n < T; ++n) ss[n + 1] += ss[n];
+    at::Tensor slot_order = at::empty({ss[T]}, opts);
+    int64_t* so = slot_order.data_ptr<int64_t>();
+    std::vector<int64_t> slot_fill(ss, ss + T);
+    for (int64_t e = 0; e < nodes.numel(); ++e)
+      if (idx[e] >= 0) so[slot_fill[idx[e]]++] = e;
+    out.push_back(term_blocks[g]);
+    out.push_back(entry_order[g]);
+    out.push_back(entry_start[g]);
+    out.push_back(slot_order);
+    out.push_back(slot_start);
+  }
+  return out;
+}
+
+}  // namespace nnrt

@@ -1,0 +1,30 @@
+"""Differentiable Gauss-Newton solver for the motion of an embedded deformation graph.
+
+docs/DESIGN.md 5.3. One idea per module:
+  * problem.py: the batch of problems (SolverProblem), the result and the status enum;
+  * terms.py: linearisation, per-match and per-edge residuals and Jacobian blocks, batched
+    tensor code, so autograd follows the chain through the linearisation point, the
+    correspondences and their weights;
+  * normal_equations.py: A = J^T J, b = J^T r assembled block by block by the C++ op over a
+    block pattern built once per problem, dense or block-sparse, never forming J;
+  * linear_solvers.py: the damped step, by dense Cholesky or block-Jacobi preconditioned
+    conjugate gradients, both differentiated implicitly (the adjoint with the same solver);
+  * gauss_newton.py: the loop (`solve`), with per-sample status and energies per iteration.
+"""
+from model.solver.gauss_newton import solve
+from model.solver.linear_solvers import (CGResult, StepSetup, block_jacobi, cholesky_solve,
+                                         gauss_newton_step, memory_estimate_gb, pcg)
+from model.solver.normal_equations import (BlockPattern, assemble_block_sparse, assemble_blocks,
+                                           assemble_normal_equations, block_matvec, blocks_to_dense,
+                                           build_block_pattern)
+from model.solver.problem import (STATUS_CONVERGED, STATUS_FAILED, STATUS_MAX_ITERATIONS, SolverProblem,
+                                  SolverResult, SolveStatus)
+from model.solver.terms import edge_terms, match_jacobian, match_terms, robust_weights
+
+__all__ = [
+    "solve", "CGResult", "StepSetup", "block_jacobi", "cholesky_solve", "gauss_newton_step",
+    "memory_estimate_gb", "pcg", "BlockPattern", "assemble_block_sparse", "assemble_blocks",
+    "assemble_normal_equations", "block_matvec", "blocks_to_dense", "build_block_pattern",
+    "STATUS_CONVERGED", "STATUS_FAILED", "STATUS_MAX_ITERATIONS", "SolverProblem", "SolverResult",
+    "SolveStatus", "edge_terms", "match_jacobian", "match_terms", "robust_weights",
+]
