@@ -36,6 +36,10 @@ def main(argv=None) -> int:
                                              "--reconstruction against it instead of pairs")
     sequence.add_argument("--reconstruction", help="with --sequence: folder with frames/NNNNNN.ply, the "
                                                    "reconstructed mesh of every frame (results go there)")
+    sequence.add_argument("--frames-dir", default="frames",
+                          help="with --sequence: the folder of OUT holding the per-frame meshes, e.g. "
+                               "frames_refined (the residual field's); its CSV and plot are named after "
+                               "it (default: frames)")
     args = parser.parse_args(argv)
     if args.sequence is not None or args.reconstruction is not None:
         if args.sequence is None or args.reconstruction is None:
@@ -51,8 +55,9 @@ def main(argv=None) -> int:
             check_flag("--sequence", args.sequence, str, path="dir")
             check_flag("--reconstruction", args.reconstruction, str, path="dir")
             check_flag("--reconstruction", args.reconstruction, str, path="out_dir")   # the results go there
-            scores = evaluate_sequence(args.sequence, args.reconstruction)
-            print(write_sequence_evaluation(scores, args.sequence, args.reconstruction), end="")
+            scores = evaluate_sequence(args.sequence, args.reconstruction, args.frames_dir)
+            print(write_sequence_evaluation(scores, args.sequence, args.reconstruction,
+                                            frames_dir=args.frames_dir), end="")
             return 0
         from_args(args, RunOptions)   # checks --dataset-dir
         check_flag("--predictions", args.predictions, str, path="dir")

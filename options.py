@@ -308,6 +308,7 @@ ORDERED_FIELDS: Dict[str, List[Tuple[str, str]]] = {
     "SolverOptions": [("min_nodes", "max_nodes")],
     "SyntheticOptions": [("large_flow_min", "large_flow_max"), ("min_distance", "max_distance")],
     "ResidualOptions": [("base_resolution", "max_resolution")],
+    "SequenceResidualOptions": [("base_resolution", "max_resolution")],
 }
 
 
@@ -584,8 +585,11 @@ class PairExportOptions:
 
 
 @dataclass
-class ResidualOptions:
-    """Flags --residual-* (scripts add them with prefix="residual_")."""
+class HashFieldOptions:
+    """What the per-pair deformer (ResidualOptions) and the sequence field
+    (SequenceResidualOptions) share: the hash encoding, the MLP, the bound, the data terms
+    against an RGB-D observation, the optimiser's step size, threads and seed. Flags
+    --residual-* (scripts add them with prefix="residual_")."""
 
     levels: int = opt(8, "hash encoding: resolution levels L", ge=1)
     features: int = opt(2, "hash encoding: features per level F", choices=(1, 2, 4, 8))
@@ -602,13 +606,7 @@ class ResidualOptions:
     layers: int = opt(2, "number of hidden layers of the MLP", ge=1)
     max: float = opt(0.03, "largest residual displacement in metres, per axis "
                      "(max * tanh of the MLP output)", gt=0)
-    iterations: int = opt(150, "Adam steps of the fit per pair (a fixed budget)", ge=1)
-    time_budget: float = opt(5.0, "stop the fit of a pair after this many seconds (setup "
-                             "included; at least one step is taken) even if iterations "
-                             "remain (0 = no limit)", ge=0)
     learning_rate: float = opt(1e-2, "Adam learning rate of the table and the MLP", gt=0)
-    points: int = opt(2048, "source points drawn per step (with their right and lower "
-                      "neighbours for the smoothness term)", ge=1)
     plane_weight: float = opt(3.0, "weight of the point-to-plane distance to the target "
                               "surface at the warped point's projection", ge=0)
     plane_scale: float = opt(0.005, "scale in metres of the robust (Geman-McClure) "
@@ -624,11 +622,29 @@ class ResidualOptions:
                               "the target colour at the projection)", ge=0)
     color_scale: float = opt(0.1, "scale of the robust (Geman-McClure) colour term, in "
                              "units of the [0, 1] colour range", gt=0)
+    magnitude_weight: float = opt(0.01, "weight of the squared residual (keeps it small)", ge=0)
+    threads: int = opt(1, "CPU threads torch uses during the fit (then restored; 0 = "
+                       "leave torch's setting): a step's tensors have a few thousand "
+                       "rows, so thread hand-offs cost more than they save, and on a "
+                       "busy machine far more (40 steps: 1.6 s with 1 thread, 16 s "
+                       "with 2 on a 2-core machine with one core taken)", ge=0)
+    seed: int = opt(0, "seed of the table initialisation and the point sampling", ge=0)
+
+
+@dataclass
+class ResidualOptions(HashFieldOptions):
+    """The per-pair deformer (model/residual.py). Flags --residual-*."""
+
+    iterations: int = opt(150, "Adam steps of the fit per pair (a fixed budget)", ge=1)
+    time_budget: float = opt(5.0, "stop the fit of a pair after this many seconds (setup "
+                             "included; at least one step is taken) even if iterations "
+                             "remain (0 = no limit)", ge=0)
+    points: int = opt(2048, "source points drawn per step (with their right and lower "
+                      "neighbours for the smoothness term)", ge=1)
     match_weight: float = opt(1.0, "weight of the correspondence term (distance to the "
                               "matches' target points, times the match weights)", ge=0)
     match_scale: float = opt(0.01, "scale in metres of the robust (Geman-McClure) "
                              "correspondence term", gt=0)
-    magnitude_weight: float = opt(0.01, "weight of the squared residual (keeps it small)", ge=0)
     smoothness_weight: float = opt(50.0, "weight of the squared difference between "
                                    "neighbouring source pixels of the refined warp's "
                                    "detail (its part not in the low-passed graph "
@@ -640,12 +656,45 @@ class ResidualOptions:
     neighbor_distance: float = opt(0.02, "neighbouring pixels farther apart than this "
                                    "many metres (a depth edge) are not smoothed "
                                    "together", gt=0)
-    threads: int = opt(1, "CPU threads torch uses during the fit (then restored; 0 = "
-                       "leave torch's setting): a step's tensors have a few thousand "
-                       "rows, so thread hand-offs cost more than they save, and on a "
-                       "busy machine far more (40 steps: 1.6 s with 1 thread, 16 s "
-                       "with 2 on a 2-core machine with one core taken)", ge=0)
-    seed: int = opt(0, "seed of the table initialisation and the point sampling", ge=0)
+
+
+@dataclass
+class SequenceResidualOptions(HashFieldOptions):
+    """One field d(x_c, t) over a whole sequence (fusion/residual.py). Flags --residual-*."""
+
+    log2_table_size: int = opt(17, "hash encoding: 2^T table rows per level (the surface "
+                               "swept over the sequence fills a 3D slab of the 4D "
+                               "grid, far more cells than one pair)", ge=4, le=24)
+    max: float = opt(0.05, "largest residual displacement in metres, per axis "
+                     "(max * tanh of the MLP output); a fused surface can be further from "
+                     "the truth than a pair's graph warp", gt=0)
+    occlusion: float = opt(0.05, "the point-to-plane and colour terms ignore a vertex whose "
+                           "depth differs from the frame's depth at its projection by more "
+                           "than this many metres (occluded, or off the object); on fused "
+                           "reconstructions 5 cm recovered more than 3 cm (BENCHMARKS.md)", gt=0)
+    iterations: int = opt(1500, "Adam steps of the fit over the whole sequence", ge=1)
+    time_budget: float = opt(0.0, "stop the fit after this many seconds even if "
+                             "iterations remain (0 = no limit); the checkpoint keeps "
+                             "the step reached, --resume goes on from it", ge=0)
+    frames_per_step: int = opt(4, "frames drawn per Adam step (a mini-batch of frames)", ge=1)
+    points: int = opt(1024, "canonical vertices drawn per frame and step, among those "
+                      "the frame sees", ge=1)
+    smoothness_weight: float = opt(0.5, "weight of the squared difference of the residual "
+                                   "between neighbouring canonical vertices (mesh "
+                                   "edges), millimetres", ge=0)
+    temporal_weight: float = opt(0.5, "weight of the squared difference of the residual "
+                                 "at a vertex between the drawn frame and its previous "
+                                 "(or next) frame, millimetres", ge=0)
+    final_learning_rate: float = opt(0.1, "the learning rate decays exponentially to this "
+                                     "fraction of --residual-learning-rate at the last step",
+                                     gt=0, le=1)
+    pin_reference: bool = opt(False, "pin the field at the first frame: d(x, t) = f(x, t) - "
+                              "f(x, t0), exactly 0 there (its graph-only mesh is kept); "
+                              "by default d is free at every frame, so that it can also "
+                              "correct the fused canonical surface itself")
+    checkpoint_every: int = opt(250, "write OUT/residual.pt (atomically) every this many "
+                                "steps, and at the end", ge=1)
+    log_every: int = opt(10, "TensorBoard scalars every this many steps", ge=1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -45,30 +45,46 @@ from tqdm import tqdm
 
 from model.correspondences import bilinear_sample, sample_target_depth
 from model.hashgrid import HashGridEncoder
-from options import ResidualOptions
+from options import HashFieldOptions, ResidualOptions
 
 MM = 1000.0   # metres -> millimetres: the geometric terms are in squared millimetres
 
 
 class ResidualDeformer(nn.Module):
-    """r(x, t): a bounded residual displacement of source points at time t.
+    """r(x, t): a bounded residual displacement of points at time t.
+
+    Two uses: a pair (pinned, the default) where r = max_residual * t * tanh(MLP) is exactly 0
+    at the source time t = 0; and a whole sequence (pinned=False, fusion/residual.py) where
+    r = max_residual * tanh(MLP) is free at every t, including the reference frame (whose
+    canonical surface the fusion has averaged), and the MLP's last layer starts at exactly 0,
+    so that the field is the identity until it is fitted.
 
     Args:
         bounds_min, bounds_max: (3,) corners of the source object's bounding box in metres.
             The encoder sees x normalised by the cube of side max(extent) + 2 margin centred
             on the box, so that hash cells are cubes and every object point is inside [0, 1]^3
             (points outside are clamped by the encoding).
-        options: ResidualOptions (encoder size, MLP width, max residual, margin).
+        options: ResidualOptions or SequenceResidualOptions (encoder size, MLP width, max
+            residual, margin).
         generator: seeds the initial table and MLP weights (default: torch's global RNG).
+        pinned: multiply by t (zero at t = 0); otherwise start from exactly zero everywhere.
+        reference_time: unpinned only: if given, r(x, t) = f(x, t) - f(x, t_ref) with f the
+            bounded MLP output, exactly 0 at t_ref at every x (each term bounded by
+            max_residual) while every other time stays free.
 
     Shapes: forward(points (N, 3) metres, t float or (N,) in [0, 1]) -> (N, 3) metres, every
-    component in (-max_residual, max_residual), exactly 0 where t = 0.
+    component in (-max_residual, max_residual); pinned: exactly 0 where t = 0.
     """
 
     def __init__(self, bounds_min: torch.Tensor, bounds_max: torch.Tensor,
-                 options: ResidualOptions = ResidualOptions(),
-                 generator: Optional[torch.Generator] = None):
+                 options: HashFieldOptions = ResidualOptions(),
+                 generator: Optional[torch.Generator] = None, pinned: bool = True,
+                 reference_time: Optional[float] = None):
         super().__init__()
+        if pinned and reference_time is not None:
+            raise ValueError("reference_time is for an unpinned deformer (a pinned one is 0 at t = 0)")
+        self.pinned = pinned
+        self.reference_time = reference_time
         bounds_min = torch.as_tensor(bounds_min, dtype=torch.float32)
         bounds_max = torch.as_tensor(bounds_max, dtype=torch.float32)
         if (bounds_min.shape != (3,) or bounds_max.shape != (3,)
@@ -88,8 +104,12 @@ class ResidualDeformer(nn.Module):
                                        options.base_resolution,
                                        options.max_resolution)
         layers, width = [], self.encoder.output_dim
+        # Unpinned, the hidden layers have no biases (as Instant-NGP's MLPs): starting from a
+        # zero last layer and near-zero features, Adam's scale-free steps moved the biases far
+        # faster than the feature weights and could switch every ReLU off for good, leaving a
+        # field constant in x and t.
         for _ in range(options.layers):
-            layers += [nn.Linear(width, options.hidden), nn.ReLU()]
+            layers += [nn.Linear(width, options.hidden, bias=pinned), nn.ReLU()]
             width = options.hidden
         layers.append(nn.Linear(width, 3))
         self.mlp = nn.Sequential(*layers)
@@ -105,8 +125,11 @@ class ResidualDeformer(nn.Module):
                 if isinstance(layer, nn.Linear):
                     bound = 1 / math.sqrt(layer.in_features)
                     layer.weight.uniform_(-bound, bound, generator=generator)
-                    layer.bias.zero_()
-            self.mlp[-1].weight.mul_(1e-3)
+                    if layer.bias is not None:
+                        layer.bias.zero_()
+            # Unpinned, nothing else makes the start the identity: a zero last layer does
+            # (its first step gives it weights, after which gradients reach everything).
+            self.mlp[-1].weight.mul_(1e-3 if self.pinned else 0.0)
 
     def normalise(self, points: torch.Tensor, t: Union[float, torch.Tensor]) -> torch.Tensor:
         """(N, 3) metres and t -> (N, 4) encoder input (x_n, y_n, z_n, t) in [0, 1]."""
@@ -117,8 +140,14 @@ class ResidualDeformer(nn.Module):
         if points.dim() != 2 or points.shape[1] != 3:
             raise ValueError(f"points must have shape (N, 3), found {tuple(points.shape)}")
         x = self.normalise(points, t)
-        raw = self.mlp(self.encoder(x))
-        return self.max_residual * x[:, 3:] * torch.tanh(raw)
+        if self.reference_time is not None:
+            # One encoder call for both times.
+            x = torch.cat((x, self.normalise(points, self.reference_time)))
+        raw = self.max_residual * torch.tanh(self.mlp(self.encoder(x)))
+        if self.reference_time is not None:
+            at_t, at_reference = raw.split(points.shape[0])
+            return at_t - at_reference
+        return x[:, 3:] * raw if self.pinned else raw
 
 
 def geman_mcclure(squared: torch.Tensor, scale: float) -> torch.Tensor:
@@ -141,8 +170,12 @@ def surface_normals(points: torch.Tensor, max_jump: float = 0.05) -> Tuple[torch
     up, down = padded[..., :-2, 1:-1], padded[..., 2:, 1:-1]
     valid = centre[:, 2] > 0
     for other in (left, right, up, down):
-        valid &= (other[:, 2] > 0) & ((other - centre).norm(dim=1) <= max_jump)
-    normals = F.normalize(torch.cross(right - left, down - up, dim=1), dim=1)
+        # Squared distances: torch's norm over the channel dimension of an image is several
+        # times slower on the CPU than this sum.
+        valid &= (other[:, 2] > 0) & (((other - centre) ** 2).sum(dim=1) <= max_jump * max_jump)
+    normals = torch.cross(right - left, down - up, dim=1)
+    # F.normalize's eps 1e-12, without its slow channel norm.
+    normals = normals / ((normals ** 2).sum(dim=1, keepdim=True).sqrt().clamp(min=1e-12))
     return normals * valid[:, None], valid
 
 

@@ -15,6 +15,7 @@ from dataset.graph import GraphError
 from fusion import export
 from fusion.gt import GroundTruth
 from fusion.loop import STEPS, Fusion
+from fusion.residual import add_fuse_flags, residual_after_fusion
 from fusion.sequence import Sequence, SequenceError
 from options import (ArgumentParser, FusionOptions, OptionError, RunOptions, SolverOptions, TrackerOptions,
                      add_options, from_args, to_dict)
@@ -44,6 +45,7 @@ def build_parser(first=None, defaults_tracker=None, defaults_solver=None) -> arg
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_options(parser, TrackerOptions, "tracker", defaults={"flow": None, **(defaults_tracker or {})})
     add_options(parser, SolverOptions, "solver", defaults={**(defaults_solver or {}), **SOLVER_DEFAULTS})
+    add_fuse_flags(parser)
     return parser
 
 
@@ -166,6 +168,10 @@ def main(argv=None) -> int:
         options = from_args(args, FusionOptions)
         # Only --device and --threads of the run options are flags here.
         device = setup_run(RunOptions(dataset_dir=".", device=args.device, threads=args.threads))
+        if args.residual_only:   # the field on an existing OUT: no tracking, no fusion
+            residual_after_fusion(args, options.out, options.sequence, options.resume, str(device),
+                                  not args.quiet)
+            return 0
         if pick_front_end(args, checkpoint) and not checkpoint:
             print("no checkpoint given or shipped: using --flow dis")
         try:
@@ -175,6 +181,7 @@ def main(argv=None) -> int:
             return 2
         tracker = tracker.to(device).eval()
         run_fusion(options, from_args(args, SolverOptions), tracker, device, progress=not args.quiet)
+        residual_after_fusion(args, options.out, options.sequence, options.resume, str(device), not args.quiet)
         if options.show:
             show_sequence(options.out)
     except KeyboardInterrupt:

@@ -59,20 +59,29 @@ class SequenceScores:
     matched: int                       # true vertices matched in frame 0
 
 
-def frame_mesh_path(reconstruction: str, index: int) -> str:
-    return os.path.join(reconstruction, "frames", frame_name(index) + ".ply")
+def frame_mesh_path(reconstruction: str, index: int, frames_dir: str = "frames") -> str:
+    return os.path.join(reconstruction, frames_dir, frame_name(index) + ".ply")
 
 
-def read_reconstruction(reconstruction: str, frames: int) -> Tuple[np.ndarray, np.ndarray]:
-    """(vertices (T, M, 3) float64, faces (F, 3)) of OUT/frames/NNNNNN.ply for t < frames;
+def output_names(frames_dir: str = "frames") -> Tuple[str, str]:
+    """The CSV and plot names for the meshes of OUT/frames_dir (the refined meshes of
+    OUT/frames_refined get their own, beside the graph-only ones)."""
+    if frames_dir == "frames":
+        return CSV_NAME, PLOT_NAME
+    tag = frames_dir.strip("/").replace("/", "_")
+    return f"evaluation_sequence_{tag}.csv", f"evaluation_sequence_{tag}.png"
+
+
+def read_reconstruction(reconstruction: str, frames: int, frames_dir: str = "frames") -> Tuple[np.ndarray, np.ndarray]:
+    """(vertices (T, M, 3) float64, faces (F, 3)) of OUT/frames_dir/NNNNNN.ply for t < frames;
     SequenceEvaluationError naming the file on a missing frame, another topology than frame 0's
     or a non-finite vertex."""
     vertices, faces = [], None
     for index in range(frames):
-        path = frame_mesh_path(reconstruction, index)
+        path = frame_mesh_path(reconstruction, index, frames_dir)
         if not os.path.isfile(path):
             raise SequenceEvaluationError(f"{path}: reconstruction of frame {index} not found (the sequence has "
-                                          f"{frames} frames, each needs OUT/frames/NNNNNN.ply)")
+                                          f"{frames} frames, each needs OUT/{frames_dir}/NNNNNN.ply)")
         try:
             points, triangles = io.read_ply(path)
         except io.FormatError as error:
@@ -152,9 +161,9 @@ def score(faces: np.ndarray, truth: np.ndarray, visible: np.ndarray, reconstruct
                           mean(columns["chamfer_mm"]) / 1000, int(true_ids.size))
 
 
-def evaluate_sequence(sequence: str, reconstruction: str) -> SequenceScores:
+def evaluate_sequence(sequence: str, reconstruction: str, frames_dir: str = "frames") -> SequenceScores:
     faces, truth, visible = read_ground_truth(sequence)
-    recon, _ = read_reconstruction(reconstruction, truth.shape[0])
+    recon, _ = read_reconstruction(reconstruction, truth.shape[0], frames_dir)
     return score(faces, truth.astype(np.float64), visible, recon)
 
 
@@ -237,15 +246,17 @@ def write_plot(path: str, scores: SequenceScores, title: str = "") -> None:
 
 
 def write_sequence_evaluation(scores: SequenceScores, sequence: str, reconstruction: str,
-                              header: Optional[str] = None) -> str:
+                              header: Optional[str] = None, frames_dir: str = "frames") -> str:
     """Writes the CSV and the plot into the reconstruction folder and returns the text to print."""
-    write_csv(os.path.join(reconstruction, CSV_NAME), scores)
-    write_plot(os.path.join(reconstruction, PLOT_NAME), scores, f"{sequence} <- {reconstruction}")
+    csv_name, plot_name = output_names(frames_dir)
+    write_csv(os.path.join(reconstruction, csv_name), scores)
+    write_plot(os.path.join(reconstruction, plot_name), scores,
+               f"{sequence} <- {os.path.join(reconstruction, frames_dir)}")
     frames = len(scores.per_frame["accuracy_mm"])
     lines = [header or f"Sequence {sequence}: {frames} frames, {scores.matched} true vertices visible in frame 0 "
                        f"matched within {MATCH_DISTANCE * 100:g} cm",
-             f"Per-frame figures: {os.path.join(reconstruction, CSV_NAME)}, plot: "
-             f"{os.path.join(reconstruction, PLOT_NAME)}"]
+             f"Per-frame figures: {os.path.join(reconstruction, csv_name)}, plot: "
+             f"{os.path.join(reconstruction, plot_name)}"]
     if scores.matched == 0:
         lines.append("No true vertex visible in frame 0 has a reconstructed vertex within 1 cm: the "
                      "deformation error and drift are undefined (nan)")
