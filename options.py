@@ -703,8 +703,9 @@ class SequenceResidualOptions(HashFieldOptions):
 
 @dataclass
 class FusionOptions:
-    sequence: str = opt("", "sequence folder: color/, depth/, mask/, intrinsics.txt (DeepDeform layout)",
-                        path="dir")
+    sequence: Optional[str] = opt(None, "sequence folder: color/, depth/, mask/, intrinsics.txt (DeepDeform "
+                                        "layout); required but with --residual-only, which reads the "
+                                        "folder OUT/fusion_options.json records", path="dir")
     out: str = opt("fusion_out", "output folder: canonical.ply, frames/, nodes.npz, frames.csv, "
                                  "preview.png, fusion.mp4, state.pt", path="out_dir")
     object: Optional[str] = opt(None, "object name: the first frame's mask is mask/NNNNNN_<object>.png")

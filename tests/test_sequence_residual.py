@@ -231,3 +231,22 @@ def test_fuse_hook_runs_only_when_asked(oracle, tmp_path):
     args = parser.parse_args(["--residual-only", "--residual-iterations", "4", "--residual-points", "64"])
     summary = residual_after_fusion(args, out, sequence, False, "cpu", False, log=lambda *_: None)
     assert summary["iterations"] == 4 and len(os.listdir(os.path.join(out, "frames_refined"))) == 6
+
+
+def test_fuse_residual_only_reads_the_recorded_sequence(oracle, tmp_path):
+    """`fuse.py --out OUT --residual-only` needs no --sequence (OUT/fusion_options.json names it);
+    without --residual-only, --sequence stays required."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    _, out = oracle
+    out = _copy(out, tmp_path)
+    run = [sys.executable, os.path.join(REPO, "fuse.py"), "--out", out, "--quiet"]
+    done = subprocess.run(run + ["--residual-only", "--residual-iterations", "3", "--residual-points", "64"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert len(os.listdir(os.path.join(out, "frames_refined"))) == 6
+    refused = subprocess.run(run, capture_output=True, text=True, cwd=REPO)
+    assert refused.returncode == 2 and "--sequence" in refused.stderr

@@ -37,7 +37,9 @@ class FusionError(ValueError):
 def build_parser(first=None, defaults_tracker=None, defaults_solver=None) -> argparse.ArgumentParser:
     parser = ArgumentParser(description=sys.modules["__main__"].__doc__ if first is None else None,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_options(parser, FusionOptions, "fusion", required=("sequence", "out"))
+    # --sequence is required but with --residual-only (main checks it), which reads the
+    # sequence folder OUT/fusion_options.json records.
+    add_options(parser, FusionOptions, "fusion", required=("out",))
     add_options(parser, RunOptions, "run", only=("device", "threads"))
     parser.add_argument("--checkpoint", default=None,
                         help="tracker checkpoint for --flow network "
@@ -172,6 +174,9 @@ def main(argv=None) -> int:
             residual_after_fusion(args, options.out, options.sequence, options.resume, str(device),
                                   not args.quiet)
             return 0
+        if not options.sequence:
+            print("fuse.py: error: the following arguments are required: --sequence (see --help)", file=sys.stderr)
+            return 2
         if pick_front_end(args, checkpoint) and not checkpoint:
             print("no checkpoint given or shipped: using --flow dis")
         try:
