@@ -695,6 +695,8 @@ class SequenceResidualOptions(HashFieldOptions):
     checkpoint_every: int = opt(250, "write OUT/residual.pt (atomically) every this many "
                                 "steps, and at the end", ge=1)
     log_every: int = opt(10, "TensorBoard scalars every this many steps", ge=1)
+    video: bool = opt(True, "also write OUT/fusion_refined.mp4 (input, refined mesh, overlay per "
+                            "frame) beside OUT/preview_refined.png")
 
 
 # ----------------------------------------------------------------------------------------------

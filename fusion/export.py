@@ -128,15 +128,17 @@ def panels(color: np.ndarray, rendering, height: int, width: int) -> np.ndarray:
 
 
 def pictures(out: str, sequence, frame_ids: List[int], warped: List[np.ndarray], vertices: np.ndarray,
-             faces: np.ndarray, colors: np.ndarray, preview_frames: int, video: bool) -> None:
-    """preview.png (a few frames, one row each) and fusion.mp4 (every frame)."""
+             faces: np.ndarray, colors: np.ndarray, preview_frames: int, video: bool,
+             suffix: str = "") -> None:
+    """preview<suffix>.png (a few frames, one row each) and fusion<suffix>.mp4 (every frame);
+    the residual field's refined meshes use suffix "_refined"."""
     import cv2
 
     H, W = sequence.height, sequence.width
     chosen = sorted(set(np.linspace(0, len(frame_ids) - 1, min(preview_frames, len(frame_ids))).round().astype(int)))
     rows, writer, tmp = [], None, None
     if video:
-        tmp = os.path.join(out, ".fusion.tmp.mp4")  # OpenCV picks the container by the suffix
+        tmp = os.path.join(out, f".fusion{suffix}.tmp.mp4")  # OpenCV picks the container by the suffix
         writer = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*"mp4v"), 10.0, (3 * W, H))
     try:
         for i, frame_id in enumerate(frame_ids):
@@ -153,7 +155,7 @@ def pictures(out: str, sequence, frame_ids: List[int], warped: List[np.ndarray],
         if writer is not None:
             writer.release()
     if writer is not None:
-        os.replace(tmp, os.path.join(out, "fusion.mp4"))
+        os.replace(tmp, os.path.join(out, f"fusion{suffix}.mp4"))
     ok, png = cv2.imencode(".png", cv2.cvtColor(np.concatenate(rows, axis=0), cv2.COLOR_RGB2BGR))
     if ok:
-        write_bytes(os.path.join(out, "preview.png"), png.tobytes())
+        write_bytes(os.path.join(out, f"preview{suffix}.png"), png.tobytes())

@@ -16,6 +16,8 @@ vertices, Adam with an exponentially decaying learning rate) and writes
     OUT/residual_errors.png         per frame, the mean point-to-plane distance of the visible
                                     vertices to the frame's depth, graph-only against refined
     OUT/residual_summary.json       those figures, the temporal jitter, time and steps
+    OUT/preview_refined.png         input | refined mesh | overlay for a few frames, and
+    OUT/fusion_refined.mp4          every frame (without --no-residual-video), as fuse.py's
 Ground truth is never read.
 """
 import argparse
@@ -31,17 +33,19 @@ from tqdm import tqdm
 
 from dataset import io
 from dataset.fileio import atomic_open, atomic_write_bytes
+from fusion import export
+from fusion.sequence import Sequence as RGBDSequence
 from model.ext import DeviceError, resolve_device
 from model.residual import ResidualDeformer
 from model.sequence_residual import SequenceData, frame_errors, residuals, sequence_losses, total_loss
-from options import (ArgumentParser, OptionError, SequenceResidualOptions, add_options, check_flag, from_args,
+from options import (ArgumentParser, FusionOptions, OptionError, SequenceResidualOptions, add_options, check_flag, from_args,
                      from_dict, to_dict)
 
 CHECKPOINT = "residual.pt"
 REFINED_DIR = "frames_refined"
 # What may change between an interrupted run and its --resume (how long and how often, not
 # what is fitted).
-RUN_LENGTH_FIELDS = ("iterations", "time_budget", "checkpoint_every", "log_every", "threads")
+RUN_LENGTH_FIELDS = ("iterations", "time_budget", "checkpoint_every", "log_every", "threads", "video")
 
 
 class ResidualError(ValueError):
@@ -354,6 +358,11 @@ def run_residual(out_dir: str, sequence_dir: Optional[str] = None,
     if not np.isfinite(refined_np).all():
         raise ResidualError(f"{out_dir}: the refined meshes hold non-finite vertices; nothing written")
     folder = write_refined(out_dir, names, refined_np, inputs["faces"].numpy())
+    # The refined meshes' preview and video beside the graph-only ones (fuse.py's pictures),
+    # coloured by each vertex's colour over the frames that see it.
+    export.pictures(out_dir, RGBDSequence(sequence_dir), [int(name) for name in names], list(refined_np),
+                    inputs["canonical"].numpy(), inputs["faces"].numpy(), data.vertex_color.cpu().numpy(),
+                    FusionOptions.preview_frames, options.video, suffix="_refined")
     ok, png = cv2.imencode(".png", cv2.cvtColor(error_plot(before, after), cv2.COLOR_RGB2BGR))
     atomic_write_bytes(os.path.join(out_dir, "residual_errors.png"), png.tobytes())
     summary = {"sequence": os.path.abspath(sequence_dir), "frames": names, "refined": folder,

@@ -248,5 +248,7 @@ def test_fuse_residual_only_reads_the_recorded_sequence(oracle, tmp_path):
                           capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr
     assert len(os.listdir(os.path.join(out, "frames_refined"))) == 6
+    for picture in ("preview_refined.png", "fusion_refined.mp4"):
+        assert os.path.getsize(os.path.join(out, picture)) > 1000, picture
     refused = subprocess.run(run, capture_output=True, text=True, cwd=REPO)
     assert refused.returncode == 2 and "--sequence" in refused.stderr
