@@ -11,7 +11,7 @@ from dataset.synthetic.geometry import (corner_weights, interpolate, make_intrin
                                         raycasting_scene)
 from dataset.synthetic.motion import MOTIONS, calibrate_large, deform
 from dataset.synthetic.real import RealFrame, real_scene
-from dataset.synthetic.render import render, visible_points
+from dataset.synthetic.render import flow_images, render, visible_points
 from dataset.synthetic.scene import SHAPES, SceneError, procedural_background, procedural_mesh
 from dataset.synthetic.sensor import sensor_color, sensor_depth
 
@@ -104,12 +104,7 @@ def make_pair(rng: np.random.Generator, options: SyntheticOptions, index: int = 
     flow3d = moved - source_points[has_point].astype(np.float64)
     visible, uv = visible_points(deformed_scene, moved, intrinsics, background)
 
-    optical_flow = np.full((2, height, width), -np.inf, np.float32)
-    scene_flow = np.full((3, height, width), -np.inf, np.float32)
-    scene_flow_all = np.full((3, height, width), np.nan, np.float32)
-    optical_flow[:, ys[visible], xs[visible]] = (uv - pixels)[visible].T
-    scene_flow[:, ys[visible], xs[visible]] = flow3d[visible].T
-    scene_flow_all[:, ys, xs] = flow3d.T
+    optical_flow, scene_flow, scene_flow_all = flow_images(height, width, ys, xs, visible, uv - pixels, flow3d)
 
     valid_fraction = float(visible.mean())
     if valid_fraction < 0.4:

@@ -73,3 +73,18 @@ def visible_points(scene, points: np.ndarray, intrinsics: Dict[str, float], back
     nearest = np.clip(np.round(uv).astype(np.int64), 0, [width - 1, height - 1])
     behind_background = background.depth[nearest[:, 1], nearest[:, 0]] < z - VISIBILITY_TOLERANCE
     return inside & (t >= z - VISIBILITY_TOLERANCE) & ~behind_background, uv
+
+
+def flow_images(height: int, width: int, ys: np.ndarray, xs: np.ndarray, visible: np.ndarray,
+                flow2d: np.ndarray, flow3d: np.ndarray):
+    """Ground-truth flow images of the source pixels (ys, xs) (P,), with their (P, 2) optical
+    and (P, 3) scene flow: optical flow (2, H, W) and scene flow (3, H, W) where the moved point
+    is visible in the target (-inf elsewhere, DeepDeform's invalid value), and the scene flow of
+    every source point (3, H, W; NaN off the object), which the graph builder takes."""
+    optical_flow = np.full((2, height, width), -np.inf, np.float32)
+    scene_flow = np.full((3, height, width), -np.inf, np.float32)
+    scene_flow_all = np.full((3, height, width), np.nan, np.float32)
+    optical_flow[:, ys[visible], xs[visible]] = flow2d[visible].T
+    scene_flow[:, ys[visible], xs[visible]] = flow3d[visible].T
+    scene_flow_all[:, ys, xs] = flow3d.T
+    return optical_flow, scene_flow, scene_flow_all

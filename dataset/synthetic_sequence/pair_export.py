@@ -24,7 +24,7 @@ from dataset import io
 from dataset.fileio import atomic_write_bytes
 from dataset.graph import build_graph
 from dataset.synthetic.geometry import cast_rays, corner_weights, interpolate, pixel_rays, raycasting_scene
-from dataset.synthetic.render import visible_points
+from dataset.synthetic.render import flow_images, visible_points
 from dataset.synthetic.writer import seq_id, write_pair
 from dataset.synthetic_sequence.sequence import (GENERATOR_VERSION, SequenceError, build_scene, frame_paths,
                                                  read_ground_truth)
@@ -88,12 +88,7 @@ def make_sequence_pair(folder: str, source: int, target: int,
     flow3d = moved - source_points[has_point].astype(np.float64)
     visible, uv = visible_points(raycasting_scene(moved_vertices, scene.mesh.faces), moved, intrinsics,
                                  scene.background)
-    optical_flow = np.full((2, height, width), -np.inf, np.float32)
-    scene_flow = np.full((3, height, width), -np.inf, np.float32)
-    scene_flow_all = np.full((3, height, width), np.nan, np.float32)
-    optical_flow[:, ys[visible], xs[visible]] = (uv - pixels)[visible].T
-    scene_flow[:, ys[visible], xs[visible]] = flow3d[visible].T
-    scene_flow_all[:, ys, xs] = flow3d.T
+    optical_flow, scene_flow, scene_flow_all = flow_images(height, width, ys, xs, visible, uv - pixels, flow3d)
     graph = build_graph(source_depth, intrinsics, mask=source_mask, scene_flow=scene_flow_all, options=graph_options)
 
     jpeg = {}
