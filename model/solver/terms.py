@@ -63,6 +63,45 @@ def match_terms(offsets, anchors, anchor_weights, anchored_base, target_pixels, 
     return residuals, match_jacobian(q, anchor_weights, dv)
 
 
+def icp_terms(offsets, anchors, anchor_weights, anchored_base, target_points, target_normals, weights,
+              rotations, translations, icp_weight, jacobians: bool = True):
+    """Residuals (M, 1) and Jacobian blocks (M, 1, 24) of the dense point-to-plane terms
+    (DynamicFusion's depth data term): r = sqrt(icp_weight) c n . (x' - y).
+
+    offsets, anchors, anchor_weights, anchored_base as for match_terms (x' the warped source
+    point); target_points (M, 3) the live point y associated with each source point;
+    target_normals (M, 3) its unit normal n; weights (M,) c. Only the motion along n is
+    constrained: the point may slide on the live surface's tangent plane. Block columns of
+    anchor k: w_k c (q_k x n) (rotation), w_k c n (translation).
+    """
+    R = rotations[anchors]                                                   # (M, A, 3, 3)
+    q = (R[..., 0] * offsets[..., 0:1] + R[..., 1] * offsets[..., 1:2]
+         + R[..., 2] * offsets[..., 2:3])                                    # (M, A, 3)
+    warped = anchored_base + (anchor_weights[..., None] * (q + translations[anchors])).sum(dim=1)
+    cn = ((icp_weight ** 0.5) * weights)[:, None] * target_normals           # (M, 3)
+    residuals = ((warped - target_points) * cn).sum(dim=1, keepdim=True)
+    if not jacobians:
+        return residuals, None
+    n = cn[:, None, :].expand_as(q)
+    w = anchor_weights[..., None]
+    blocks = torch.cat((w * torch.cross(q, n, dim=-1), w * n), dim=-1)        # (M, A, 6)
+    return residuals, blocks.reshape(q.shape[0], 1, 6 * q.shape[1])
+
+
+def robust_icp_weights(residuals: torch.Tensor, weights: torch.Tensor, icp_weight: float, loss: str,
+                       scale: float) -> torch.Tensor:
+    """Square roots (M,) of the iteratively-reweighted-least-squares weights of point-to-plane
+    terms from their distance in metres (no gradient), as robust_weights."""
+    with torch.no_grad():
+        c = (icp_weight ** 0.5) * weights.detach()
+        error = residuals.detach()[:, 0].abs() / c.clamp(min=1e-12)
+        if loss == "cauchy":
+            robust = 1.0 / (1.0 + (error / scale) ** 2)
+        else:  # huber
+            robust = torch.clamp(scale / error.clamp(min=1e-12), max=1.0)
+        return robust.sqrt()
+
+
 def edge_terms(sources, targets, edge_weights, nodes, rotations, translations, arap_weight):
     """Residuals (E, 3) and Jacobian blocks (E, 3, 12) of the ARAP terms of edges i -> j.
 
