@@ -747,6 +747,11 @@ class FusionOptions:
                                         "many metres", gt=0)
     icp_max_normal_angle: float = opt(45.0, "point-to-plane term: ... and when the rendered and live "
                                             "normals differ by at most this many degrees", gt=0, le=180)
+    color_observations: int = opt(0, "a voxel's colour averages only its first this many "
+                                     "observations, then stays (0 = all, up to --weight-cap): the "
+                                     "rendered model's texture, which the flow tracks, then keeps "
+                                     "where the surface was first seen instead of following drift",
+                                  ge=0)
     grow_nodes: bool = opt(True, "insert nodes where the canonical surface outgrows node coverage")
     max_new_nodes: int = opt(20, "most nodes inserted per frame (never beyond the solver's --max-nodes)", ge=0)
     object_distance: float = opt(1.0, "a live pixel not explained by the model is new object "

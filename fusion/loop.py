@@ -108,7 +108,7 @@ class Fusion:
         self.volume.integrate(depth, image, torch.from_numpy(mask), self.intrinsics, self.graph.positions,
                               self.rotations, self.translations, o.node_coverage,
                               o.max_anchor_distance * o.node_coverage, 4, o.anchor_candidates,
-                              o.dual_quaternion)
+                              o.dual_quaternion, o.color_observations)
 
     def first_frame(self, frame: Frame, mask: np.ndarray) -> FrameLog:
         start = time.perf_counter()

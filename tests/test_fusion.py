@@ -164,6 +164,26 @@ def test_static_scene_mesh_within_half_a_voxel():
     assert volume.num_blocks < 0.6 * bbox_blocks
 
 
+def test_color_observations_keep_the_first_colours_and_average_the_geometry():
+    volume, depth, image, mask, nodes, rotations, translations = random_scene(seed=3)
+    twin = TSDFVolume(volume.voxel_size, volume.truncation, volume.weight_cap)
+    twin._append(volume.keys.clone())
+    frames = [(depth, image), (depth * 1.01, 255 - image), (depth * 0.99, image.flip(0))]
+    first = {}
+    for k, (d, im) in enumerate(frames):
+        for v, observations in ((volume, 0), (twin, 1)):
+            v.integrate(d, im, mask, INTRINSICS, nodes, rotations, translations, 0.05, 0.2,
+                        color_observations=observations)
+        if k == 0:
+            first = {"color": twin.color.clone(), "weight": twin.weight.clone()}
+    seen = first["weight"] > 0
+    assert seen.sum() > 1000
+    # The geometry is the same as without the option; colours are those of the first frame.
+    assert torch.equal(twin.tsdf, volume.tsdf) and torch.equal(twin.weight, volume.weight)
+    assert torch.equal(twin.color[seen], first["color"][seen])
+    assert (volume.color[seen] - first["color"][seen]).abs().max() > 10
+
+
 def test_allocation_covers_the_whole_truncation_band():
     """A truncation band wider than a block spans 3 blocks per axis: all are allocated."""
     volume = TSDFVolume(0.005, 0.025, 10.0)                  # blocks of 4 cm, band of 5 cm
