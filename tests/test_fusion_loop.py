@@ -233,3 +233,36 @@ def test_sequence_reads_frames(sequence_dir):
     root, _, _ = sequence_dir
     seq = Sequence(root)
     assert len(seq) == 6 and seq.read(2).frame_id == 2
+
+
+def test_point_to_plane_associations_measure_the_depth_offset(sequence_dir, tmp_path):
+    """The projective associations of the rendered model with the live depth: on the frame the
+    model was made from they agree to a fraction of a voxel; moving the live depth 1 cm away
+    from the camera moves every residual n . (x - y) by about n . (0, 0, 1 cm) scaled by depth."""
+    from fusion.loop import Fusion, _normals
+    from model import image_proc
+    root, _, _ = sequence_dir
+    options = fusion_options(root, str(tmp_path / "icp"))
+    sequence = Sequence(root)
+    fusion = Fusion(sequence, options, solver_options())
+    frame = sequence.read(0)
+    fusion.first_frame(frame, sequence.first_mask(None, None)[0])
+    rendering = fusion.render(fusion.rotations, fusion.translations)
+    anchors, weights = fusion._pixel_anchors(rendering.canonical, rendering.mask)
+    for shift in (0.0, 0.01):
+        depth = torch.from_numpy(np.where(frame.depth > 0, frame.depth + shift, 0).astype(np.float32))
+        points = image_proc.backproject_depth(depth, sequence.intrinsics, sequence.max_depth)
+        terms = fusion._icp_terms(rendering, anchors, weights, points, _normals(points))
+        P = terms["icp_sample"].shape[0]
+        assert P > 0.1 * rendering.mask.sum() / options.icp_stride ** 2
+        assert (terms["icp_anchors"] >= 0).all() and torch.allclose(terms["icp_target_normals"].norm(dim=1),
+                                                                     torch.ones(P), atol=1e-5)
+        distance = ((terms["icp_source_points"] - terms["icp_target_points"]) * terms["icp_target_normals"]).sum(1)
+        # The live point at the pixel lies on the ray through the rendered point, scaled by depth.
+        source = terms["icp_source_points"]
+        expected = -shift * (source * terms["icp_target_normals"]).sum(1) / source[:, 2]
+        assert (distance - expected).abs().median() < 0.0015, (shift, float((distance - expected).abs().median()))
+    # Beyond --icp-max-distance nothing is associated.
+    depth = torch.from_numpy(np.where(frame.depth > 0, frame.depth + 2 * options.icp_max_distance, 0).astype(np.float32))
+    points = image_proc.backproject_depth(depth, sequence.intrinsics, sequence.max_depth)
+    assert fusion._icp_terms(rendering, anchors, weights, points, _normals(points))["icp_sample"].numel() == 0
