@@ -752,6 +752,11 @@ class FusionOptions:
                                      "rendered model's texture, which the flow tracks, then keeps "
                                      "where the surface was first seen instead of following drift",
                                   ge=0)
+    hidden_support: float = opt(0.0, "nodes whose match support in a frame (sum of anchor x "
+                                     "correspondence weights) is below this take the motion "
+                                     "increment their nearest supported nodes predict (hidden "
+                                     "surface follows the seen one rigidly; 0 = off: ARAP alone)",
+                                ge=0)
     grow_nodes: bool = opt(True, "insert nodes where the canonical surface outgrows node coverage")
     max_new_nodes: int = opt(20, "most nodes inserted per frame (never beyond the solver's --max-nodes)", ge=0)
     object_distance: float = opt(1.0, "a live pixel not explained by the model is new object "

@@ -262,9 +262,38 @@ class Fusion:
         # around its live position g'_k = g_k + t_k, so R <- dR R and t <- t + dt exactly.
         dR = result.rotations[0].cpu().float()
         dt = result.translations[0].cpu().float()
+        if o.hidden_support > 0:
+            dR, dt = self._follow_visible(dR, dt, batch["nodes"][0].float(), matches)
         rotations = dR @ self.rotations
         translations = self.translations + dt
         return rotations, translations, status, message, count, energy
+
+    def _follow_visible(self, dR: torch.Tensor, dt: torch.Tensor, live_nodes: torch.Tensor, matches):
+        """Nodes the frame's matches barely touch (support: the sum of the matches' anchor x
+        correspondence weights below --hidden-support) take the increment their nearest
+        supported nodes predict (the blend of those nodes' increments, a rigid extrapolation)
+        instead of their own: the ARAP term alone lets a hidden region lag behind a turn (its
+        rotation unknowns are held by the damping far more than by the edges)."""
+        o = self.options
+        N = live_nodes.shape[0]
+        support = torch.zeros(N, dtype=torch.float64)
+        support.index_add_(0, matches.anchors.reshape(-1).long().clamp(min=0),
+                           (matches.anchor_weights * matches.weights[:, None]).reshape(-1).double())
+        seen = support >= o.hidden_support
+        hidden = torch.nonzero(~seen).squeeze(1)
+        if hidden.numel() == 0 or int(seen.sum()) < 4:
+            return dR, dt
+        visible = torch.nonzero(seen).squeeze(1)
+        k = min(4, visible.numel())
+        d = torch.cdist(live_nodes[hidden], live_nodes[visible])
+        dist, near = torch.topk(d, k, dim=1, largest=False)
+        # Softmax of the Gaussian's exponent: no underflow for a node far from every seen one.
+        w = torch.softmax(-dist ** 2 / (2 * (2 * o.node_coverage) ** 2), dim=1)
+        R_new, t_new = blend_motions(live_nodes[hidden], near, w, live_nodes[visible], dR[visible][None],
+                                     dt[visible][None])
+        dR, dt = dR.clone(), dt.clone()
+        dR[hidden], dt[hidden] = R_new[0], t_new[0]
+        return dR, dt
 
     def _icp_terms(self, rendering: Rendering, anchors: np.ndarray, weights: np.ndarray,
                    target_points: torch.Tensor, normals: torch.Tensor) -> Dict[str, torch.Tensor]:

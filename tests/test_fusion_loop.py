@@ -266,3 +266,36 @@ def test_point_to_plane_associations_measure_the_depth_offset(sequence_dir, tmp_
     depth = torch.from_numpy(np.where(frame.depth > 0, frame.depth + 2 * options.icp_max_distance, 0).astype(np.float32))
     points = image_proc.backproject_depth(depth, sequence.intrinsics, sequence.max_depth)
     assert fusion._icp_terms(rendering, anchors, weights, points, _normals(points))["icp_sample"].numel() == 0
+
+
+def test_hidden_nodes_follow_the_seen_ones_rigidly():
+    """Nodes without match support take the increment their supported neighbours predict: under
+    one rigid increment of the seen nodes, the hidden ones get exactly that rigid motion."""
+    from types import SimpleNamespace
+
+    from fusion.loop import Fusion
+    from model.warp import so3_exp
+    gen = torch.Generator().manual_seed(0)
+    nodes = torch.randn(30, 3, generator=gen) * 0.05 + torch.tensor([0.0, 0.0, 0.8])
+    hidden = nodes[:, 2] > 0.82                       # the far side: no match touches them
+    assert 3 < int(hidden.sum()) < 20
+    R = so3_exp(torch.tensor([0.0, 0.2, 0.05])).float()
+    t = torch.tensor([0.01, -0.02, 0.005])
+    centre = nodes.mean(dim=0)
+    dR = R.expand(30, 3, 3).clone()
+    dt = (nodes - centre) @ R.T + centre + t - nodes   # node i moves by the rigid motion about centre
+    dR[hidden], dt[hidden] = torch.eye(3), 0.0         # what ARAP alone may leave them with
+    seen = torch.nonzero(~hidden).squeeze(1)
+    anchors = seen[torch.randint(0, seen.numel(), (400, 4), generator=gen)]
+    matches = SimpleNamespace(anchors=anchors, anchor_weights=torch.full((400, 4), 0.25),
+                              weights=torch.ones(400))
+    fusion = SimpleNamespace(options=FusionOptions(hidden_support=2.0, node_coverage=0.05))
+    R_out, t_out = Fusion._follow_visible(fusion, dR, dt, nodes, matches)
+    expected_t = (nodes - centre) @ R.T + centre + t - nodes
+    assert torch.allclose(R_out, R.expand(30, 3, 3), atol=1e-5)
+    assert torch.allclose(t_out, expected_t, atol=1e-6)
+    # Off below the threshold: nothing changes when every node is supported.
+    fusion.options = FusionOptions(hidden_support=1e-9)
+    dR2, dt2 = Fusion._follow_visible(fusion, dR, dt, nodes, SimpleNamespace(
+        anchors=torch.arange(30).repeat(4, 1).T, anchor_weights=torch.full((30, 4), 0.25), weights=torch.ones(30)))
+    assert torch.equal(dR2, dR) and torch.equal(dt2, dt)
