@@ -236,6 +236,20 @@ def test_graph_growth_and_blended_motion():
     assert torch.allclose(project_to_rotation(2 * R), R, atol=1e-5)
 
 
+def test_graph_growth_when_a_new_node_is_nearest_to_a_later_one():
+    """Two nodes inserted in one call where the first one's nearest node is the second: its
+    cluster comes from the nearest node that already has one (this raised an IndexError)."""
+    nodes = torch.tensor([[0.0, 0.0, 0.5], [0.05, 0.0, 0.5], [0.0, 0.05, 0.5], [0.05, 0.05, 0.5]])
+    graph = NodeGraph(nodes, torch.tensor([[1, 2, -1], [0, 3, -1], [0, 3, -1], [1, 2, -1]]),
+                      torch.full((4, 3), 1 / 3), torch.tensor([0, 0, 1, 1]),
+                      torch.zeros(4, dtype=torch.int64), 0.05)
+    a, b = [-0.06, 0.0, 0.5], [-0.06, -0.055, 0.5]      # a first (nearer the graph); b nearer to a
+    ids = graph.insert(torch.tensor([b, a]), frame_index=1, max_new=5)
+    assert ids.tolist() == [4, 5] and torch.allclose(graph.positions[4], torch.tensor(a))
+    assert int(graph.edges[4, 0]) == 5                  # a's nearest node is b
+    assert graph.clusters.tolist() == [0, 0, 1, 1, 0, 0]
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad inputs
 
