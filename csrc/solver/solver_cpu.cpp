@@ -104,43 +104,81 @@ std::vector<at::Tensor> StepBackwardCpu(const at::Tensor& J, const at::Tensor& r
   return {grad_J, grad_r};
 }
 
-std::vector<at::Tensor> MatchJacobianCpu(const at::Tensor& q, const at::Tensor& w, const at::Tensor& dv) {
-  const int64_t M = q.size(0);
-  const int A = static_cast<int>(q.size(1));
-  at::Tensor J = at::empty({M, 3, 6 * A}, q.options());
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "match_jacobian_cpu", [&] {
-    const scalar_t* qp = q.data_ptr<scalar_t>();
-    const scalar_t* wp = w.data_ptr<scalar_t>();
-    const scalar_t* dp = dv.data_ptr<scalar_t>();
-    scalar_t* Jp = J.data_ptr<scalar_t>();
-    at::parallel_for(0, M, 2048, [&](int64_t begin, int64_t end) {
-      for (int64_t m = begin; m < end; ++m)
-        MatchJacobianBlock<scalar_t>(qp + m * A * 3, wp + m * A, dp + m * 5, A, Jp + m * 18 * A);
-    });
-  });
-  return {J};
+namespace {
+
+template <typename scalar_t>
+MatchTermParams<scalar_t> CastParams(const MatchTermParams<double>& prm) {
+  return {static_cast<scalar_t>(prm.sqrt_flow_weight), static_cast<scalar_t>(prm.sqrt_depth_weight),
+          static_cast<scalar_t>(prm.robust_scale), prm.robust, prm.A};
 }
 
-std::vector<at::Tensor> MatchJacobianBackwardCpu(const at::Tensor& grad_J, const at::Tensor& q,
-                                                 const at::Tensor& w, const at::Tensor& dv) {
-  const int64_t M = q.size(0);
-  const int A = static_cast<int>(q.size(1));
-  at::Tensor grad_q = at::empty_like(q), grad_w = at::empty_like(w), grad_dv = at::empty_like(dv);
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "match_jacobian_backward_cpu", [&] {
-    const scalar_t* gJ = grad_J.data_ptr<scalar_t>();
-    const scalar_t* qp = q.data_ptr<scalar_t>();
-    const scalar_t* wp = w.data_ptr<scalar_t>();
-    const scalar_t* dp = dv.data_ptr<scalar_t>();
-    scalar_t* gq = grad_q.data_ptr<scalar_t>();
-    scalar_t* gw = grad_w.data_ptr<scalar_t>();
-    scalar_t* gd = grad_dv.data_ptr<scalar_t>();
-    at::parallel_for(0, M, 2048, [&](int64_t begin, int64_t end) {
-      for (int64_t m = begin; m < end; ++m)
-        MatchJacobianBlockBackward<scalar_t>(gJ + m * 18 * A, qp + m * A * 3, wp + m * A, dp + m * 5, A,
-                                        gq + m * A * 3, gw + m * A, gd + m * 5);
+// The anchors index the motions directly: check them here (the CUDA kernel trusts the caller).
+inline void CheckAnchors(const int64_t* anchors, int64_t m, int A, int64_t T) {
+  for (int k = 0; k < A; ++k)
+    TORCH_CHECK(anchors[k] >= 0 && anchors[k] < T, "match ", m, " anchor ", k, ": node ",
+                anchors[k], " outside [0, ", T, ")");
+}
+
+}  // namespace
+
+std::vector<at::Tensor> MatchTermsCpu(const MatchTermInputs& in, const MatchTermParams<double>& prm) {
+  const int64_t M = in.offsets.size(0), T = in.R.size(0);
+  const int A = prm.A;
+  at::Tensor res = at::empty({M, 3}, in.offsets.options());
+  at::Tensor J = at::empty({M, 3, 6 * A}, in.offsets.options());
+  at::Tensor root = at::empty({M}, in.offsets.options());
+  AT_DISPATCH_FLOATING_TYPES(in.offsets.scalar_type(), "match_terms_cpu", [&] {
+    const auto p = CastParams<scalar_t>(prm);
+    const int64_t* an = in.anchors.data_ptr<int64_t>();
+    const scalar_t *off = in.offsets.data_ptr<scalar_t>(), *aw = in.aw.data_ptr<scalar_t>(),
+                   *base = in.base.data_ptr<scalar_t>(), *tp = in.tp.data_ptr<scalar_t>(),
+                   *td = in.td.data_ptr<scalar_t>(), *c = in.c.data_ptr<scalar_t>(),
+                   *K = in.K.data_ptr<scalar_t>(), *R = in.R.data_ptr<scalar_t>(),
+                   *t = in.t.data_ptr<scalar_t>();
+    scalar_t *rp = res.data_ptr<scalar_t>(), *Jp = J.data_ptr<scalar_t>(), *rootp = root.data_ptr<scalar_t>();
+    at::parallel_for(0, M, 1024, [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m) {
+        CheckAnchors(an + m * A, m, A, T);
+        MatchTermForward<scalar_t>(off + m * 3 * A, an + m * A, aw + m * A, base + m * 3, tp + m * 2,
+                                   td[m], c[m], K + m * 4, R, t, p, rp + m * 3, Jp + m * 18 * A,
+                                   rootp + m);
+      }
     });
   });
-  return {grad_q, grad_w, grad_dv};
+  return {res, J, root};
+}
+
+std::vector<at::Tensor> MatchTermsBackwardCpu(const MatchTermInputs& in, const MatchTermParams<double>& prm,
+                                              const at::Tensor& root, const at::Tensor& grad_res,
+                                              const at::Tensor& grad_J) {
+  const int64_t M = in.offsets.size(0), T = in.R.size(0);
+  const int A = prm.A;
+  at::Tensor g_off = at::empty_like(in.offsets), g_base = at::empty_like(in.base),
+             g_tp = at::empty_like(in.tp), g_td = at::empty_like(in.td), g_c = at::empty_like(in.c),
+             g_slots = at::empty({M, A, 12}, in.offsets.options());
+  AT_DISPATCH_FLOATING_TYPES(in.offsets.scalar_type(), "match_terms_backward_cpu", [&] {
+    const auto p = CastParams<scalar_t>(prm);
+    const int64_t* an = in.anchors.data_ptr<int64_t>();
+    const scalar_t *off = in.offsets.data_ptr<scalar_t>(), *aw = in.aw.data_ptr<scalar_t>(),
+                   *base = in.base.data_ptr<scalar_t>(), *tp = in.tp.data_ptr<scalar_t>(),
+                   *td = in.td.data_ptr<scalar_t>(), *c = in.c.data_ptr<scalar_t>(),
+                   *K = in.K.data_ptr<scalar_t>(), *R = in.R.data_ptr<scalar_t>(),
+                   *t = in.t.data_ptr<scalar_t>(), *rootp = root.data_ptr<scalar_t>(),
+                   *gr = grad_res.data_ptr<scalar_t>(), *gJ = grad_J.data_ptr<scalar_t>();
+    scalar_t *go = g_off.data_ptr<scalar_t>(), *gb = g_base.data_ptr<scalar_t>(),
+             *gtp = g_tp.data_ptr<scalar_t>(), *gtd = g_td.data_ptr<scalar_t>(),
+             *gc = g_c.data_ptr<scalar_t>(), *gs = g_slots.data_ptr<scalar_t>();
+    at::parallel_for(0, M, 1024, [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m) {
+        CheckAnchors(an + m * A, m, A, T);
+        MatchTermBackward<scalar_t>(off + m * 3 * A, an + m * A, aw + m * A, base + m * 3, tp + m * 2,
+                                    td[m], c[m], K + m * 4, R, t, p, rootp[m], gr + m * 3,
+                                    gJ + m * 18 * A, go + m * 3 * A, gb + m * 3, gtp + m * 2, gtd + m,
+                                    gc + m, gs + m * 12 * A);
+      }
+    });
+  });
+  return {g_off, g_base, g_tp, g_td, g_c, g_slots};
 }
 
 }  // namespace nnrt

@@ -25,7 +25,7 @@ import torch
 from model.solver.linear_solvers import StepSetup, gauss_newton_step, memory_estimate_gb
 from model.solver.normal_equations import build_block_pattern
 from model.solver.problem import SolveStatus, SolverProblem, SolverResult
-from model.solver.terms import edge_terms, match_terms, robust_weights
+from model.solver.terms import edge_terms, match_terms
 from model.warp import so3_exp
 from options import SolverOptions
 
@@ -187,23 +187,17 @@ def _prepare(p: SolverProblem, options: SolverOptions, generator) -> _Prepared:
         nodes_flat=p.nodes.reshape(B * N, 3), diagonal=diagonal, linear_solver=linear_solver)
 
 
-def _linearise(prep: _Prepared, rotations, translations, options: SolverOptions, iteration: int,
-               jacobians: bool):
-    """Terms (J_m, r_m, J_e, r_e) at the current motion (J None without jacobians) and the data
-    and ARAP energies (B,) float64 of each sample."""
+def _linearise(prep: _Prepared, rotations, translations, options: SolverOptions, iteration: int):
+    """Terms (J_m, r_m, J_e, r_e) at the current motion and the data and ARAP energies (B,)
+    float64 of each sample."""
+    # Iteratively reweighted least squares on the reprojection error of each match (inside the
+    # op). Not at the first linearisation: at the identity motion every residual is as large as
+    # the motion itself, and no match is an outlier yet.
+    robust = options.robust_loss if iteration >= 1 else "none"
     r_m, J_m = match_terms(prep.offsets, prep.flat_anchors, prep.anchor_weights, prep.anchored_base,
                            prep.target_pixels, prep.target_depth, prep.weights, prep.intrinsics,
                            rotations, translations, options.flow_weight, options.depth_weight,
-                           jacobians)
-    if options.robust_loss != "none" and iteration >= 1:
-        # Iteratively reweighted least squares on the reprojection error of each match. Not at
-        # the first linearisation: at the identity motion every residual is as large as the
-        # motion itself, and no match is an outlier yet.
-        root = robust_weights(r_m, prep.weights, options.flow_weight, options.robust_loss,
-                              options.robust_scale)
-        r_m = r_m * root[:, None]
-        if J_m is not None:
-            J_m = J_m * root[:, None, None]
+                           robust, options.robust_scale)
     r_e, J_e = edge_terms(prep.sources, prep.targets, prep.edge_w, prep.nodes_flat, rotations,
                           translations, options.arap_weight)
     with torch.no_grad():
@@ -242,7 +236,7 @@ def solve(problem: SolverProblem, options: SolverOptions = SolverOptions(),
     for iteration in range(options.iterations):
         if on_cpu and not bool(updating.any()):
             break  # on a GPU the remaining iterations run masked instead of syncing here
-        (J_m, r_m, J_e, r_e), data, arap = _linearise(prep, rotations, translations, options, iteration, True)
+        (J_m, r_m, J_e, r_e), data, arap = _linearise(prep, rotations, translations, options, iteration)
         energy_rows.append((data, arap, updating.any()))
         delta, failed = gauss_newton_step(prep.diagonal, B, N, J_m, r_m, prep.flat_anchors, J_e, r_e,
                                           prep.edge_nodes, setup=setup)
@@ -266,7 +260,7 @@ def solve(problem: SolverProblem, options: SolverOptions = SolverOptions(),
             small = updating & (step < options.convergence_tolerance)
             converged |= small
             updating = updating & ~small
-    _, data, arap = _linearise(prep, rotations, translations, options, options.iterations, False)
+    _, data, arap = _linearise(prep, rotations, translations, options, options.iterations)
     energy_rows.append((data, arap, torch.ones((), dtype=torch.bool, device=device)))
     return _result(prep, options, rotations, translations, running, step_failed, cg_failed,
                    cg_residual, converged, iterations, energy_rows, cg_rows, setup.linear_solver)
