@@ -164,9 +164,9 @@ def test_sparse_solve(dtype):
 def test_match_terms(dtype):
     inputs = random_match_inputs(M=500, A=4, T=40, dtype=dtype)
 
-    def fn(offsets, anchors, anchor_weights, base, tp, td, c, K, R, t):
-        # Skinning weights and intrinsics take no gradient (the op refuses them).
-        return gn.match_terms(offsets, anchors, anchor_weights.detach(), base, tp, td, c, K.detach(), R, t,
+    def fn(x, anchors, anchor_weights, nodes, tp, td, c, K, R, t):
+        # Skinning weights, node positions and intrinsics take no gradient (the op refuses them).
+        return gn.match_terms(x, anchors, anchor_weights.detach(), nodes.detach(), tp, td, c, K.detach(), R, t,
                               0.001, 1.0, "cauchy", 3.0)
 
     results = _both(fn, *inputs, grad=True)

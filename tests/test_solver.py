@@ -29,9 +29,7 @@ def _blocks_to_dense(J, nodes, num_nodes):
 def _ours_dense_jacobian(p, R, t):
     N = p["nodes"].shape[0]
     M = p["points"].shape[0]
-    g = p["nodes"][p["anchors"]]
-    r_m, J_m = gn.match_terms(p["points"][:, None] - g, p["anchors"], p["anchor_weights"],
-                              (p["anchor_weights"][..., None] * g).sum(1), p["target_pixels"],
+    r_m, J_m = gn.match_terms(p["points"], p["anchors"], p["anchor_weights"], p["nodes"], p["target_pixels"],
                               p["target_depth"], p["weights"], p["intrinsics"].expand(M, 4), R, t,
                               WEIGHTS["flow"], WEIGHTS["depth"])
     r_e, J_e = gn.edge_terms(p["edges"][:, 0], p["edges"][:, 1], p["edge_weights"], p["nodes"], R, t,
@@ -338,25 +336,24 @@ def test_gauss_newton_step_equals_assembly_and_solve_composed():
 
 
 def random_match_inputs(M=9, A=4, T=5, dtype=torch.float64, seed=4):
-    """Inputs of match_terms in its argument order (the differentiable ones first among them are
-    offsets, anchored_base, target_pixels, target_depth, weights, rotations, translations)."""
+    """Inputs of match_terms in its argument order."""
     gen = torch.Generator().manual_seed(seed)
     rand = lambda *shape: torch.rand(*shape, generator=gen, dtype=dtype)  # noqa: E731
-    offsets = 0.05 * torch.randn(M, A, 3, generator=gen, dtype=dtype)
+    nodes = torch.cat((0.2 * rand(T, 2) - 0.1, 0.8 + 0.4 * rand(T, 1)), dim=1)
     anchors = torch.randint(0, T, (M, A), generator=gen)
     anchor_weights = torch.softmax(torch.randn(M, A, generator=gen, dtype=dtype), dim=1)
-    base = torch.cat((0.2 * rand(M, 2) - 0.1, 0.8 + 0.4 * rand(M, 1)), dim=1)
+    source_points = nodes[anchors[:, 0]] + 0.05 * torch.randn(M, 3, generator=gen, dtype=dtype)
     target_pixels = 300 * rand(M, 2) + 100
     target_depth = 0.8 + 0.4 * rand(M)
     weights = 0.5 + rand(M)
     intrinsics = torch.tensor([[500.0, 520.0, 320.0, 240.0]], dtype=dtype).expand(M, 4).contiguous()
     rotations = so3_exp(0.2 * torch.randn(T, 3, generator=gen, dtype=dtype))
     translations = 0.02 * torch.randn(T, 3, generator=gen, dtype=dtype)
-    return (offsets, anchors, anchor_weights, base, target_pixels, target_depth, weights, intrinsics,
+    return (source_points, anchors, anchor_weights, nodes, target_pixels, target_depth, weights, intrinsics,
             rotations, translations)
 
 
-DIFFERENTIABLE = (0, 3, 4, 5, 6, 8, 9)  # offsets, base, target pixels/depth, weights, R, t
+DIFFERENTIABLE = (0, 4, 5, 6, 8, 9)  # source points, target pixels/depth, weights, R, t
 
 
 @pytest.mark.parametrize("robust", ["none", "cauchy", "huber"])

@@ -216,11 +216,12 @@ HOST_DEVICE inline void MatchJacobianBlockBackward(const scalar_t* grad_J, const
 // The data terms of one match, fused (docs/DESIGN.md 5.3): warp, residuals, robust reweighting
 // and Jacobian blocks in one pass, so that the Gauss-Newton loop runs one op per linearisation
 // instead of some fifty tensor ops (and their autograd graph). Per match, with A anchors:
-//   offsets (A, 3) o_k = x - g_k;  anchors (A) flat node ids (valid: the solver's selection
-//   guarantees it, the CPU launcher checks it);  aw (A) skinning weights w_k;  base (3) =
-//   sum_k w_k g_k;  tp (2) target pixel (u, v);  td target depth;  c correspondence weight;
-//   K (4) fx, fy, cx, cy;  R (T, 3, 3), t (T, 3) the current node motions (row-major).
-//   q_k = R_k o_k,  X = base + sum_k w_k (q_k + t_k),  p = (fx X.x / X.z + cx - u, fy X.y / X.z + cy - v)
+//   x (3) the source point;  anchors (A) flat node ids (valid: the solver's selection
+//   guarantees it, the CPU launcher checks it);  aw (A) skinning weights w_k;  tp (2) target
+//   pixel (u, v);  td target depth;  c correspondence weight;  K (4) fx, fy, cx, cy;
+//   g (T, 3) node positions;  R (T, 3, 3), t (T, 3) the current node motions (row-major).
+//   q_k = R_k (x - g_k),  X = sum_k w_k (q_k + g_k + t_k),
+//   p = (fx X.x / X.z + cx - u, fy X.y / X.z + cy - v)
 //   rho = robust root of |p| (1 for none; Cauchy sqrt(1 / (1 + (|p|/s)^2)); Huber sqrt(min(1, s/|p|))),
 //         a constant of the linearisation (no gradient), as iteratively reweighted least squares has it
 //   cf = sqrt(flow_weight) c rho,  cd = sqrt(depth_weight) c rho
@@ -235,21 +236,21 @@ struct MatchTermParams {
   int A;       // anchors per match
 };
 
-// q (A, 3) and X (3) of one match.
+// Offsets o (A, 3) = x - g_k, q (A, 3) and X (3) of one match.
 template <typename scalar_t>
-HOST_DEVICE inline void WarpMatch(const scalar_t* offsets, const int64_t* anchors, const scalar_t* aw,
-                                  const scalar_t* base, const scalar_t* R, const scalar_t* t, int A,
-                                  scalar_t* q, scalar_t* X) {
-  X[0] = base[0];
-  X[1] = base[1];
-  X[2] = base[2];
+HOST_DEVICE inline void WarpMatch(const scalar_t* x, const int64_t* anchors, const scalar_t* aw,
+                                  const scalar_t* g, const scalar_t* R, const scalar_t* t, int A,
+                                  scalar_t* o, scalar_t* q, scalar_t* X) {
+  X[0] = X[1] = X[2] = 0;
   for (int k = 0; k < A; ++k) {
     const scalar_t* Rk = R + 9 * anchors[k];
     const scalar_t* tk = t + 3 * anchors[k];
-    const scalar_t* o = offsets + 3 * k;
+    const scalar_t* gk = g + 3 * anchors[k];
+    scalar_t* ok = o + 3 * k;
+    for (int i = 0; i < 3; ++i) ok[i] = x[i] - gk[i];
     for (int i = 0; i < 3; ++i) {
-      q[3 * k + i] = Rk[3 * i] * o[0] + Rk[3 * i + 1] * o[1] + Rk[3 * i + 2] * o[2];
-      X[i] += aw[k] * (q[3 * k + i] + tk[i]);
+      q[3 * k + i] = Rk[3 * i] * ok[0] + Rk[3 * i + 1] * ok[1] + Rk[3 * i + 2] * ok[2];
+      X[i] += aw[k] * (q[3 * k + i] + gk[i] + tk[i]);
     }
   }
 }
@@ -269,13 +270,13 @@ HOST_DEVICE inline scalar_t RobustRoot(scalar_t px, scalar_t py, int robust, sca
 
 // Forward of one match: res (3), J (3, 6A), root (the robust root rho, saved for the backward).
 template <typename scalar_t>
-HOST_DEVICE inline void MatchTermForward(const scalar_t* offsets, const int64_t* anchors,
-                                         const scalar_t* aw, const scalar_t* base, const scalar_t* tp,
-                                         scalar_t td, scalar_t c, const scalar_t* K, const scalar_t* R,
-                                         const scalar_t* t, const MatchTermParams<scalar_t>& prm,
-                                         scalar_t* res, scalar_t* J, scalar_t* root) {
-  scalar_t q[3 * kMaxSlots], X[3];
-  WarpMatch(offsets, anchors, aw, base, R, t, prm.A, q, X);
+HOST_DEVICE inline void MatchTermForward(const scalar_t* x, const int64_t* anchors, const scalar_t* aw,
+                                         const scalar_t* g, const scalar_t* tp, scalar_t td, scalar_t c,
+                                         const scalar_t* K, const scalar_t* R, const scalar_t* t,
+                                         const MatchTermParams<scalar_t>& prm, scalar_t* res,
+                                         scalar_t* J, scalar_t* root) {
+  scalar_t o[3 * kMaxSlots], q[3 * kMaxSlots], X[3];
+  WarpMatch(x, anchors, aw, g, R, t, prm.A, o, q, X);
   const scalar_t iz = scalar_t(1) / X[2];
   const scalar_t px = K[0] * X[0] * iz + K[2] - tp[0], py = K[1] * X[1] * iz + K[3] - tp[1];
   const scalar_t rho = RobustRoot(px, py, prm.robust, prm.robust_scale);
@@ -289,23 +290,23 @@ HOST_DEVICE inline void MatchTermForward(const scalar_t* offsets, const int64_t*
   *root = rho;
 }
 
-// Backward of one match from grad_res (3) and grad_J (3, 6A): gradients of offsets (A, 3), base
-// (3), tp (2), td, c, and per anchor slot (A, 12) the gradient of R_k (9, row-major) and t_k (3),
-// which the launcher's caller sums over the anchors of each node. By the chain rule through
+// Backward of one match from grad_res (3) and grad_J (3, 6A): gradients of x (3), tp (2), td, c,
+// and per anchor slot (A, 12) the gradient of R_k (9, row-major) and t_k (3), which the
+// launcher's caller sums over the anchors of each node. By the chain rule through
 // MatchJacobianBlockBackward (grad of q and dv), then dv and res -> (cf, cd, X, tp, td), then
-// X -> base, t_k, q_k and q_k = R_k o_k -> (R_k, o_k). The skinning weights, the intrinsics and the
-// robust root get no gradient.
+// X -> t_k, q_k and q_k = R_k (x - g_k) -> (R_k, x). The skinning weights, the node positions, the
+// intrinsics and the robust root get no gradient.
 template <typename scalar_t>
-HOST_DEVICE inline void MatchTermBackward(const scalar_t* offsets, const int64_t* anchors,
-                                          const scalar_t* aw, const scalar_t* base, const scalar_t* tp,
-                                          scalar_t td, scalar_t c, const scalar_t* K, const scalar_t* R,
-                                          const scalar_t* t, const MatchTermParams<scalar_t>& prm,
-                                          scalar_t rho, const scalar_t* gres, const scalar_t* gJ,
-                                          scalar_t* g_offsets, scalar_t* g_base, scalar_t* g_tp,
-                                          scalar_t* g_td, scalar_t* g_c, scalar_t* g_slots) {
+HOST_DEVICE inline void MatchTermBackward(const scalar_t* x, const int64_t* anchors, const scalar_t* aw,
+                                          const scalar_t* g, const scalar_t* tp, scalar_t td, scalar_t c,
+                                          const scalar_t* K, const scalar_t* R, const scalar_t* t,
+                                          const MatchTermParams<scalar_t>& prm, scalar_t rho,
+                                          const scalar_t* gres, const scalar_t* gJ, scalar_t* g_x,
+                                          scalar_t* g_tp, scalar_t* g_td, scalar_t* g_c,
+                                          scalar_t* g_slots) {
   const int A = prm.A;
-  scalar_t q[3 * kMaxSlots], X[3];
-  WarpMatch(offsets, anchors, aw, base, R, t, A, q, X);
+  scalar_t o[3 * kMaxSlots], q[3 * kMaxSlots], X[3];
+  WarpMatch(x, anchors, aw, g, R, t, A, o, q, X);
   const scalar_t iz = scalar_t(1) / X[2], iz2 = iz * iz, iz3 = iz2 * iz;
   const scalar_t fx = K[0], fy = K[1];
   const scalar_t px = fx * X[0] * iz + K[2] - tp[0], py = fy * X[1] * iz + K[3] - tp[1];
@@ -326,10 +327,10 @@ HOST_DEVICE inline void MatchTermBackward(const scalar_t* offsets, const int64_t
       -cf * fx * X[0] * iz2 * gres[0] - cf * fy * X[1] * iz2 * gres[1] + cd * gres[2] -
           cf * fx * iz2 * gdv[0] + 2 * cf * fx * X[0] * iz3 * gdv[1] - cf * fy * iz2 * gdv[2] +
           2 * cf * fy * X[1] * iz3 * gdv[3]};
-  for (int i = 0; i < 3; ++i) g_base[i] = gX[i];
+  g_x[0] = g_x[1] = g_x[2] = 0;
   for (int k = 0; k < A; ++k) {
     const scalar_t* Rk = R + 9 * anchors[k];
-    const scalar_t* o = offsets + 3 * k;
+    const scalar_t* ok = o + 3 * k;
     scalar_t* gs = g_slots + 12 * k;
     scalar_t gqk[3];
     for (int i = 0; i < 3; ++i) {
@@ -337,8 +338,8 @@ HOST_DEVICE inline void MatchTermBackward(const scalar_t* offsets, const int64_t
       gs[9 + i] = aw[k] * gX[i];
     }
     for (int j = 0; j < 3; ++j) {
-      g_offsets[3 * k + j] = Rk[j] * gqk[0] + Rk[3 + j] * gqk[1] + Rk[6 + j] * gqk[2];
-      for (int i = 0; i < 3; ++i) gs[3 * i + j] = gqk[i] * o[j];
+      g_x[j] += Rk[j] * gqk[0] + Rk[3 + j] * gqk[1] + Rk[6 + j] * gqk[2];
+      for (int i = 0; i < 3; ++i) gs[3 * i + j] = gqk[i] * ok[j];
     }
   }
 }
@@ -597,11 +598,11 @@ at::Tensor BlockMatvecCuda(const at::Tensor& blocks, const at::Tensor& block_row
 #endif
 
 // Inputs of the fused match terms, in this order (shapes in MatchTermForward's comment, over M):
-//   offsets (M, A, 3), anchors (M, A) int64, aw (M, A), base (M, 3), tp (M, 2), td (M), c (M),
-//   K (M, 4), R (T, 3, 3), t (T, 3); forward outputs res (M, 3), J (M, 3, 6A), root (M); backward
-//   outputs g_offsets (M, A, 3), g_base (M, 3), g_tp (M, 2), g_td (M), g_c (M), g_slots (M, A, 12).
+//   x (M, 3), anchors (M, A) int64, aw (M, A), g (T, 3), tp (M, 2), td (M), c (M), K (M, 4),
+//   R (T, 3, 3), t (T, 3); forward outputs res (M, 3), J (M, 3, 6A), root (M); backward outputs
+//   g_x (M, 3), g_tp (M, 2), g_td (M), g_c (M), g_slots (M, A, 12).
 struct MatchTermInputs {
-  at::Tensor offsets, anchors, aw, base, tp, td, c, K, R, t;
+  at::Tensor x, anchors, aw, g, tp, td, c, K, R, t;
 };
 std::vector<at::Tensor> MatchTermsCpu(const MatchTermInputs& in, const MatchTermParams<double>& prm);
 std::vector<at::Tensor> MatchTermsBackwardCpu(const MatchTermInputs& in, const MatchTermParams<double>& prm,
@@ -904,11 +905,31 @@ inline std::vector<at::Tensor> StepBackward(const at::Tensor& J, const at::Tenso
   TORCH_CHECK(u.dim() == 2 && u.sizes() == x.sizes() && u.size(1) % 6 == 0,
               "u and x must be (B, 6N) alike, found ", u.sizes(), " and ", x.sizes());
   CheckAssemblyInputs(J, r, nodes, u.size(0), u.size(1) / 6);
-  CheckedTermBlockKeys(nodes, u.size(0), u.size(1) / 6);  // the input checks, the same on both devices
   TORCH_CHECK(nodes.size(1) <= kMaxSlots, "at most ", kMaxSlots, " slots per term, found ", nodes.size(1));
   const at::Tensor uu = u.to(J.scalar_type()).contiguous(), xx = x.to(J.scalar_type()).contiguous();
+  const int64_t B = u.size(0), N = u.size(1) / 6;
+  if (!J.is_cuda()) {
+    // The checks of the pattern's (every node in range, one sample per term) as one cheap scan;
+    // only a bad term pays for CheckedTermBlockKeys, which names it.
+    const at::Tensor idx = nodes.contiguous();
+    const int64_t* n = idx.data_ptr<int64_t>();
+    const int64_t S = idx.size(1);
+    bool ok = true;
+    for (int64_t m = 0; m < idx.size(0) && ok; ++m) {
+      int64_t sample = -1;
+      for (int64_t s = 0; s < S && ok; ++s) {
+        const int64_t node = n[m * S + s];
+        if (node < -1 || node >= B * N) ok = false;
+        else if (node >= 0 && sample < 0) sample = node / N;
+        else if (node >= 0 && node / N != sample) ok = false;
+      }
+    }
+    if (!ok) CheckedTermBlockKeys(nodes, B, N);
+    TORCH_CHECK(ok, "solve_step_backward: invalid term nodes");
+  }
   if (J.is_cuda()) {
 #ifdef WITH_CUDA
+    CheckedTermBlockKeys(nodes, B, N);  // the same checks, on the device
     return StepBackwardCuda(J.contiguous(), r.contiguous(), nodes.contiguous(), uu, xx);
 #else
     NNRT_NO_CUDA("solve_step_backward");
@@ -921,37 +942,35 @@ inline std::vector<at::Tensor> StepBackward(const at::Tensor& J, const at::Tenso
 
 namespace nnrt {
 
-inline MatchTermInputs CheckMatchTermInputs(const at::Tensor& offsets, const at::Tensor& anchors,
-                                            const at::Tensor& aw, const at::Tensor& base,
+inline MatchTermInputs CheckMatchTermInputs(const at::Tensor& x, const at::Tensor& anchors,
+                                            const at::Tensor& aw, const at::Tensor& g,
                                             const at::Tensor& tp, const at::Tensor& td,
                                             const at::Tensor& c, const at::Tensor& K,
                                             const at::Tensor& R, const at::Tensor& t) {
-  TORCH_CHECK(offsets.dim() == 3 && offsets.size(2) == 3, "offsets must be (M, A, 3), found ",
-              offsets.sizes());
-  const int64_t M = offsets.size(0), A = offsets.size(1);
-  TORCH_CHECK(A >= 1 && A <= kMaxSlots, "1 to ", kMaxSlots, " anchors per match, found ", A);
-  TORCH_CHECK(anchors.sizes() == at::IntArrayRef({M, A}) && anchors.scalar_type() == at::kLong,
-              "anchors must be (M, A) = (", M, ", ", A, ") int64, found ", anchors.sizes(), " ",
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == 3, "source points must be (M, 3), found ", x.sizes());
+  TORCH_CHECK(anchors.dim() == 2 && anchors.size(0) == x.size(0) && anchors.scalar_type() == at::kLong,
+              "anchors must be (M, A) int64 with M = ", x.size(0), ", found ", anchors.sizes(), " ",
               anchors.scalar_type());
+  const int64_t M = x.size(0), A = anchors.size(1);
+  TORCH_CHECK(A >= 1 && A <= kMaxSlots, "1 to ", kMaxSlots, " anchors per match, found ", A);
   TORCH_CHECK(aw.sizes() == at::IntArrayRef({M, A}), "anchor weights must be (", M, ", ", A,
               "), found ", aw.sizes());
-  TORCH_CHECK(base.sizes() == at::IntArrayRef({M, 3}), "base must be (", M, ", 3), found ", base.sizes());
   TORCH_CHECK(tp.sizes() == at::IntArrayRef({M, 2}), "target pixels must be (", M, ", 2), found ",
               tp.sizes());
   TORCH_CHECK(td.sizes() == at::IntArrayRef({M}) && c.sizes() == at::IntArrayRef({M}),
               "target depth and weights must be (", M, "), found ", td.sizes(), " and ", c.sizes());
   TORCH_CHECK(K.sizes() == at::IntArrayRef({M, 4}), "intrinsics must be (", M, ", 4), found ", K.sizes());
   TORCH_CHECK(R.dim() == 3 && R.size(1) == 3 && R.size(2) == 3 && t.dim() == 2 && t.size(1) == 3 &&
-                  t.size(0) == R.size(0), "rotations (T, 3, 3) and translations (T, 3) expected, found ",
-              R.sizes(), " and ", t.sizes());
-  const auto dtype = offsets.scalar_type();
-  TORCH_CHECK(offsets.is_floating_point(), "offsets must be floating point, found ", dtype);
-  for (const at::Tensor* x : {&aw, &base, &tp, &td, &c, &K, &R, &t})
-    TORCH_CHECK(x->scalar_type() == dtype, "match term inputs must share one dtype: ", dtype,
-                " and ", x->scalar_type());
-  return {offsets.contiguous(), anchors.contiguous(), aw.contiguous(), base.contiguous(),
-          tp.contiguous(), td.contiguous(), c.contiguous(), K.contiguous(), R.contiguous(),
-          t.contiguous()};
+                  t.size(0) == R.size(0) && g.sizes() == t.sizes(),
+              "node positions (T, 3), rotations (T, 3, 3) and translations (T, 3) expected, found ",
+              g.sizes(), ", ", R.sizes(), " and ", t.sizes());
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(x.is_floating_point(), "source points must be floating point, found ", dtype);
+  for (const at::Tensor* v : {&aw, &g, &tp, &td, &c, &K, &R, &t})
+    TORCH_CHECK(v->scalar_type() == dtype, "match term inputs must share one dtype: ", dtype,
+                " and ", v->scalar_type());
+  return {x.contiguous(), anchors.contiguous(), aw.contiguous(), g.contiguous(), tp.contiguous(),
+          td.contiguous(), c.contiguous(), K.contiguous(), R.contiguous(), t.contiguous()};
 }
 
 inline MatchTermParams<double> MakeMatchTermParams(double flow_weight, double depth_weight,
@@ -965,15 +984,15 @@ inline MatchTermParams<double> MakeMatchTermParams(double flow_weight, double de
 }
 
 // (res (M, 3), J (M, 3, 6A), root (M)) of the data terms; inputs as MatchTermInputs.
-inline std::vector<at::Tensor> MatchTerms(const at::Tensor& offsets, const at::Tensor& anchors,
-                                          const at::Tensor& aw, const at::Tensor& base,
+inline std::vector<at::Tensor> MatchTerms(const at::Tensor& x, const at::Tensor& anchors,
+                                          const at::Tensor& aw, const at::Tensor& g,
                                           const at::Tensor& tp, const at::Tensor& td,
                                           const at::Tensor& c, const at::Tensor& K,
                                           const at::Tensor& R, const at::Tensor& t, double flow_weight,
                                           double depth_weight, int64_t robust, double robust_scale) {
-  const MatchTermInputs in = CheckMatchTermInputs(offsets, anchors, aw, base, tp, td, c, K, R, t);
-  const auto prm = MakeMatchTermParams(flow_weight, depth_weight, robust, robust_scale, offsets.size(1));
-  if (offsets.is_cuda()) {
+  const MatchTermInputs in = CheckMatchTermInputs(x, anchors, aw, g, tp, td, c, K, R, t);
+  const auto prm = MakeMatchTermParams(flow_weight, depth_weight, robust, robust_scale, anchors.size(1));
+  if (x.is_cuda()) {
 #ifdef WITH_CUDA
     return MatchTermsCuda(in, prm);
 #else
@@ -983,23 +1002,23 @@ inline std::vector<at::Tensor> MatchTerms(const at::Tensor& offsets, const at::T
   return MatchTermsCpu(in, prm);
 }
 
-// (g_offsets, g_base, g_tp, g_td, g_c, g_slots (M, A, 12)) from grad_res (M, 3), grad_J (M, 3, 6A).
+// (g_x, g_tp, g_td, g_c, g_slots (M, A, 12)) from grad_res (M, 3), grad_J (M, 3, 6A).
 inline std::vector<at::Tensor> MatchTermsBackward(
-    const at::Tensor& offsets, const at::Tensor& anchors, const at::Tensor& aw, const at::Tensor& base,
+    const at::Tensor& x, const at::Tensor& anchors, const at::Tensor& aw, const at::Tensor& g,
     const at::Tensor& tp, const at::Tensor& td, const at::Tensor& c, const at::Tensor& K,
     const at::Tensor& R, const at::Tensor& t, double flow_weight, double depth_weight, int64_t robust,
     double robust_scale, const at::Tensor& root, const at::Tensor& grad_res, const at::Tensor& grad_J) {
-  const MatchTermInputs in = CheckMatchTermInputs(offsets, anchors, aw, base, tp, td, c, K, R, t);
-  const auto prm = MakeMatchTermParams(flow_weight, depth_weight, robust, robust_scale, offsets.size(1));
-  const int64_t M = offsets.size(0), A = offsets.size(1);
+  const MatchTermInputs in = CheckMatchTermInputs(x, anchors, aw, g, tp, td, c, K, R, t);
+  const auto prm = MakeMatchTermParams(flow_weight, depth_weight, robust, robust_scale, anchors.size(1));
+  const int64_t M = x.size(0), A = anchors.size(1);
   TORCH_CHECK(root.sizes() == at::IntArrayRef({M}) && grad_res.sizes() == at::IntArrayRef({M, 3}) &&
                   grad_J.sizes() == at::IntArrayRef({M, 3, 6 * A}),
               "root (M), grad_res (M, 3), grad_J (M, 3, 6A) expected, found ", root.sizes(), ", ",
               grad_res.sizes(), ", ", grad_J.sizes());
-  const auto dtype = offsets.scalar_type();
+  const auto dtype = x.scalar_type();
   const at::Tensor rr = root.to(dtype).contiguous(), gr = grad_res.to(dtype).contiguous(),
                    gJ = grad_J.to(dtype).contiguous();
-  if (offsets.is_cuda()) {
+  if (x.is_cuda()) {
 #ifdef WITH_CUDA
     return MatchTermsBackwardCuda(in, prm, rr, gr, gJ);
 #else

@@ -87,7 +87,8 @@ std::vector<at::Tensor> StepBackwardCpu(const at::Tensor& J, const at::Tensor& r
   at::Tensor grad_r = at::empty_like(r);
   const int64_t* idx = nodes.data_ptr<int64_t>();
   for (int64_t k = 0; k < M * S; ++k)
-    TORCH_CHECK(idx[k] < total, "term ", k / S, ": node ", idx[k], " outside [0, ", total, ")");
+    TORCH_CHECK(idx[k] >= -1 && idx[k] < total, "term ", k / S, ": node ", idx[k], " outside [0, ",
+                total, ")");
   AT_DISPATCH_FLOATING_TYPES(J.scalar_type(), "solve_step_backward_cpu", [&] {
     const scalar_t* Jp = J.data_ptr<scalar_t>();
     const scalar_t* rp = r.data_ptr<scalar_t>();
@@ -122,16 +123,16 @@ inline void CheckAnchors(const int64_t* anchors, int64_t m, int A, int64_t T) {
 }  // namespace
 
 std::vector<at::Tensor> MatchTermsCpu(const MatchTermInputs& in, const MatchTermParams<double>& prm) {
-  const int64_t M = in.offsets.size(0), T = in.R.size(0);
+  const int64_t M = in.x.size(0), T = in.R.size(0);
   const int A = prm.A;
-  at::Tensor res = at::empty({M, 3}, in.offsets.options());
-  at::Tensor J = at::empty({M, 3, 6 * A}, in.offsets.options());
-  at::Tensor root = at::empty({M}, in.offsets.options());
-  AT_DISPATCH_FLOATING_TYPES(in.offsets.scalar_type(), "match_terms_cpu", [&] {
+  at::Tensor res = at::empty({M, 3}, in.x.options());
+  at::Tensor J = at::empty({M, 3, 6 * A}, in.x.options());
+  at::Tensor root = at::empty({M}, in.x.options());
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "match_terms_cpu", [&] {
     const auto p = CastParams<scalar_t>(prm);
     const int64_t* an = in.anchors.data_ptr<int64_t>();
-    const scalar_t *off = in.offsets.data_ptr<scalar_t>(), *aw = in.aw.data_ptr<scalar_t>(),
-                   *base = in.base.data_ptr<scalar_t>(), *tp = in.tp.data_ptr<scalar_t>(),
+    const scalar_t *x = in.x.data_ptr<scalar_t>(), *aw = in.aw.data_ptr<scalar_t>(),
+                   *g = in.g.data_ptr<scalar_t>(), *tp = in.tp.data_ptr<scalar_t>(),
                    *td = in.td.data_ptr<scalar_t>(), *c = in.c.data_ptr<scalar_t>(),
                    *K = in.K.data_ptr<scalar_t>(), *R = in.R.data_ptr<scalar_t>(),
                    *t = in.t.data_ptr<scalar_t>();
@@ -139,9 +140,8 @@ std::vector<at::Tensor> MatchTermsCpu(const MatchTermInputs& in, const MatchTerm
     at::parallel_for(0, M, 1024, [&](int64_t begin, int64_t end) {
       for (int64_t m = begin; m < end; ++m) {
         CheckAnchors(an + m * A, m, A, T);
-        MatchTermForward<scalar_t>(off + m * 3 * A, an + m * A, aw + m * A, base + m * 3, tp + m * 2,
-                                   td[m], c[m], K + m * 4, R, t, p, rp + m * 3, Jp + m * 18 * A,
-                                   rootp + m);
+        MatchTermForward<scalar_t>(x + m * 3, an + m * A, aw + m * A, g, tp + m * 2, td[m], c[m],
+                                   K + m * 4, R, t, p, rp + m * 3, Jp + m * 18 * A, rootp + m);
       }
     });
   });
@@ -151,34 +151,32 @@ std::vector<at::Tensor> MatchTermsCpu(const MatchTermInputs& in, const MatchTerm
 std::vector<at::Tensor> MatchTermsBackwardCpu(const MatchTermInputs& in, const MatchTermParams<double>& prm,
                                               const at::Tensor& root, const at::Tensor& grad_res,
                                               const at::Tensor& grad_J) {
-  const int64_t M = in.offsets.size(0), T = in.R.size(0);
+  const int64_t M = in.x.size(0), T = in.R.size(0);
   const int A = prm.A;
-  at::Tensor g_off = at::empty_like(in.offsets), g_base = at::empty_like(in.base),
-             g_tp = at::empty_like(in.tp), g_td = at::empty_like(in.td), g_c = at::empty_like(in.c),
-             g_slots = at::empty({M, A, 12}, in.offsets.options());
-  AT_DISPATCH_FLOATING_TYPES(in.offsets.scalar_type(), "match_terms_backward_cpu", [&] {
+  at::Tensor g_x = at::empty_like(in.x), g_tp = at::empty_like(in.tp), g_td = at::empty_like(in.td),
+             g_c = at::empty_like(in.c), g_slots = at::empty({M, A, 12}, in.x.options());
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "match_terms_backward_cpu", [&] {
     const auto p = CastParams<scalar_t>(prm);
     const int64_t* an = in.anchors.data_ptr<int64_t>();
-    const scalar_t *off = in.offsets.data_ptr<scalar_t>(), *aw = in.aw.data_ptr<scalar_t>(),
-                   *base = in.base.data_ptr<scalar_t>(), *tp = in.tp.data_ptr<scalar_t>(),
+    const scalar_t *x = in.x.data_ptr<scalar_t>(), *aw = in.aw.data_ptr<scalar_t>(),
+                   *g = in.g.data_ptr<scalar_t>(), *tp = in.tp.data_ptr<scalar_t>(),
                    *td = in.td.data_ptr<scalar_t>(), *c = in.c.data_ptr<scalar_t>(),
                    *K = in.K.data_ptr<scalar_t>(), *R = in.R.data_ptr<scalar_t>(),
                    *t = in.t.data_ptr<scalar_t>(), *rootp = root.data_ptr<scalar_t>(),
                    *gr = grad_res.data_ptr<scalar_t>(), *gJ = grad_J.data_ptr<scalar_t>();
-    scalar_t *go = g_off.data_ptr<scalar_t>(), *gb = g_base.data_ptr<scalar_t>(),
-             *gtp = g_tp.data_ptr<scalar_t>(), *gtd = g_td.data_ptr<scalar_t>(),
-             *gc = g_c.data_ptr<scalar_t>(), *gs = g_slots.data_ptr<scalar_t>();
+    scalar_t *gx = g_x.data_ptr<scalar_t>(), *gtp = g_tp.data_ptr<scalar_t>(),
+             *gtd = g_td.data_ptr<scalar_t>(), *gc = g_c.data_ptr<scalar_t>(),
+             *gs = g_slots.data_ptr<scalar_t>();
     at::parallel_for(0, M, 1024, [&](int64_t begin, int64_t end) {
       for (int64_t m = begin; m < end; ++m) {
         CheckAnchors(an + m * A, m, A, T);
-        MatchTermBackward<scalar_t>(off + m * 3 * A, an + m * A, aw + m * A, base + m * 3, tp + m * 2,
-                                    td[m], c[m], K + m * 4, R, t, p, rootp[m], gr + m * 3,
-                                    gJ + m * 18 * A, go + m * 3 * A, gb + m * 3, gtp + m * 2, gtd + m,
-                                    gc + m, gs + m * 12 * A);
+        MatchTermBackward<scalar_t>(x + m * 3, an + m * A, aw + m * A, g, tp + m * 2, td[m], c[m],
+                                    K + m * 4, R, t, p, rootp[m], gr + m * 3, gJ + m * 18 * A,
+                                    gx + m * 3, gtp + m * 2, gtd + m, gc + m, gs + m * 12 * A);
       }
     });
   });
-  return {g_off, g_base, g_tp, g_td, g_c, g_slots};
+  return {g_x, g_tp, g_td, g_c, g_slots};
 }
 
 }  // namespace nnrt

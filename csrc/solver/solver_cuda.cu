@@ -53,8 +53,8 @@ __global__ void StepBackwardKernel(const scalar_t* __restrict__ J, const scalar_
 }
 
 template <typename scalar_t>
-__global__ void MatchTermsKernel(const int64_t* __restrict__ anchors, const scalar_t* __restrict__ off,
-                                 const scalar_t* __restrict__ aw, const scalar_t* __restrict__ base,
+__global__ void MatchTermsKernel(const int64_t* __restrict__ anchors, const scalar_t* __restrict__ x,
+                                 const scalar_t* __restrict__ aw, const scalar_t* __restrict__ g,
                                  const scalar_t* __restrict__ tp, const scalar_t* __restrict__ td,
                                  const scalar_t* __restrict__ c, const scalar_t* __restrict__ K,
                                  const scalar_t* __restrict__ R, const scalar_t* __restrict__ t,
@@ -63,26 +63,26 @@ __global__ void MatchTermsKernel(const int64_t* __restrict__ anchors, const scal
   const int A = p.A;
   for (int64_t m = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; m < M;
        m += int64_t(blockDim.x) * gridDim.x) {
-    MatchTermForward<scalar_t>(off + m * 3 * A, anchors + m * A, aw + m * A, base + m * 3, tp + m * 2,
-                               td[m], c[m], K + m * 4, R, t, p, res + m * 3, J + m * 18 * A, root + m);
+    MatchTermForward<scalar_t>(x + m * 3, anchors + m * A, aw + m * A, g, tp + m * 2, td[m], c[m],
+                               K + m * 4, R, t, p, res + m * 3, J + m * 18 * A, root + m);
   }
 }
 
 template <typename scalar_t>
 __global__ void MatchTermsBackwardKernel(
-    const int64_t* __restrict__ anchors, const scalar_t* __restrict__ off, const scalar_t* __restrict__ aw,
-    const scalar_t* __restrict__ base, const scalar_t* __restrict__ tp, const scalar_t* __restrict__ td,
+    const int64_t* __restrict__ anchors, const scalar_t* __restrict__ x, const scalar_t* __restrict__ aw,
+    const scalar_t* __restrict__ g, const scalar_t* __restrict__ tp, const scalar_t* __restrict__ td,
     const scalar_t* __restrict__ c, const scalar_t* __restrict__ K, const scalar_t* __restrict__ R,
     const scalar_t* __restrict__ t, MatchTermParams<scalar_t> p, int64_t M,
     const scalar_t* __restrict__ root, const scalar_t* __restrict__ gr, const scalar_t* __restrict__ gJ,
-    scalar_t* __restrict__ go, scalar_t* __restrict__ gb, scalar_t* __restrict__ gtp,
-    scalar_t* __restrict__ gtd, scalar_t* __restrict__ gc, scalar_t* __restrict__ gs) {
+    scalar_t* __restrict__ gx, scalar_t* __restrict__ gtp, scalar_t* __restrict__ gtd,
+    scalar_t* __restrict__ gc, scalar_t* __restrict__ gs) {
   const int A = p.A;
   for (int64_t m = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; m < M;
        m += int64_t(blockDim.x) * gridDim.x) {
-    MatchTermBackward<scalar_t>(off + m * 3 * A, anchors + m * A, aw + m * A, base + m * 3, tp + m * 2,
-                                td[m], c[m], K + m * 4, R, t, p, root[m], gr + m * 3, gJ + m * 18 * A,
-                                go + m * 3 * A, gb + m * 3, gtp + m * 2, gtd + m, gc + m, gs + m * 12 * A);
+    MatchTermBackward<scalar_t>(x + m * 3, anchors + m * A, aw + m * A, g, tp + m * 2, td[m], c[m],
+                                K + m * 4, R, t, p, root[m], gr + m * 3, gJ + m * 18 * A, gx + m * 3,
+                                gtp + m * 2, gtd + m, gc + m, gs + m * 12 * A);
   }
 }
 
@@ -95,18 +95,18 @@ MatchTermParams<scalar_t> CastParams(const MatchTermParams<double>& prm) {
 }  // namespace
 
 std::vector<at::Tensor> MatchTermsCuda(const MatchTermInputs& in, const MatchTermParams<double>& prm) {
-  at::cuda::CUDAGuard guard(in.offsets.device());
-  const int64_t M = in.offsets.size(0);
+  at::cuda::CUDAGuard guard(in.x.device());
+  const int64_t M = in.x.size(0);
   const int A = prm.A;
-  at::Tensor res = at::empty({M, 3}, in.offsets.options());
-  at::Tensor J = at::empty({M, 3, 6 * A}, in.offsets.options());
-  at::Tensor root = at::empty({M}, in.offsets.options());
+  at::Tensor res = at::empty({M, 3}, in.x.options());
+  at::Tensor J = at::empty({M, 3, 6 * A}, in.x.options());
+  at::Tensor root = at::empty({M}, in.x.options());
   if (M == 0) return {res, J, root};
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(in.offsets.scalar_type(), "match_terms_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "match_terms_cuda", [&] {
     MatchTermsKernel<scalar_t><<<NumBlocks(M, 256), 256, 0, stream>>>(
-        in.anchors.data_ptr<int64_t>(), in.offsets.data_ptr<scalar_t>(), in.aw.data_ptr<scalar_t>(),
-        in.base.data_ptr<scalar_t>(), in.tp.data_ptr<scalar_t>(), in.td.data_ptr<scalar_t>(),
+        in.anchors.data_ptr<int64_t>(), in.x.data_ptr<scalar_t>(), in.aw.data_ptr<scalar_t>(),
+        in.g.data_ptr<scalar_t>(), in.tp.data_ptr<scalar_t>(), in.td.data_ptr<scalar_t>(),
         in.c.data_ptr<scalar_t>(), in.K.data_ptr<scalar_t>(), in.R.data_ptr<scalar_t>(),
         in.t.data_ptr<scalar_t>(), CastParams<scalar_t>(prm), M, res.data_ptr<scalar_t>(),
         J.data_ptr<scalar_t>(), root.data_ptr<scalar_t>());
@@ -118,26 +118,25 @@ std::vector<at::Tensor> MatchTermsCuda(const MatchTermInputs& in, const MatchTer
 std::vector<at::Tensor> MatchTermsBackwardCuda(const MatchTermInputs& in, const MatchTermParams<double>& prm,
                                                const at::Tensor& root, const at::Tensor& grad_res,
                                                const at::Tensor& grad_J) {
-  at::cuda::CUDAGuard guard(in.offsets.device());
-  const int64_t M = in.offsets.size(0);
+  at::cuda::CUDAGuard guard(in.x.device());
+  const int64_t M = in.x.size(0);
   const int A = prm.A;
-  at::Tensor g_off = at::empty_like(in.offsets), g_base = at::empty_like(in.base),
-             g_tp = at::empty_like(in.tp), g_td = at::empty_like(in.td), g_c = at::empty_like(in.c),
-             g_slots = at::empty({M, A, 12}, in.offsets.options());
-  if (M == 0) return {g_off, g_base, g_tp, g_td, g_c, g_slots};
+  at::Tensor g_x = at::empty_like(in.x), g_tp = at::empty_like(in.tp), g_td = at::empty_like(in.td),
+             g_c = at::empty_like(in.c), g_slots = at::empty({M, A, 12}, in.x.options());
+  if (M == 0) return {g_x, g_tp, g_td, g_c, g_slots};
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(in.offsets.scalar_type(), "match_terms_backward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "match_terms_backward_cuda", [&] {
     MatchTermsBackwardKernel<scalar_t><<<NumBlocks(M, 256), 256, 0, stream>>>(
-        in.anchors.data_ptr<int64_t>(), in.offsets.data_ptr<scalar_t>(), in.aw.data_ptr<scalar_t>(),
-        in.base.data_ptr<scalar_t>(), in.tp.data_ptr<scalar_t>(), in.td.data_ptr<scalar_t>(),
+        in.anchors.data_ptr<int64_t>(), in.x.data_ptr<scalar_t>(), in.aw.data_ptr<scalar_t>(),
+        in.g.data_ptr<scalar_t>(), in.tp.data_ptr<scalar_t>(), in.td.data_ptr<scalar_t>(),
         in.c.data_ptr<scalar_t>(), in.K.data_ptr<scalar_t>(), in.R.data_ptr<scalar_t>(),
         in.t.data_ptr<scalar_t>(), CastParams<scalar_t>(prm), M, root.data_ptr<scalar_t>(),
-        grad_res.data_ptr<scalar_t>(), grad_J.data_ptr<scalar_t>(), g_off.data_ptr<scalar_t>(),
-        g_base.data_ptr<scalar_t>(), g_tp.data_ptr<scalar_t>(), g_td.data_ptr<scalar_t>(),
-        g_c.data_ptr<scalar_t>(), g_slots.data_ptr<scalar_t>());
+        grad_res.data_ptr<scalar_t>(), grad_J.data_ptr<scalar_t>(), g_x.data_ptr<scalar_t>(),
+        g_tp.data_ptr<scalar_t>(), g_td.data_ptr<scalar_t>(), g_c.data_ptr<scalar_t>(),
+        g_slots.data_ptr<scalar_t>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {g_off, g_base, g_tp, g_td, g_c, g_slots};
+  return {g_x, g_tp, g_td, g_c, g_slots};
 }
 
 std::vector<at::Tensor> StepBackwardCuda(const at::Tensor& J, const at::Tensor& r,

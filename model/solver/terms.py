@@ -17,61 +17,60 @@ ROBUST_LOSSES = {"none": 0, "cauchy": 1, "huber": 2}
 
 class _MatchTerms(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, offsets, anchored_base, target_pixels, target_depth, weights, rotations, translations,
-                anchors, anchor_weights, intrinsics, params):
-        residuals, J, root = C.match_terms(offsets, anchors, anchor_weights, anchored_base, target_pixels,
+    def forward(ctx, source_points, target_pixels, target_depth, weights, rotations, translations, anchors,
+                anchor_weights, nodes, intrinsics, params):
+        residuals, J, root = C.match_terms(source_points, anchors, anchor_weights, nodes, target_pixels,
                                            target_depth, weights, intrinsics, rotations, translations,
                                            *params)
-        ctx.save_for_backward(offsets, anchored_base, target_pixels, target_depth, weights, rotations,
-                              translations, anchors, anchor_weights, intrinsics, root)
+        ctx.save_for_backward(source_points, target_pixels, target_depth, weights, rotations, translations,
+                              anchors, anchor_weights, nodes, intrinsics, root)
         ctx.params = params
         return residuals, J
 
     @staticmethod
     def backward(ctx, grad_residuals, grad_J):
-        (offsets, base, target_pixels, target_depth, weights, rotations, translations, anchors,
-         anchor_weights, intrinsics, root) = ctx.saved_tensors
-        g_off, g_base, g_tp, g_td, g_c, g_slots = C.match_terms_backward(
-            offsets, anchors, anchor_weights, base, target_pixels, target_depth, weights, intrinsics,
+        (source_points, target_pixels, target_depth, weights, rotations, translations, anchors,
+         anchor_weights, nodes, intrinsics, root) = ctx.saved_tensors
+        g_x, g_tp, g_td, g_c, g_slots = C.match_terms_backward(
+            source_points, anchors, anchor_weights, nodes, target_pixels, target_depth, weights, intrinsics,
             rotations, translations, *ctx.params, root, grad_residuals, grad_J)
         # Per anchor slot -> per node: a scatter-add over the (M * A) slots (serial and ordered on
         # the CPU, so deterministic there).
         T, flat = rotations.shape[0], anchors.reshape(-1)
         g_R = g_t = None
-        if ctx.needs_input_grad[5]:
+        if ctx.needs_input_grad[4]:
             g_R = torch.zeros(T, 9, dtype=g_slots.dtype, device=g_slots.device).index_add_(
                 0, flat, g_slots[..., :9].reshape(-1, 9)).reshape(T, 3, 3)
-        if ctx.needs_input_grad[6]:
+        if ctx.needs_input_grad[5]:
             g_t = torch.zeros(T, 3, dtype=g_slots.dtype, device=g_slots.device).index_add_(
                 0, flat, g_slots[..., 9:].reshape(-1, 3))
-        return g_off, g_base, g_tp, g_td, g_c, g_R, g_t, None, None, None, None
+        return g_x, g_tp, g_td, g_c, g_R, g_t, None, None, None, None, None
 
 
-def match_terms(offsets, anchors, anchor_weights, anchored_base, target_pixels, target_depth,
-                weights, intrinsics, rotations, translations, flow_weight, depth_weight,
+def match_terms(source_points, anchors, anchor_weights, nodes, target_pixels, target_depth, weights,
+                intrinsics, rotations, translations, flow_weight, depth_weight,
                 robust_loss: str = "none", robust_scale: float = 1.0):
     """Residuals (M, 3) and Jacobian blocks (M, 3, 6A) of the data terms.
 
-    offsets (M, A, 3) = x - g_{a_k}, the source point relative to each anchor; anchors (M, A)
-    int64 flat node indices (into rotations); anchor_weights (M, A); anchored_base (M, 3) =
-    sum_k w_k g_{a_k}; target_pixels (M, 2); target_depth (M,); weights (M,) correspondence
-    weights c; intrinsics (M, 4) fx, fy, cx, cy of each match; rotations (BN, 3, 3);
-    translations (BN, 3). The warped point is x' = sum_k w_k (R_k offsets_k + g_k + t_k).
+    source_points (M, 3); anchors (M, A) int64 flat node indices; anchor_weights (M, A);
+    nodes (T, 3) node positions; target_pixels (M, 2); target_depth (M,); weights (M,)
+    correspondence weights c; intrinsics (M, 4) fx, fy, cx, cy of each match; rotations
+    (T, 3, 3); translations (T, 3). The warped point is x' = sum_k w_k (R_k (x - g_k) + g_k + t_k).
     Block column 6k + p: unknown p (rotation 0-2, translation 3-5) of anchor k. Rows: flow x,
     flow y, depth, each scaled by sqrt(term weight) * c * rho, where rho is the root of the
     iteratively-reweighted-least-squares weight of the match's reprojection error e in pixels
     (robust_loss none: 1; cauchy: 1 / (1 + (e/s)^2); huber: min(1, s / e); s = robust_scale),
-    a constant of the linearisation (no gradient). Differentiable w.r.t. offsets,
-    anchored_base, target_pixels, target_depth, weights, rotations and translations; the
-    skinning weights and intrinsics must not require gradients.
+    a constant of the linearisation (no gradient). Differentiable w.r.t. source_points,
+    target_pixels, target_depth, weights, rotations and translations; the skinning weights, node
+    positions and intrinsics must not require gradients.
     """
     if robust_loss not in ROBUST_LOSSES:
         raise ValueError(f"robust_loss must be one of {sorted(ROBUST_LOSSES)}, found {robust_loss!r}")
-    if anchor_weights.requires_grad or intrinsics.requires_grad:
-        raise ValueError("match_terms: anchor_weights and intrinsics get no gradient; detach them")
+    if anchor_weights.requires_grad or nodes.requires_grad or intrinsics.requires_grad:
+        raise ValueError("match_terms: anchor_weights, nodes and intrinsics get no gradient; detach them")
     params = (float(flow_weight), float(depth_weight), ROBUST_LOSSES[robust_loss], float(robust_scale))
-    return _MatchTerms.apply(offsets, anchored_base, target_pixels, target_depth, weights, rotations,
-                             translations, anchors, anchor_weights, intrinsics, params)
+    return _MatchTerms.apply(source_points, target_pixels, target_depth, weights, rotations, translations,
+                             anchors, anchor_weights, nodes, intrinsics, params)
 
 
 def edge_terms(sources, targets, edge_weights, nodes, rotations, translations, arap_weight):

@@ -14,13 +14,13 @@ def robust_root(pixel_error: torch.Tensor, loss: str, scale: float) -> torch.Ten
     return torch.clamp(scale / e.clamp(min=1e-12), max=1.0).sqrt()
 
 
-def match_terms(offsets, anchors, anchor_weights, anchored_base, target_pixels, target_depth, weights,
+def match_terms(source_points, anchors, anchor_weights, nodes, target_pixels, target_depth, weights,
                 intrinsics, rotations, translations, flow_weight, depth_weight, robust_loss="none",
                 robust_scale=1.0):
     """Residuals (M, 3) and Jacobian blocks (M, 3, 6A); arguments as model.solver.match_terms."""
-    R = rotations[anchors]                                               # (M, A, 3, 3)
-    q = torch.einsum("maij,maj->mai", R, offsets)                        # (M, A, 3)
-    warped = anchored_base + (anchor_weights[..., None] * (q + translations[anchors])).sum(dim=1)
+    g = nodes[anchors]                                                   # (M, A, 3)
+    q = torch.einsum("maij,maj->mai", rotations[anchors], source_points[:, None] - g)
+    warped = (anchor_weights[..., None] * (q + g + translations[anchors])).sum(dim=1)
     x, y, z = warped.unbind(dim=-1)
     fx, fy, cx, cy = intrinsics.unbind(dim=-1)
     pixel = torch.stack((fx * x / z + cx - target_pixels[:, 0], fy * y / z + cy - target_pixels[:, 1]), -1)
