@@ -292,7 +292,7 @@ HOST_DEVICE inline void MatchTermForward(const scalar_t* x, const int64_t* ancho
 
 // Backward of one match from grad_res (3) and grad_J (3, 6A): gradients of x (3), tp (2), td, c,
 // and per anchor slot (A, 12) the gradient of R_k (9, row-major) and t_k (3), which the
-// launcher's caller sums over the anchors of each node. By the chain rule through
+// launchers sum over the anchors of each node. By the chain rule through
 // MatchJacobianBlockBackward (grad of q and dv), then dv and res -> (cf, cd, X, tp, td), then
 // X -> t_k, q_k and q_k = R_k (x - g_k) -> (R_k, x). The skinning weights, the node positions, the
 // intrinsics and the robust root get no gradient.
@@ -600,7 +600,8 @@ at::Tensor BlockMatvecCuda(const at::Tensor& blocks, const at::Tensor& block_row
 // Inputs of the fused match terms, in this order (shapes in MatchTermForward's comment, over M):
 //   x (M, 3), anchors (M, A) int64, aw (M, A), g (T, 3), tp (M, 2), td (M), c (M), K (M, 4),
 //   R (T, 3, 3), t (T, 3); forward outputs res (M, 3), J (M, 3, 6A), root (M); backward outputs
-//   g_x (M, 3), g_tp (M, 2), g_td (M), g_c (M), g_slots (M, A, 12).
+//   g_x (M, 3), g_tp (M, 2), g_td (M), g_c (M), g_nodes (T, 12): per node the gradient of R
+//   (9, row-major) and t (3), the per-slot gradients of MatchTermBackward summed over the slots.
 struct MatchTermInputs {
   at::Tensor x, anchors, aw, g, tp, td, c, K, R, t;
 };
@@ -1002,7 +1003,7 @@ inline std::vector<at::Tensor> MatchTerms(const at::Tensor& x, const at::Tensor&
   return MatchTermsCpu(in, prm);
 }
 
-// (g_x, g_tp, g_td, g_c, g_slots (M, A, 12)) from grad_res (M, 3), grad_J (M, 3, 6A).
+// (g_x, g_tp, g_td, g_c, g_nodes (T, 12)) from grad_res (M, 3), grad_J (M, 3, 6A).
 inline std::vector<at::Tensor> MatchTermsBackward(
     const at::Tensor& x, const at::Tensor& anchors, const at::Tensor& aw, const at::Tensor& g,
     const at::Tensor& tp, const at::Tensor& td, const at::Tensor& c, const at::Tensor& K,

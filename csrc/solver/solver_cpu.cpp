@@ -176,7 +176,17 @@ std::vector<at::Tensor> MatchTermsBackwardCpu(const MatchTermInputs& in, const M
       }
     });
   });
-  return {g_x, g_tp, g_td, g_c, g_slots};
+  // Slots -> nodes in match order, serially: deterministic, and cheaper than a threaded
+  // scatter for the few (M * A) x 12 values.
+  at::Tensor g_nodes = at::zeros({T, 12}, in.x.options());
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "match_terms_node_sum_cpu", [&] {
+    const int64_t* an = in.anchors.data_ptr<int64_t>();
+    const scalar_t* gs = g_slots.data_ptr<scalar_t>();
+    scalar_t* gn = g_nodes.data_ptr<scalar_t>();
+    for (int64_t e = 0; e < M * A; ++e)
+      for (int i = 0; i < 12; ++i) gn[12 * an[e] + i] += gs[12 * e + i];
+  });
+  return {g_x, g_tp, g_td, g_c, g_nodes};
 }
 
 }  // namespace nnrt

@@ -123,7 +123,7 @@ std::vector<at::Tensor> MatchTermsBackwardCuda(const MatchTermInputs& in, const 
   const int A = prm.A;
   at::Tensor g_x = at::empty_like(in.x), g_tp = at::empty_like(in.tp), g_td = at::empty_like(in.td),
              g_c = at::empty_like(in.c), g_slots = at::empty({M, A, 12}, in.x.options());
-  if (M == 0) return {g_x, g_tp, g_td, g_c, g_slots};
+  if (M == 0) return {g_x, g_tp, g_td, g_c, at::zeros({in.R.size(0), 12}, in.x.options())};
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "match_terms_backward_cuda", [&] {
     MatchTermsBackwardKernel<scalar_t><<<NumBlocks(M, 256), 256, 0, stream>>>(
@@ -136,7 +136,10 @@ std::vector<at::Tensor> MatchTermsBackwardCuda(const MatchTermInputs& in, const 
         g_slots.data_ptr<scalar_t>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {g_x, g_tp, g_td, g_c, g_slots};
+  // Slots -> nodes (atomic adds: the order of the sums, not the values, may vary between runs).
+  at::Tensor g_nodes = at::zeros({in.R.size(0), 12}, in.x.options())
+                           .index_add_(0, in.anchors.reshape({-1}), g_slots.reshape({-1, 12}));
+  return {g_x, g_tp, g_td, g_c, g_nodes};
 }
 
 std::vector<at::Tensor> StepBackwardCuda(const at::Tensor& J, const at::Tensor& r,

@@ -31,19 +31,11 @@ class _MatchTerms(torch.autograd.Function):
     def backward(ctx, grad_residuals, grad_J):
         (source_points, target_pixels, target_depth, weights, rotations, translations, anchors,
          anchor_weights, nodes, intrinsics, root) = ctx.saved_tensors
-        g_x, g_tp, g_td, g_c, g_slots = C.match_terms_backward(
+        g_x, g_tp, g_td, g_c, g_nodes = C.match_terms_backward(
             source_points, anchors, anchor_weights, nodes, target_pixels, target_depth, weights, intrinsics,
             rotations, translations, *ctx.params, root, grad_residuals, grad_J)
-        # Per anchor slot -> per node: a scatter-add over the (M * A) slots (serial and ordered on
-        # the CPU, so deterministic there).
-        T, flat = rotations.shape[0], anchors.reshape(-1)
-        g_R = g_t = None
-        if ctx.needs_input_grad[4]:
-            g_R = torch.zeros(T, 9, dtype=g_slots.dtype, device=g_slots.device).index_add_(
-                0, flat, g_slots[..., :9].reshape(-1, 9)).reshape(T, 3, 3)
-        if ctx.needs_input_grad[5]:
-            g_t = torch.zeros(T, 3, dtype=g_slots.dtype, device=g_slots.device).index_add_(
-                0, flat, g_slots[..., 9:].reshape(-1, 3))
+        g_R = g_nodes[:, :9].reshape(-1, 3, 3) if ctx.needs_input_grad[4] else None
+        g_t = g_nodes[:, 9:] if ctx.needs_input_grad[5] else None
         return g_x, g_tp, g_td, g_c, g_R, g_t, None, None, None, None, None
 
 
