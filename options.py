@@ -754,7 +754,7 @@ class FusionOptions:
                                      "rendered model's texture, which the flow tracks, then keeps "
                                      "where the surface was first seen instead of following drift",
                                   ge=0)
-    hidden_support: float = opt(2.0, "nodes whose match support in a frame (sum of anchor x "
+    hidden_support: float = opt(20.0, "nodes whose match support in a frame (sum of anchor x "
                                      "correspondence weights) is below this take the motion "
                                      "increment their nearest supported nodes predict (hidden "
                                      "surface follows the seen one rigidly; 0 = off: ARAP alone)",
