@@ -740,6 +740,9 @@ class FusionOptions:
                                           "than this many metres from its (rendered) source point", gt=0)
     max_normal_angle: float = opt(60.0, "drop a correspondence whose source and target normals "
                                         "differ by more than this many degrees", gt=0, le=180)
+    passes: int = opt(1, "tracking passes per frame: each later pass renders the model at the motion "
+                         "the previous pass solved, matches it to the frame again and solves the "
+                         "remaining motion on top (only with --tracking model)", ge=1, le=5)
     icp_stride: int = opt(2, "dense point-to-plane depth term (its weight is the solver's "
                              "--icp-weight; 0 turns it off): one term every this many pixels of "
                              "the rendered model in each direction",

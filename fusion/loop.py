@@ -161,9 +161,9 @@ class Fusion:
 
     def _batch(self, source_color: np.ndarray, source_points: np.ndarray, anchors: np.ndarray,
                weights: np.ndarray, frame: Frame, target_points: torch.Tensor,
-               flow: Optional[np.ndarray]) -> Dict:
+               flow: Optional[np.ndarray], translations: torch.Tensor) -> Dict:
         g = self.graph
-        live_nodes = g.positions + self.translations
+        live_nodes = g.positions + translations
         i = self.intrinsics
         batch = {
             "source_color": torch.from_numpy(source_color).permute(2, 0, 1)[None].float(),
@@ -207,8 +207,11 @@ class Fusion:
             keep &= cos >= np.cos(np.radians(o.max_normal_angle))
         return keep
 
-    def _track(self, frame: Frame, rendering: Rendering, timings: Dict[str, float]):
-        """Returns (rotations, translations, status, message, matches, energy)."""
+    def _track(self, frame: Frame, rendering: Rendering, timings: Dict[str, float],
+               rotations: torch.Tensor, translations: torch.Tensor):
+        """One tracking pass from `rendering`, the model seen at the node motions (`rotations`,
+        `translations`); the solve finds the increment on top of them. Adds its times to
+        `timings`. Returns (rotations, translations, status, message, matches, energy)."""
         o = self.options
         tick = time.perf_counter()
         target_points = image_proc.backproject_depth(torch.from_numpy(frame.depth), self.intrinsics,
@@ -228,7 +231,7 @@ class Fusion:
             flow = self.gt.flow(rendering.canonical, rendering.mask, frame.frame_id, self.intrinsics,
                                 frame.depth)
         batch = self._batch(source_color, rendering.points, anchors, weights, frame,
-                            target_points, flow)
+                            target_points, flow, translations)
         with torch.no_grad():
             out = self.tracker(batch, run_solver=False)
         # The filter and the solve run on the CPU (the front-end on the chosen device).
@@ -242,7 +245,7 @@ class Fusion:
                      "target_depth", "weights"):
             setattr(matches, name, getattr(matches, name)[keep])
         batch = {k: v.cpu() for k, v in batch.items()}
-        timings["flow"] = time.perf_counter() - tick
+        timings["flow"] += time.perf_counter() - tick
         tick = time.perf_counter()
         problem = SolverProblem.from_matches(matches, batch["nodes"], batch["num_nodes"], batch["edges"],
                                              batch["edges_weights"], batch["clusters"], batch["intrinsics"])
@@ -252,21 +255,41 @@ class Fusion:
         generator = torch.Generator().manual_seed(frame.frame_id)
         with torch.no_grad():
             result = solve(problem, self.solver_options, generator)
-        timings["solve"] = time.perf_counter() - tick
+        timings["solve"] += time.perf_counter() - tick
         status, message = result.status[0], result.messages[0]
         energy = result.energies[0][-1] if result.energies[0] else float("nan")
         count = int(result.num_matches[0])
         if not bool(result.valid[0]):
-            return self.rotations, self.translations, status, message, count, energy
+            return rotations, translations, status, message, count, energy
         # Increments on top of the previous motion: node k moves y -> dR_k (y - g'_k) + g'_k + dt_k
         # around its live position g'_k = g_k + t_k, so R <- dR R and t <- t + dt exactly.
         dR = result.rotations[0].cpu().float()
         dt = result.translations[0].cpu().float()
         if o.hidden_support > 0:
             dR, dt = self._follow_visible(dR, dt, batch["nodes"][0].float(), matches)
-        rotations = dR @ self.rotations
-        translations = self.translations + dt
-        return rotations, translations, status, message, count, energy
+        return dR @ rotations, translations + dt, status, message, count, energy
+
+    def _refine(self, frame: Frame, timings: Dict[str, float], first: tuple) -> tuple:
+        """--passes beyond the first: the model rendered at the motion just solved, the flow
+        from it to the live frame again (the remainder of the motion: the flow measures a weak
+        texture's motion short, and each pass leaves only that fraction of what was left), and a
+        solve on top of that motion. The current mesh serves (the later integration reuses its
+        extraction). A failed later pass keeps the earlier pass's motion."""
+        result = first
+        for _ in range(self.options.passes - 1):
+            if result[2] == "failed":
+                break
+            tick = time.perf_counter()
+            mesh = self.mesh()
+            timings["extract"] += time.perf_counter() - tick
+            tick = time.perf_counter()
+            rendering = self.render(result[0], result[1], mesh)
+            timings["render"] += time.perf_counter() - tick
+            again = self._track(frame, rendering, timings, result[0], result[1])
+            if again[2] == "failed":
+                break
+            result = again
+        return result
 
     def _follow_visible(self, dR: torch.Tensor, dt: torch.Tensor, live_nodes: torch.Tensor, matches):
         """Nodes the frame's matches barely touch (support: the sum of the matches' anchor x
@@ -383,7 +406,11 @@ class Fusion:
             status, count, energy = "oracle", 0, 0.0
             timings["solve"] = time.perf_counter() - tick
         else:
-            rotations, translations, status, message, count, energy = self._track(frame, rendering, timings)
+            rotations, translations, status, message, count, energy = self._track(
+                frame, rendering, timings, self.rotations, self.translations)
+            if o.tracking == "model":
+                rotations, translations, status, message, count, energy = self._refine(
+                    frame, timings, (rotations, translations, status, message, count, energy))
         new_nodes = 0
         if status == "failed":
             self._record(frame.frame_id, self.rotations, self.translations)

@@ -299,3 +299,41 @@ def test_hidden_nodes_follow_the_seen_ones_rigidly():
     dR2, dt2 = Fusion._follow_visible(fusion, dR, dt, nodes, SimpleNamespace(
         anchors=torch.arange(30).repeat(4, 1).T, anchor_weights=torch.full((30, 4), 0.25), weights=torch.ones(30)))
     assert torch.equal(dR2, dR) and torch.equal(dt2, dt)
+
+
+class ShortFlow:
+    """The ground-truth front-end measuring every motion `scale` short, as DIS does on weak
+    texture (BENCHMARKS.md, fusion section)."""
+
+    def __init__(self, tracker, scale):
+        self.tracker, self.options, self.scale = tracker, tracker.options, scale
+
+    def __call__(self, batch, run_solver):
+        batch = dict(batch, optical_flow=batch["optical_flow"] * self.scale)
+        return self.tracker(batch, run_solver=run_solver)
+
+
+def test_second_pass_tracks_the_remainder_of_a_short_flow(sequence_dir, tmp_path):
+    """A flow that measures every motion half short leaves the nodes about half the (tangential)
+    motion behind after one pass; each later pass renders the model at the solved motion and
+    tracks part of the rest (less than the flow's half: the regularisers hold some back), so 3
+    passes leave clearly less."""
+    from fusion.gt import GroundTruth
+    from fusion.loop import Fusion
+    root, _, _ = sequence_dir
+    sequence = Sequence(root, "0:6:5")          # frames 0 and 5: the whole motion in one step
+    tracker = ShortFlow(Tracker(TrackerOptions(flow="gt"), solver_options()), 0.5)
+    gt = GroundTruth(root, 0)
+    errors = {}
+    for passes in (1, 3):
+        fusion = Fusion(sequence, fusion_options(root, str(tmp_path / str(passes)), passes=passes),
+                        solver_options(), tracker, gt)
+        fusion.first_frame(sequence.read(0), sequence.first_mask(None, None)[0])
+        entry = fusion.step(sequence.read(1))
+        assert entry.status != "failed" and entry.steps["flow"] > 0
+        _, expected = gt.node_motions(fusion.graph.positions, 5, fusion.options.node_coverage)
+        seen = fusion.graph.created == 0
+        errors[passes] = float((fusion.translations - expected)[seen].norm(dim=1).median())
+    motion = float(expected[seen].norm(dim=1).median())
+    assert errors[1] > 0.2 * motion, (errors, motion)
+    assert errors[3] < 0.7 * errors[1], (errors, motion)   # measured: 7.7 -> 4.9 mm
