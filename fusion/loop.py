@@ -208,7 +208,7 @@ class Fusion:
         return keep
 
     def _track(self, frame: Frame, rendering: Rendering, timings: Dict[str, float],
-               rotations: torch.Tensor, translations: torch.Tensor):
+               rotations: torch.Tensor, translations: torch.Tensor, later: bool = False):
         """One tracking pass from `rendering`, the model seen at the node motions (`rotations`,
         `translations`); the solve finds the increment on top of them. Adds its times to
         `timings`. Returns (rotations, translations, status, message, matches, energy)."""
@@ -222,9 +222,10 @@ class Fusion:
             source_color = self.previous.color.astype(np.float32) / 255
         else:
             # The rendered model where it is seen, the previous frame around it (gives the
-            # flow's image pyramid context at the object's border).
-            source_color = np.where(rendering.mask[..., None], rendering.color,
-                                    self.previous.color.astype(np.float32) / 255)
+            # flow's image pyramid context at the object's border); in a later pass, whose
+            # rendering sits at this frame's motion already, this frame around it.
+            context = (frame if later else self.previous).color.astype(np.float32) / 255
+            source_color = np.where(rendering.mask[..., None], rendering.color, context)
         anchors, weights = self._pixel_anchors(rendering.canonical, rendering.mask)
         flow = None
         if self.tracker.options.flow == "gt":
@@ -285,7 +286,7 @@ class Fusion:
             tick = time.perf_counter()
             rendering = self.render(result[0], result[1], mesh)
             timings["render"] += time.perf_counter() - tick
-            again = self._track(frame, rendering, timings, result[0], result[1])
+            again = self._track(frame, rendering, timings, result[0], result[1], later=True)
             if again[2] == "failed":
                 break
             result = again
