@@ -165,7 +165,9 @@ class TrackerOptions:
                                          "where the product volume stalls; a checkpoint's own "
                                          "choice always wins when it is loaded",
                            choices=("product", "normalized"))
-    dis_preset: str = opt("medium", "DIS optical flow preset", choices=("ultrafast", "fast", "medium"))
+    dis_preset: str = opt("medium", "DIS optical flow preset; fine: medium down to full resolution "
+                                    "with denser patches and more iterations (sharper, slower; "
+                                    "model/dis_flow.py)", choices=("ultrafast", "fast", "medium", "fine"))
     dis_weights: str = opt("photometric", "DIS correspondence weights: all 1, or from the colour "
                                           "difference between a pixel and its match",
                            choices=("uniform", "photometric"))
