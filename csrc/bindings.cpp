@@ -78,9 +78,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"));
   m.def("solve_step_backward", &nnrt::StepBackward, py::arg("J"), py::arg("r"), py::arg("nodes"),
         py::arg("u"), py::arg("x"));
-  m.def("match_jacobian", &nnrt::MatchJacobian, py::arg("q"), py::arg("w"), py::arg("dv"));
-  m.def("match_jacobian_backward", &nnrt::MatchJacobianBackward, py::arg("grad_J"), py::arg("q"),
-        py::arg("w"), py::arg("dv"));
+  m.def("match_terms", &nnrt::MatchTerms, py::arg("source_points"), py::arg("anchors"),
+        py::arg("anchor_weights"), py::arg("nodes"), py::arg("target_pixels"),
+        py::arg("target_depth"), py::arg("weights"), py::arg("intrinsics"), py::arg("rotations"),
+        py::arg("translations"), py::arg("flow_weight"), py::arg("depth_weight"),
+        py::arg("robust"), py::arg("robust_scale"));
+  m.def("match_terms_backward", &nnrt::MatchTermsBackward, py::arg("source_points"),
+        py::arg("anchors"), py::arg("anchor_weights"), py::arg("nodes"), py::arg("target_pixels"),
+        py::arg("target_depth"), py::arg("weights"), py::arg("intrinsics"), py::arg("rotations"),
+        py::arg("translations"), py::arg("flow_weight"), py::arg("depth_weight"),
+        py::arg("robust"), py::arg("robust_scale"), py::arg("root"), py::arg("grad_res"),
+        py::arg("grad_J"));
 
   // hashgrid
   m.def("hashgrid_forward", &nnrt::HashGridForward, py::arg("x"), py::arg("table"),

@@ -28,6 +28,7 @@ from tests.conftest import REPO, assert_close, small_synthetic_split
 from tests.test_fusion import INTRINSICS as FUSION_INTRINSICS
 from tests.test_fusion import random_scene
 from tests.solver_problems import make_problem, to_solver_problem
+from tests.test_solver import random_match_inputs
 
 # NNRT_GPU_TEST_DEVICE=cpu runs the same comparisons CPU against CPU: a check of this module's own
 # code on a machine without a GPU (it proves nothing about CUDA).
@@ -160,13 +161,16 @@ def test_sparse_solve(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_match_jacobian(dtype):
-    gen = torch.Generator().manual_seed(4)
-    q = torch.randn(500, 4, 3, generator=gen, dtype=dtype)
-    w = torch.rand(500, 4, generator=gen, dtype=dtype)
-    dv = torch.randn(500, 5, generator=gen, dtype=dtype)
-    results = _both(gn.match_jacobian, q, w, dv, grad=True)
-    _compare(results, dtype, "match_jacobian")
+def test_match_terms(dtype):
+    inputs = random_match_inputs(M=500, A=4, T=40, dtype=dtype)
+
+    def fn(x, anchors, anchor_weights, nodes, tp, td, c, K, R, t):
+        # Skinning weights, node positions and intrinsics take no gradient (the op refuses them).
+        return gn.match_terms(x, anchors, anchor_weights.detach(), nodes.detach(), tp, td, c, K.detach(), R, t,
+                              0.001, 1.0, "cauchy", 3.0)
+
+    results = _both(fn, *inputs, grad=True)
+    _compare(results, dtype, "match_terms")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -8,7 +8,7 @@ from model import solver as gn
 from model.warp import so3_exp
 from options import SolverOptions
 from tests.conftest import assert_close
-from tests.reference import dense_solver
+from tests.reference import dense_solver, match_terms_reference
 from tests.solver_problems import angle_error, make_problem, to_solver_problem
 
 WEIGHTS = {"flow": 0.001, "depth": 1.0, "arap": 1.0}
@@ -29,9 +29,7 @@ def _blocks_to_dense(J, nodes, num_nodes):
 def _ours_dense_jacobian(p, R, t):
     N = p["nodes"].shape[0]
     M = p["points"].shape[0]
-    g = p["nodes"][p["anchors"]]
-    r_m, J_m = gn.match_terms(p["points"][:, None] - g, p["anchors"], p["anchor_weights"],
-                              (p["anchor_weights"][..., None] * g).sum(1), p["target_pixels"],
+    r_m, J_m = gn.match_terms(p["points"], p["anchors"], p["anchor_weights"], p["nodes"], p["target_pixels"],
                               p["target_depth"], p["weights"], p["intrinsics"].expand(M, 4), R, t,
                               WEIGHTS["flow"], WEIGHTS["depth"])
     r_e, J_e = gn.edge_terms(p["edges"][:, 0], p["edges"][:, 1], p["edge_weights"], p["nodes"], R, t,
@@ -337,14 +335,73 @@ def test_gauss_newton_step_equals_assembly_and_solve_composed():
     assert torch.autograd.gradcheck(step, (J, r), eps=1e-6, atol=1e-6)
 
 
-def test_match_jacobian_op_gradcheck():
-    gen = torch.Generator().manual_seed(4)
-    q = torch.randn(6, 4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
-    w = torch.rand(6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
-    dv = torch.randn(6, 5, generator=gen, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(gn.match_jacobian, (q, w, dv))
-    J = gn.match_jacobian(q, w, dv)
-    # row 2 (depth) of anchor 0: w0 [q0 x (0, 0, e), (0, 0, e)]
-    e = dv[:, 4]
-    expected = torch.stack((q[:, 0, 1] * e, -q[:, 0, 0] * e, 0 * e, 0 * e, 0 * e, e), 1) * w[:, :1]
-    assert_close(J[:, 2, :6], expected, atol=1e-12, what="depth row")
+def random_match_inputs(M=9, A=4, T=5, dtype=torch.float64, seed=4):
+    """Inputs of match_terms in its argument order."""
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.rand(*shape, generator=gen, dtype=dtype)  # noqa: E731
+    nodes = torch.cat((0.2 * rand(T, 2) - 0.1, 0.8 + 0.4 * rand(T, 1)), dim=1)
+    anchors = torch.randint(0, T, (M, A), generator=gen)
+    anchor_weights = torch.softmax(torch.randn(M, A, generator=gen, dtype=dtype), dim=1)
+    source_points = nodes[anchors[:, 0]] + 0.05 * torch.randn(M, 3, generator=gen, dtype=dtype)
+    target_pixels = 300 * rand(M, 2) + 100
+    target_depth = 0.8 + 0.4 * rand(M)
+    weights = 0.5 + rand(M)
+    intrinsics = torch.tensor([[500.0, 520.0, 320.0, 240.0]], dtype=dtype).expand(M, 4).contiguous()
+    rotations = so3_exp(0.2 * torch.randn(T, 3, generator=gen, dtype=dtype))
+    translations = 0.02 * torch.randn(T, 3, generator=gen, dtype=dtype)
+    return (source_points, anchors, anchor_weights, nodes, target_pixels, target_depth, weights, intrinsics,
+            rotations, translations)
+
+
+DIFFERENTIABLE = (0, 4, 5, 6, 8, 9)  # source points, target pixels/depth, weights, R, t
+
+
+@pytest.mark.parametrize("robust", ["none", "cauchy", "huber"])
+def test_match_terms_op_equals_reference(robust):
+    """The fused op against the plain-PyTorch reference: residuals, Jacobian blocks and the
+    gradients of every differentiable input, with the robust weights as constants in both."""
+    inputs = list(random_match_inputs())
+    leaves = [x.clone().requires_grad_(i in DIFFERENTIABLE) for i, x in enumerate(inputs)]
+    probes = (torch.randn(9, 3, dtype=torch.float64), torch.randn(9, 3, 24, dtype=torch.float64))
+    results = []
+    for fn in (gn.match_terms, match_terms_reference.match_terms):
+        r, J = fn(*leaves, 0.001, 1.0, robust, 3.0)
+        wrt = [leaves[i] for i in DIFFERENTIABLE]
+        grads = torch.autograd.grad((r * probes[0]).sum() + (J * probes[1]).sum(), wrt)
+        results.append((r, J, grads))
+    (r, J, grads), (r_ref, J_ref, grads_ref) = results
+    assert_close(r, r_ref, atol=1e-12, what="residuals")
+    assert_close(J, J_ref, atol=1e-12, what="Jacobian blocks")
+    for i, a, b in zip(DIFFERENTIABLE, grads, grads_ref):
+        assert_close(a, b, atol=1e-10, rtol=1e-9, what=f"gradient of input {i}")
+    if robust != "none":  # the reweighting did something on these inputs
+        plain, _ = gn.match_terms(*inputs, 0.001, 1.0, "none", 3.0)
+        assert not torch.allclose(plain, r.detach())
+
+
+def test_match_terms_op_gradcheck():
+    inputs = list(random_match_inputs(M=5, A=4, T=3))
+
+    def f(*diff):
+        args = list(inputs)
+        for i, x in zip(DIFFERENTIABLE, diff):
+            args[i] = x
+        return gn.match_terms(*args, 0.001, 1.0)
+
+    diff = [inputs[i].clone().requires_grad_(True) for i in DIFFERENTIABLE]
+    assert torch.autograd.gradcheck(f, diff)
+
+
+def test_match_terms_op_rejects_bad_input():
+    inputs = list(random_match_inputs())
+    bad = list(inputs)
+    bad[1] = inputs[1].clone()
+    bad[1][3, 2] = 7  # node 7 of 5
+    with pytest.raises(RuntimeError, match="match 3 anchor 2: node 7 outside"):
+        gn.match_terms(*bad, 0.001, 1.0)
+    bad = list(inputs)
+    bad[4] = inputs[4][:, :1]
+    with pytest.raises(RuntimeError, match="target pixels must be"):
+        gn.match_terms(*bad, 0.001, 1.0)
+    with pytest.raises(ValueError, match="robust_loss"):
+        gn.match_terms(*inputs, 0.001, 1.0, "tukey")

@@ -143,38 +143,58 @@ std::vector<at::Tensor> BuildBlockPatternCpu(const std::vector<at::Tensor>& node
     int64_t col;
     int64_t id;     // entry id m * E + k within its group; -1 for the diagonal block
     int32_t group;
+    int32_t pad;
   };
-  // Bucket by row: the diagonal item first, then every valid key.
-  std::vector<int64_t> start(T + 1, 0);
-  for (int64_t n = 0; n < T; ++n) start[n + 1] = 1;
-  for (size_t g = 0; g < G; ++g) {
-    const int64_t* k = keys[g].data_ptr<int64_t>();
-    for (int64_t e = 0; e < keys[g].numel(); ++e)
-      if (k[e] >= 0) ++start[k[e] / T + 1];
-  }
-  for (int64_t n = 0; n < T; ++n) start[n + 1] += start[n];
-  std::vector<Item> items(start[T]);
+  // Every item (the diagonal block of each node first, then every valid key of each group, in
+  // order) sorted by (row, col), stably, by two counting sorts: first by column, then by row (a
+  // radix sort over the nodes, O(items + T), where sorting each row was O(items log items)).
+  std::vector<int64_t> item_row;
+  std::vector<Item> unsorted;
   {
-    std::vector<int64_t> fill(start.begin(), start.end() - 1);
-    for (int64_t n = 0; n < T; ++n) items[fill[n]++] = Item{n, -1, -1};
+    int64_t count = T;
+    for (size_t g = 0; g < G; ++g) {
+      const int64_t* k = keys[g].data_ptr<int64_t>();
+      for (int64_t e = 0; e < keys[g].numel(); ++e) count += k[e] >= 0;
+    }
+    unsorted.reserve(count);
+    item_row.reserve(count);
+    for (int64_t n = 0; n < T; ++n) {
+      unsorted.push_back(Item{n, -1, -1, 0});
+      item_row.push_back(n);
+    }
     for (size_t g = 0; g < G; ++g) {
       const int64_t* k = keys[g].data_ptr<int64_t>();
       for (int64_t e = 0; e < keys[g].numel(); ++e)
-        if (k[e] >= 0) items[fill[k[e] / T]++] = Item{k[e] % T, e, static_cast<int32_t>(g)};
+        if (k[e] >= 0) {
+          unsorted.push_back(Item{k[e] % T, e, static_cast<int32_t>(g), 0});
+          item_row.push_back(k[e] / T);
+        }
     }
   }
-  // Sort each row by column and count its distinct columns (blocks).
+  const int64_t num_items = static_cast<int64_t>(unsorted.size());
+  std::vector<int64_t> by_col(num_items);  // item indices sorted by column
+  {
+    std::vector<int64_t> fill(T + 1, 0);
+    for (const Item& item : unsorted) ++fill[item.col + 1];
+    for (int64_t n = 0; n < T; ++n) fill[n + 1] += fill[n];
+    for (int64_t i = 0; i < num_items; ++i) by_col[fill[unsorted[i].col]++] = i;
+  }
+  std::vector<int64_t> start(T + 1, 0);
+  for (int64_t i = 0; i < num_items; ++i) ++start[item_row[i] + 1];
+  for (int64_t n = 0; n < T; ++n) start[n + 1] += start[n];
+  std::vector<Item> items(num_items);
+  {
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t i : by_col) items[fill[item_row[i]]++] = unsorted[i];
+  }
+  // Count each row's distinct columns (blocks).
   std::vector<int64_t> row_blocks(T, 0);
-  at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      std::stable_sort(items.begin() + start[n], items.begin() + start[n + 1],
-                       [](const Item& a, const Item& b) { return a.col < b.col; });
-      int64_t count = 0;
-      for (int64_t i = start[n]; i < start[n + 1]; ++i)
-        if (i == start[n] || items[i].col != items[i - 1].col) ++count;
-      row_blocks[n] = count;
-    }
-  });
+  for (int64_t n = 0; n < T; ++n) {
+    int64_t count = 0;
+    for (int64_t i = start[n]; i < start[n + 1]; ++i)
+      if (i == start[n] || items[i].col != items[i - 1].col) ++count;
+    row_blocks[n] = count;
+  }
   at::Tensor row_start = at::empty({T + 1}, opts);
   int64_t* rs = row_start.data_ptr<int64_t>();
   rs[0] = 0;

@@ -30,6 +30,7 @@
 //     (BlockMatvecBody) multiplies by both triangles from the upper blocks.
 #pragma once
 
+#include <cmath>
 #include <sstream>
 
 #include "common.h"
@@ -210,6 +211,137 @@ HOST_DEVICE inline void MatchJacobianBlockBackward(const scalar_t* grad_J, const
   grad_dv[2] = gD[1][1];
   grad_dv[3] = gD[1][2];
   grad_dv[4] = gD[2][2];
+}
+
+// The data terms of one match, fused (docs/DESIGN.md 5.3): warp, residuals, robust reweighting
+// and Jacobian blocks in one pass, so that the Gauss-Newton loop runs one op per linearisation
+// instead of some fifty tensor ops (and their autograd graph). Per match, with A anchors:
+//   x (3) the source point;  anchors (A) flat node ids (valid: the solver's selection
+//   guarantees it, the CPU launcher checks it);  aw (A) skinning weights w_k;  tp (2) target
+//   pixel (u, v);  td target depth;  c correspondence weight;  K (4) fx, fy, cx, cy;
+//   g (T, 3) node positions;  R (T, 3, 3), t (T, 3) the current node motions (row-major).
+//   q_k = R_k (x - g_k),  X = sum_k w_k (q_k + g_k + t_k),
+//   p = (fx X.x / X.z + cx - u, fy X.y / X.z + cy - v)
+//   rho = robust root of |p| (1 for none; Cauchy sqrt(1 / (1 + (|p|/s)^2)); Huber sqrt(min(1, s/|p|))),
+//         a constant of the linearisation (no gradient), as iteratively reweighted least squares has it
+//   cf = sqrt(flow_weight) c rho,  cd = sqrt(depth_weight) c rho
+//   res = (cf p.x, cf p.y, cd (X.z - td));  J = MatchJacobianBlock(q, w, dv) with
+//   dv = d res / d X = (cf fx / z, -cf fx x / z^2, cf fy / z, -cf fy y / z^2, cd).
+enum RobustLoss { kRobustNone = 0, kRobustCauchy = 1, kRobustHuber = 2 };
+
+template <typename scalar_t>
+struct MatchTermParams {
+  scalar_t sqrt_flow_weight, sqrt_depth_weight, robust_scale;
+  int robust;  // RobustLoss
+  int A;       // anchors per match
+};
+
+// Offsets o (A, 3) = x - g_k, q (A, 3) and X (3) of one match.
+template <typename scalar_t>
+HOST_DEVICE inline void WarpMatch(const scalar_t* x, const int64_t* anchors, const scalar_t* aw,
+                                  const scalar_t* g, const scalar_t* R, const scalar_t* t, int A,
+                                  scalar_t* o, scalar_t* q, scalar_t* X) {
+  X[0] = X[1] = X[2] = 0;
+  for (int k = 0; k < A; ++k) {
+    const scalar_t* Rk = R + 9 * anchors[k];
+    const scalar_t* tk = t + 3 * anchors[k];
+    const scalar_t* gk = g + 3 * anchors[k];
+    scalar_t* ok = o + 3 * k;
+    for (int i = 0; i < 3; ++i) ok[i] = x[i] - gk[i];
+    for (int i = 0; i < 3; ++i) {
+      q[3 * k + i] = Rk[3 * i] * ok[0] + Rk[3 * i + 1] * ok[1] + Rk[3 * i + 2] * ok[2];
+      X[i] += aw[k] * (q[3 * k + i] + gk[i] + tk[i]);
+    }
+  }
+}
+
+// sqrt in the launch's precision on both devices (sqrtf for float, not a silent double).
+HOST_DEVICE inline float ScalarSqrt(float x) { return sqrtf(x); }
+HOST_DEVICE inline double ScalarSqrt(double x) { return sqrt(x); }
+
+template <typename scalar_t>
+HOST_DEVICE inline scalar_t RobustRoot(scalar_t px, scalar_t py, int robust, scalar_t scale) {
+  if (robust == kRobustNone) return scalar_t(1);
+  const scalar_t e = ScalarSqrt(px * px + py * py);
+  if (robust == kRobustCauchy) return ScalarSqrt(scalar_t(1) / (scalar_t(1) + (e / scale) * (e / scale)));
+  const scalar_t h = scale / (e > scalar_t(1e-12) ? e : scalar_t(1e-12));
+  return ScalarSqrt(h < scalar_t(1) ? h : scalar_t(1));
+}
+
+// Forward of one match: res (3), J (3, 6A), root (the robust root rho, saved for the backward).
+template <typename scalar_t>
+HOST_DEVICE inline void MatchTermForward(const scalar_t* x, const int64_t* anchors, const scalar_t* aw,
+                                         const scalar_t* g, const scalar_t* tp, scalar_t td, scalar_t c,
+                                         const scalar_t* K, const scalar_t* R, const scalar_t* t,
+                                         const MatchTermParams<scalar_t>& prm, scalar_t* res,
+                                         scalar_t* J, scalar_t* root) {
+  scalar_t o[3 * kMaxSlots], q[3 * kMaxSlots], X[3];
+  WarpMatch(x, anchors, aw, g, R, t, prm.A, o, q, X);
+  const scalar_t iz = scalar_t(1) / X[2];
+  const scalar_t px = K[0] * X[0] * iz + K[2] - tp[0], py = K[1] * X[1] * iz + K[3] - tp[1];
+  const scalar_t rho = RobustRoot(px, py, prm.robust, prm.robust_scale);
+  const scalar_t cf = prm.sqrt_flow_weight * c * rho, cd = prm.sqrt_depth_weight * c * rho;
+  res[0] = cf * px;
+  res[1] = cf * py;
+  res[2] = cd * (X[2] - td);
+  const scalar_t dv[5] = {cf * K[0] * iz, -cf * K[0] * X[0] * iz * iz, cf * K[1] * iz,
+                          -cf * K[1] * X[1] * iz * iz, cd};
+  MatchJacobianBlock<scalar_t>(q, aw, dv, prm.A, J);
+  *root = rho;
+}
+
+// Backward of one match from grad_res (3) and grad_J (3, 6A): gradients of x (3), tp (2), td, c,
+// and per anchor slot (A, 12) the gradient of R_k (9, row-major) and t_k (3), which the
+// launchers sum over the anchors of each node. By the chain rule through
+// MatchJacobianBlockBackward (grad of q and dv), then dv and res -> (cf, cd, X, tp, td), then
+// X -> t_k, q_k and q_k = R_k (x - g_k) -> (R_k, x). The skinning weights, the node positions, the
+// intrinsics and the robust root get no gradient.
+template <typename scalar_t>
+HOST_DEVICE inline void MatchTermBackward(const scalar_t* x, const int64_t* anchors, const scalar_t* aw,
+                                          const scalar_t* g, const scalar_t* tp, scalar_t td, scalar_t c,
+                                          const scalar_t* K, const scalar_t* R, const scalar_t* t,
+                                          const MatchTermParams<scalar_t>& prm, scalar_t rho,
+                                          const scalar_t* gres, const scalar_t* gJ, scalar_t* g_x,
+                                          scalar_t* g_tp, scalar_t* g_td, scalar_t* g_c,
+                                          scalar_t* g_slots) {
+  const int A = prm.A;
+  scalar_t o[3 * kMaxSlots], q[3 * kMaxSlots], X[3];
+  WarpMatch(x, anchors, aw, g, R, t, A, o, q, X);
+  const scalar_t iz = scalar_t(1) / X[2], iz2 = iz * iz, iz3 = iz2 * iz;
+  const scalar_t fx = K[0], fy = K[1];
+  const scalar_t px = fx * X[0] * iz + K[2] - tp[0], py = fy * X[1] * iz + K[3] - tp[1];
+  const scalar_t cf = prm.sqrt_flow_weight * c * rho, cd = prm.sqrt_depth_weight * c * rho;
+  const scalar_t dv[5] = {cf * fx * iz, -cf * fx * X[0] * iz2, cf * fy * iz, -cf * fy * X[1] * iz2, cd};
+  scalar_t gq[3 * kMaxSlots], gw[kMaxSlots], gdv[5];
+  MatchJacobianBlockBackward<scalar_t>(gJ, q, aw, dv, A, gq, gw, gdv);
+  const scalar_t gcf = gres[0] * px + gres[1] * py + gdv[0] * fx * iz - gdv[1] * fx * X[0] * iz2 +
+                       gdv[2] * fy * iz - gdv[3] * fy * X[1] * iz2;
+  const scalar_t gcd = gres[2] * (X[2] - td) + gdv[4];
+  *g_c = rho * (prm.sqrt_flow_weight * gcf + prm.sqrt_depth_weight * gcd);
+  g_tp[0] = -cf * gres[0];
+  g_tp[1] = -cf * gres[1];
+  *g_td = -cd * gres[2];
+  const scalar_t gX[3] = {
+      cf * fx * (gres[0] * iz - gdv[1] * iz2),
+      cf * fy * (gres[1] * iz - gdv[3] * iz2),
+      -cf * fx * X[0] * iz2 * gres[0] - cf * fy * X[1] * iz2 * gres[1] + cd * gres[2] -
+          cf * fx * iz2 * gdv[0] + 2 * cf * fx * X[0] * iz3 * gdv[1] - cf * fy * iz2 * gdv[2] +
+          2 * cf * fy * X[1] * iz3 * gdv[3]};
+  g_x[0] = g_x[1] = g_x[2] = 0;
+  for (int k = 0; k < A; ++k) {
+    const scalar_t* Rk = R + 9 * anchors[k];
+    const scalar_t* ok = o + 3 * k;
+    scalar_t* gs = g_slots + 12 * k;
+    scalar_t gqk[3];
+    for (int i = 0; i < 3; ++i) {
+      gqk[i] = gq[3 * k + i] + aw[k] * gX[i];
+      gs[9 + i] = aw[k] * gX[i];
+    }
+    for (int j = 0; j < 3; ++j) {
+      g_x[j] += Rk[j] * gqk[0] + Rk[3 + j] * gqk[1] + Rk[6 + j] * gqk[2];
+      for (int i = 0; i < 3; ++i) gs[3 * i + j] = gqk[i] * ok[j];
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -465,13 +597,23 @@ at::Tensor BlockMatvecCuda(const at::Tensor& blocks, const at::Tensor& block_row
                            const at::Tensor& col_order, const at::Tensor& col_start, const at::Tensor& x);
 #endif
 
-std::vector<at::Tensor> MatchJacobianCpu(const at::Tensor& q, const at::Tensor& w, const at::Tensor& dv);
-std::vector<at::Tensor> MatchJacobianBackwardCpu(const at::Tensor& grad_J, const at::Tensor& q,
-                                                 const at::Tensor& w, const at::Tensor& dv);
+// Inputs of the fused match terms, in this order (shapes in MatchTermForward's comment, over M):
+//   x (M, 3), anchors (M, A) int64, aw (M, A), g (T, 3), tp (M, 2), td (M), c (M), K (M, 4),
+//   R (T, 3, 3), t (T, 3); forward outputs res (M, 3), J (M, 3, 6A), root (M); backward outputs
+//   g_x (M, 3), g_tp (M, 2), g_td (M), g_c (M), g_nodes (T, 12): per node the gradient of R
+//   (9, row-major) and t (3), the per-slot gradients of MatchTermBackward summed over the slots.
+struct MatchTermInputs {
+  at::Tensor x, anchors, aw, g, tp, td, c, K, R, t;
+};
+std::vector<at::Tensor> MatchTermsCpu(const MatchTermInputs& in, const MatchTermParams<double>& prm);
+std::vector<at::Tensor> MatchTermsBackwardCpu(const MatchTermInputs& in, const MatchTermParams<double>& prm,
+                                              const at::Tensor& root, const at::Tensor& grad_res,
+                                              const at::Tensor& grad_J);
 #ifdef WITH_CUDA
-std::vector<at::Tensor> MatchJacobianCuda(const at::Tensor& q, const at::Tensor& w, const at::Tensor& dv);
-std::vector<at::Tensor> MatchJacobianBackwardCuda(const at::Tensor& grad_J, const at::Tensor& q,
-                                                  const at::Tensor& w, const at::Tensor& dv);
+std::vector<at::Tensor> MatchTermsCuda(const MatchTermInputs& in, const MatchTermParams<double>& prm);
+std::vector<at::Tensor> MatchTermsBackwardCuda(const MatchTermInputs& in, const MatchTermParams<double>& prm,
+                                               const at::Tensor& root, const at::Tensor& grad_res,
+                                               const at::Tensor& grad_J);
 #endif
 
 std::vector<at::Tensor> StepBackwardCpu(const at::Tensor& J, const at::Tensor& r,
@@ -764,11 +906,31 @@ inline std::vector<at::Tensor> StepBackward(const at::Tensor& J, const at::Tenso
   TORCH_CHECK(u.dim() == 2 && u.sizes() == x.sizes() && u.size(1) % 6 == 0,
               "u and x must be (B, 6N) alike, found ", u.sizes(), " and ", x.sizes());
   CheckAssemblyInputs(J, r, nodes, u.size(0), u.size(1) / 6);
-  CheckedTermBlockKeys(nodes, u.size(0), u.size(1) / 6);  // the input checks, the same on both devices
   TORCH_CHECK(nodes.size(1) <= kMaxSlots, "at most ", kMaxSlots, " slots per term, found ", nodes.size(1));
   const at::Tensor uu = u.to(J.scalar_type()).contiguous(), xx = x.to(J.scalar_type()).contiguous();
+  const int64_t B = u.size(0), N = u.size(1) / 6;
+  if (!J.is_cuda()) {
+    // The checks of the pattern's (every node in range, one sample per term) as one cheap scan;
+    // only a bad term pays for CheckedTermBlockKeys, which names it.
+    const at::Tensor idx = nodes.contiguous();
+    const int64_t* n = idx.data_ptr<int64_t>();
+    const int64_t S = idx.size(1);
+    bool ok = true;
+    for (int64_t m = 0; m < idx.size(0) && ok; ++m) {
+      int64_t sample = -1;
+      for (int64_t s = 0; s < S && ok; ++s) {
+        const int64_t node = n[m * S + s];
+        if (node < -1 || node >= B * N) ok = false;
+        else if (node >= 0 && sample < 0) sample = node / N;
+        else if (node >= 0 && node / N != sample) ok = false;
+      }
+    }
+    if (!ok) CheckedTermBlockKeys(nodes, B, N);
+    TORCH_CHECK(ok, "solve_step_backward: invalid term nodes");
+  }
   if (J.is_cuda()) {
 #ifdef WITH_CUDA
+    CheckedTermBlockKeys(nodes, B, N);  // the same checks, on the device
     return StepBackwardCuda(J.contiguous(), r.contiguous(), nodes.contiguous(), uu, xx);
 #else
     NNRT_NO_CUDA("solve_step_backward");
@@ -781,45 +943,90 @@ inline std::vector<at::Tensor> StepBackward(const at::Tensor& J, const at::Tenso
 
 namespace nnrt {
 
-inline void CheckMatchJacobianInputs(const at::Tensor& q, const at::Tensor& w, const at::Tensor& dv) {
-  TORCH_CHECK(q.dim() == 3 && q.size(2) == 3, "q must be (M, A, 3), found ", q.sizes());
-  TORCH_CHECK(w.dim() == 2 && w.size(0) == q.size(0) && w.size(1) == q.size(1),
-              "w must be (M, A) = (", q.size(0), ", ", q.size(1), "), found ", w.sizes());
-  TORCH_CHECK(dv.dim() == 2 && dv.size(0) == q.size(0) && dv.size(1) == 5,
-              "dv must be (M, 5), found ", dv.sizes());
-  TORCH_CHECK(q.size(1) <= kMaxSlots, "at most ", kMaxSlots, " anchors, found ", q.size(1));
-  TORCH_CHECK(q.is_floating_point() && w.scalar_type() == q.scalar_type() &&
-                  dv.scalar_type() == q.scalar_type(), "q, w and dv must share a floating dtype");
+inline MatchTermInputs CheckMatchTermInputs(const at::Tensor& x, const at::Tensor& anchors,
+                                            const at::Tensor& aw, const at::Tensor& g,
+                                            const at::Tensor& tp, const at::Tensor& td,
+                                            const at::Tensor& c, const at::Tensor& K,
+                                            const at::Tensor& R, const at::Tensor& t) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == 3, "source points must be (M, 3), found ", x.sizes());
+  TORCH_CHECK(anchors.dim() == 2 && anchors.size(0) == x.size(0) && anchors.scalar_type() == at::kLong,
+              "anchors must be (M, A) int64 with M = ", x.size(0), ", found ", anchors.sizes(), " ",
+              anchors.scalar_type());
+  const int64_t M = x.size(0), A = anchors.size(1);
+  TORCH_CHECK(A >= 1 && A <= kMaxSlots, "1 to ", kMaxSlots, " anchors per match, found ", A);
+  TORCH_CHECK(aw.sizes() == at::IntArrayRef({M, A}), "anchor weights must be (", M, ", ", A,
+              "), found ", aw.sizes());
+  TORCH_CHECK(tp.sizes() == at::IntArrayRef({M, 2}), "target pixels must be (", M, ", 2), found ",
+              tp.sizes());
+  TORCH_CHECK(td.sizes() == at::IntArrayRef({M}) && c.sizes() == at::IntArrayRef({M}),
+              "target depth and weights must be (", M, "), found ", td.sizes(), " and ", c.sizes());
+  TORCH_CHECK(K.sizes() == at::IntArrayRef({M, 4}), "intrinsics must be (", M, ", 4), found ", K.sizes());
+  TORCH_CHECK(R.dim() == 3 && R.size(1) == 3 && R.size(2) == 3 && t.dim() == 2 && t.size(1) == 3 &&
+                  t.size(0) == R.size(0) && g.sizes() == t.sizes(),
+              "node positions (T, 3), rotations (T, 3, 3) and translations (T, 3) expected, found ",
+              g.sizes(), ", ", R.sizes(), " and ", t.sizes());
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(x.is_floating_point(), "source points must be floating point, found ", dtype);
+  for (const at::Tensor* v : {&aw, &g, &tp, &td, &c, &K, &R, &t})
+    TORCH_CHECK(v->scalar_type() == dtype, "match term inputs must share one dtype: ", dtype,
+                " and ", v->scalar_type());
+  return {x.contiguous(), anchors.contiguous(), aw.contiguous(), g.contiguous(), tp.contiguous(),
+          td.contiguous(), c.contiguous(), K.contiguous(), R.contiguous(), t.contiguous()};
 }
 
-// J (M, 3, 6A) from q (M, A, 3), w (M, A), dv (M, 5).
-inline std::vector<at::Tensor> MatchJacobian(const at::Tensor& q, const at::Tensor& w, const at::Tensor& dv) {
-  CheckMatchJacobianInputs(q, w, dv);
-  if (q.is_cuda()) {
-#ifdef WITH_CUDA
-    return MatchJacobianCuda(q.contiguous(), w.contiguous(), dv.contiguous());
-#else
-    NNRT_NO_CUDA("match_jacobian");
-#endif
-  }
-  return MatchJacobianCpu(q.contiguous(), w.contiguous(), dv.contiguous());
+inline MatchTermParams<double> MakeMatchTermParams(double flow_weight, double depth_weight,
+                                                   int64_t robust, double robust_scale, int64_t A) {
+  TORCH_CHECK(flow_weight >= 0 && depth_weight >= 0, "term weights must be >= 0, found ",
+              flow_weight, " and ", depth_weight);
+  TORCH_CHECK(robust >= kRobustNone && robust <= kRobustHuber, "robust loss code 0-2, found ", robust);
+  TORCH_CHECK(robust == kRobustNone || robust_scale > 0, "robust scale must be > 0, found ", robust_scale);
+  return {std::sqrt(flow_weight), std::sqrt(depth_weight), robust_scale, static_cast<int>(robust),
+          static_cast<int>(A)};
 }
 
-// (grad_q (M, A, 3), grad_w (M, A), grad_dv (M, 5)) from grad_J (M, 3, 6A).
-inline std::vector<at::Tensor> MatchJacobianBackward(const at::Tensor& grad_J, const at::Tensor& q,
-                                                     const at::Tensor& w, const at::Tensor& dv) {
-  CheckMatchJacobianInputs(q, w, dv);
-  TORCH_CHECK(grad_J.dim() == 3 && grad_J.size(0) == q.size(0) && grad_J.size(1) == 3 &&
-                  grad_J.size(2) == 6 * q.size(1), "grad_J must be (M, 3, 6A), found ", grad_J.sizes());
-  const at::Tensor g = grad_J.to(q.scalar_type()).contiguous();
-  if (q.is_cuda()) {
+// (res (M, 3), J (M, 3, 6A), root (M)) of the data terms; inputs as MatchTermInputs.
+inline std::vector<at::Tensor> MatchTerms(const at::Tensor& x, const at::Tensor& anchors,
+                                          const at::Tensor& aw, const at::Tensor& g,
+                                          const at::Tensor& tp, const at::Tensor& td,
+                                          const at::Tensor& c, const at::Tensor& K,
+                                          const at::Tensor& R, const at::Tensor& t, double flow_weight,
+                                          double depth_weight, int64_t robust, double robust_scale) {
+  const MatchTermInputs in = CheckMatchTermInputs(x, anchors, aw, g, tp, td, c, K, R, t);
+  const auto prm = MakeMatchTermParams(flow_weight, depth_weight, robust, robust_scale, anchors.size(1));
+  if (x.is_cuda()) {
 #ifdef WITH_CUDA
-    return MatchJacobianBackwardCuda(g, q.contiguous(), w.contiguous(), dv.contiguous());
+    return MatchTermsCuda(in, prm);
 #else
-    NNRT_NO_CUDA("match_jacobian_backward");
+    NNRT_NO_CUDA("match_terms");
 #endif
   }
-  return MatchJacobianBackwardCpu(g, q.contiguous(), w.contiguous(), dv.contiguous());
+  return MatchTermsCpu(in, prm);
+}
+
+// (g_x, g_tp, g_td, g_c, g_nodes (T, 12)) from grad_res (M, 3), grad_J (M, 3, 6A).
+inline std::vector<at::Tensor> MatchTermsBackward(
+    const at::Tensor& x, const at::Tensor& anchors, const at::Tensor& aw, const at::Tensor& g,
+    const at::Tensor& tp, const at::Tensor& td, const at::Tensor& c, const at::Tensor& K,
+    const at::Tensor& R, const at::Tensor& t, double flow_weight, double depth_weight, int64_t robust,
+    double robust_scale, const at::Tensor& root, const at::Tensor& grad_res, const at::Tensor& grad_J) {
+  const MatchTermInputs in = CheckMatchTermInputs(x, anchors, aw, g, tp, td, c, K, R, t);
+  const auto prm = MakeMatchTermParams(flow_weight, depth_weight, robust, robust_scale, anchors.size(1));
+  const int64_t M = x.size(0), A = anchors.size(1);
+  TORCH_CHECK(root.sizes() == at::IntArrayRef({M}) && grad_res.sizes() == at::IntArrayRef({M, 3}) &&
+                  grad_J.sizes() == at::IntArrayRef({M, 3, 6 * A}),
+              "root (M), grad_res (M, 3), grad_J (M, 3, 6A) expected, found ", root.sizes(), ", ",
+              grad_res.sizes(), ", ", grad_J.sizes());
+  const auto dtype = x.scalar_type();
+  const at::Tensor rr = root.to(dtype).contiguous(), gr = grad_res.to(dtype).contiguous(),
+                   gJ = grad_J.to(dtype).contiguous();
+  if (x.is_cuda()) {
+#ifdef WITH_CUDA
+    return MatchTermsBackwardCuda(in, prm, rr, gr, gJ);
+#else
+    NNRT_NO_CUDA("match_terms_backward");
+#endif
+  }
+  return MatchTermsBackwardCpu(in, prm, rr, gr, gJ);
 }
 
 }  // namespace nnrt

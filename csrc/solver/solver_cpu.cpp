@@ -87,7 +87,8 @@ std::vector<at::Tensor> StepBackwardCpu(const at::Tensor& J, const at::Tensor& r
   at::Tensor grad_r = at::empty_like(r);
   const int64_t* idx = nodes.data_ptr<int64_t>();
   for (int64_t k = 0; k < M * S; ++k)
-    TORCH_CHECK(idx[k] < total, "term ", k / S, ": node ", idx[k], " outside [0, ", total, ")");
+    TORCH_CHECK(idx[k] >= -1 && idx[k] < total, "term ", k / S, ": node ", idx[k], " outside [0, ",
+                total, ")");
   AT_DISPATCH_FLOATING_TYPES(J.scalar_type(), "solve_step_backward_cpu", [&] {
     const scalar_t* Jp = J.data_ptr<scalar_t>();
     const scalar_t* rp = r.data_ptr<scalar_t>();
@@ -104,43 +105,88 @@ std::vector<at::Tensor> StepBackwardCpu(const at::Tensor& J, const at::Tensor& r
   return {grad_J, grad_r};
 }
 
-std::vector<at::Tensor> MatchJacobianCpu(const at::Tensor& q, const at::Tensor& w, const at::Tensor& dv) {
-  const int64_t M = q.size(0);
-  const int A = static_cast<int>(q.size(1));
-  at::Tensor J = at::empty({M, 3, 6 * A}, q.options());
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "match_jacobian_cpu", [&] {
-    const scalar_t* qp = q.data_ptr<scalar_t>();
-    const scalar_t* wp = w.data_ptr<scalar_t>();
-    const scalar_t* dp = dv.data_ptr<scalar_t>();
-    scalar_t* Jp = J.data_ptr<scalar_t>();
-    at::parallel_for(0, M, 2048, [&](int64_t begin, int64_t end) {
-      for (int64_t m = begin; m < end; ++m)
-        MatchJacobianBlock<scalar_t>(qp + m * A * 3, wp + m * A, dp + m * 5, A, Jp + m * 18 * A);
-    });
-  });
-  return {J};
+namespace {
+
+template <typename scalar_t>
+MatchTermParams<scalar_t> CastParams(const MatchTermParams<double>& prm) {
+  return {static_cast<scalar_t>(prm.sqrt_flow_weight), static_cast<scalar_t>(prm.sqrt_depth_weight),
+          static_cast<scalar_t>(prm.robust_scale), prm.robust, prm.A};
 }
 
-std::vector<at::Tensor> MatchJacobianBackwardCpu(const at::Tensor& grad_J, const at::Tensor& q,
-                                                 const at::Tensor& w, const at::Tensor& dv) {
-  const int64_t M = q.size(0);
-  const int A = static_cast<int>(q.size(1));
-  at::Tensor grad_q = at::empty_like(q), grad_w = at::empty_like(w), grad_dv = at::empty_like(dv);
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "match_jacobian_backward_cpu", [&] {
-    const scalar_t* gJ = grad_J.data_ptr<scalar_t>();
-    const scalar_t* qp = q.data_ptr<scalar_t>();
-    const scalar_t* wp = w.data_ptr<scalar_t>();
-    const scalar_t* dp = dv.data_ptr<scalar_t>();
-    scalar_t* gq = grad_q.data_ptr<scalar_t>();
-    scalar_t* gw = grad_w.data_ptr<scalar_t>();
-    scalar_t* gd = grad_dv.data_ptr<scalar_t>();
-    at::parallel_for(0, M, 2048, [&](int64_t begin, int64_t end) {
-      for (int64_t m = begin; m < end; ++m)
-        MatchJacobianBlockBackward<scalar_t>(gJ + m * 18 * A, qp + m * A * 3, wp + m * A, dp + m * 5, A,
-                                        gq + m * A * 3, gw + m * A, gd + m * 5);
+// The anchors index the motions directly: check them here (the CUDA kernel trusts the caller).
+inline void CheckAnchors(const int64_t* anchors, int64_t m, int A, int64_t T) {
+  for (int k = 0; k < A; ++k)
+    TORCH_CHECK(anchors[k] >= 0 && anchors[k] < T, "match ", m, " anchor ", k, ": node ",
+                anchors[k], " outside [0, ", T, ")");
+}
+
+}  // namespace
+
+std::vector<at::Tensor> MatchTermsCpu(const MatchTermInputs& in, const MatchTermParams<double>& prm) {
+  const int64_t M = in.x.size(0), T = in.R.size(0);
+  const int A = prm.A;
+  at::Tensor res = at::empty({M, 3}, in.x.options());
+  at::Tensor J = at::empty({M, 3, 6 * A}, in.x.options());
+  at::Tensor root = at::empty({M}, in.x.options());
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "match_terms_cpu", [&] {
+    const auto p = CastParams<scalar_t>(prm);
+    const int64_t* an = in.anchors.data_ptr<int64_t>();
+    const scalar_t *x = in.x.data_ptr<scalar_t>(), *aw = in.aw.data_ptr<scalar_t>(),
+                   *g = in.g.data_ptr<scalar_t>(), *tp = in.tp.data_ptr<scalar_t>(),
+                   *td = in.td.data_ptr<scalar_t>(), *c = in.c.data_ptr<scalar_t>(),
+                   *K = in.K.data_ptr<scalar_t>(), *R = in.R.data_ptr<scalar_t>(),
+                   *t = in.t.data_ptr<scalar_t>();
+    scalar_t *rp = res.data_ptr<scalar_t>(), *Jp = J.data_ptr<scalar_t>(), *rootp = root.data_ptr<scalar_t>();
+    at::parallel_for(0, M, 1024, [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m) {
+        CheckAnchors(an + m * A, m, A, T);
+        MatchTermForward<scalar_t>(x + m * 3, an + m * A, aw + m * A, g, tp + m * 2, td[m], c[m],
+                                   K + m * 4, R, t, p, rp + m * 3, Jp + m * 18 * A, rootp + m);
+      }
     });
   });
-  return {grad_q, grad_w, grad_dv};
+  return {res, J, root};
+}
+
+std::vector<at::Tensor> MatchTermsBackwardCpu(const MatchTermInputs& in, const MatchTermParams<double>& prm,
+                                              const at::Tensor& root, const at::Tensor& grad_res,
+                                              const at::Tensor& grad_J) {
+  const int64_t M = in.x.size(0), T = in.R.size(0);
+  const int A = prm.A;
+  at::Tensor g_x = at::empty_like(in.x), g_tp = at::empty_like(in.tp), g_td = at::empty_like(in.td),
+             g_c = at::empty_like(in.c), g_slots = at::empty({M, A, 12}, in.x.options());
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "match_terms_backward_cpu", [&] {
+    const auto p = CastParams<scalar_t>(prm);
+    const int64_t* an = in.anchors.data_ptr<int64_t>();
+    const scalar_t *x = in.x.data_ptr<scalar_t>(), *aw = in.aw.data_ptr<scalar_t>(),
+                   *g = in.g.data_ptr<scalar_t>(), *tp = in.tp.data_ptr<scalar_t>(),
+                   *td = in.td.data_ptr<scalar_t>(), *c = in.c.data_ptr<scalar_t>(),
+                   *K = in.K.data_ptr<scalar_t>(), *R = in.R.data_ptr<scalar_t>(),
+                   *t = in.t.data_ptr<scalar_t>(), *rootp = root.data_ptr<scalar_t>(),
+                   *gr = grad_res.data_ptr<scalar_t>(), *gJ = grad_J.data_ptr<scalar_t>();
+    scalar_t *gx = g_x.data_ptr<scalar_t>(), *gtp = g_tp.data_ptr<scalar_t>(),
+             *gtd = g_td.data_ptr<scalar_t>(), *gc = g_c.data_ptr<scalar_t>(),
+             *gs = g_slots.data_ptr<scalar_t>();
+    at::parallel_for(0, M, 1024, [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m) {
+        CheckAnchors(an + m * A, m, A, T);
+        MatchTermBackward<scalar_t>(x + m * 3, an + m * A, aw + m * A, g, tp + m * 2, td[m], c[m],
+                                    K + m * 4, R, t, p, rootp[m], gr + m * 3, gJ + m * 18 * A,
+                                    gx + m * 3, gtp + m * 2, gtd + m, gc + m, gs + m * 12 * A);
+      }
+    });
+  });
+  // Slots -> nodes in match order, serially: deterministic, and cheaper than a threaded
+  // scatter for the few (M * A) x 12 values.
+  at::Tensor g_nodes = at::zeros({T, 12}, in.x.options());
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "match_terms_node_sum_cpu", [&] {
+    const int64_t* an = in.anchors.data_ptr<int64_t>();
+    const scalar_t* gs = g_slots.data_ptr<scalar_t>();
+    scalar_t* gn = g_nodes.data_ptr<scalar_t>();
+    for (int64_t e = 0; e < M * A; ++e)
+      for (int i = 0; i < 12; ++i) gn[12 * an[e] + i] += gs[12 * e + i];
+  });
+  return {g_x, g_tp, g_td, g_c, g_nodes};
 }
 
 }  // namespace nnrt

@@ -53,64 +53,93 @@ __global__ void StepBackwardKernel(const scalar_t* __restrict__ J, const scalar_
 }
 
 template <typename scalar_t>
-__global__ void MatchJacobianKernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ w,
-                                    const scalar_t* __restrict__ dv, int64_t M, int A,
-                                    scalar_t* __restrict__ J) {
+__global__ void MatchTermsKernel(const int64_t* __restrict__ anchors, const scalar_t* __restrict__ x,
+                                 const scalar_t* __restrict__ aw, const scalar_t* __restrict__ g,
+                                 const scalar_t* __restrict__ tp, const scalar_t* __restrict__ td,
+                                 const scalar_t* __restrict__ c, const scalar_t* __restrict__ K,
+                                 const scalar_t* __restrict__ R, const scalar_t* __restrict__ t,
+                                 MatchTermParams<scalar_t> p, int64_t M, scalar_t* __restrict__ res,
+                                 scalar_t* __restrict__ J, scalar_t* __restrict__ root) {
+  const int A = p.A;
   for (int64_t m = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; m < M;
        m += int64_t(blockDim.x) * gridDim.x) {
-    MatchJacobianBlock<scalar_t>(q + m * A * 3, w + m * A, dv + m * 5, A, J + m * 18 * A);
+    MatchTermForward<scalar_t>(x + m * 3, anchors + m * A, aw + m * A, g, tp + m * 2, td[m], c[m],
+                               K + m * 4, R, t, p, res + m * 3, J + m * 18 * A, root + m);
   }
 }
 
 template <typename scalar_t>
-__global__ void MatchJacobianBackwardKernel(const scalar_t* __restrict__ grad_J,
-                                            const scalar_t* __restrict__ q,
-                                            const scalar_t* __restrict__ w,
-                                            const scalar_t* __restrict__ dv, int64_t M, int A,
-                                            scalar_t* __restrict__ grad_q,
-                                            scalar_t* __restrict__ grad_w,
-                                            scalar_t* __restrict__ grad_dv) {
+__global__ void MatchTermsBackwardKernel(
+    const int64_t* __restrict__ anchors, const scalar_t* __restrict__ x, const scalar_t* __restrict__ aw,
+    const scalar_t* __restrict__ g, const scalar_t* __restrict__ tp, const scalar_t* __restrict__ td,
+    const scalar_t* __restrict__ c, const scalar_t* __restrict__ K, const scalar_t* __restrict__ R,
+    const scalar_t* __restrict__ t, MatchTermParams<scalar_t> p, int64_t M,
+    const scalar_t* __restrict__ root, const scalar_t* __restrict__ gr, const scalar_t* __restrict__ gJ,
+    scalar_t* __restrict__ gx, scalar_t* __restrict__ gtp, scalar_t* __restrict__ gtd,
+    scalar_t* __restrict__ gc, scalar_t* __restrict__ gs) {
+  const int A = p.A;
   for (int64_t m = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; m < M;
        m += int64_t(blockDim.x) * gridDim.x) {
-    MatchJacobianBlockBackward<scalar_t>(grad_J + m * 18 * A, q + m * A * 3, w + m * A, dv + m * 5, A,
-                                    grad_q + m * A * 3, grad_w + m * A, grad_dv + m * 5);
+    MatchTermBackward<scalar_t>(x + m * 3, anchors + m * A, aw + m * A, g, tp + m * 2, td[m], c[m],
+                                K + m * 4, R, t, p, root[m], gr + m * 3, gJ + m * 18 * A, gx + m * 3,
+                                gtp + m * 2, gtd + m, gc + m, gs + m * 12 * A);
   }
+}
+
+template <typename scalar_t>
+MatchTermParams<scalar_t> CastParams(const MatchTermParams<double>& prm) {
+  return {static_cast<scalar_t>(prm.sqrt_flow_weight), static_cast<scalar_t>(prm.sqrt_depth_weight),
+          static_cast<scalar_t>(prm.robust_scale), prm.robust, prm.A};
 }
 
 }  // namespace
 
-std::vector<at::Tensor> MatchJacobianCuda(const at::Tensor& q, const at::Tensor& w, const at::Tensor& dv) {
-  at::cuda::CUDAGuard guard(q.device());
-  const int64_t M = q.size(0);
-  const int A = static_cast<int>(q.size(1));
-  at::Tensor J = at::empty({M, 3, 6 * A}, q.options());
-  if (M == 0) return {J};
+std::vector<at::Tensor> MatchTermsCuda(const MatchTermInputs& in, const MatchTermParams<double>& prm) {
+  at::cuda::CUDAGuard guard(in.x.device());
+  const int64_t M = in.x.size(0);
+  const int A = prm.A;
+  at::Tensor res = at::empty({M, 3}, in.x.options());
+  at::Tensor J = at::empty({M, 3, 6 * A}, in.x.options());
+  at::Tensor root = at::empty({M}, in.x.options());
+  if (M == 0) return {res, J, root};
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "match_jacobian_cuda", [&] {
-    MatchJacobianKernel<scalar_t><<<NumBlocks(M, 256), 256, 0, stream>>>(
-        q.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), M, A,
-        J.data_ptr<scalar_t>());
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "match_terms_cuda", [&] {
+    MatchTermsKernel<scalar_t><<<NumBlocks(M, 256), 256, 0, stream>>>(
+        in.anchors.data_ptr<int64_t>(), in.x.data_ptr<scalar_t>(), in.aw.data_ptr<scalar_t>(),
+        in.g.data_ptr<scalar_t>(), in.tp.data_ptr<scalar_t>(), in.td.data_ptr<scalar_t>(),
+        in.c.data_ptr<scalar_t>(), in.K.data_ptr<scalar_t>(), in.R.data_ptr<scalar_t>(),
+        in.t.data_ptr<scalar_t>(), CastParams<scalar_t>(prm), M, res.data_ptr<scalar_t>(),
+        J.data_ptr<scalar_t>(), root.data_ptr<scalar_t>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {J};
+  return {res, J, root};
 }
 
-std::vector<at::Tensor> MatchJacobianBackwardCuda(const at::Tensor& grad_J, const at::Tensor& q,
-                                                  const at::Tensor& w, const at::Tensor& dv) {
-  at::cuda::CUDAGuard guard(q.device());
-  const int64_t M = q.size(0);
-  const int A = static_cast<int>(q.size(1));
-  at::Tensor grad_q = at::empty_like(q), grad_w = at::empty_like(w), grad_dv = at::empty_like(dv);
-  if (M == 0) return {grad_q, grad_w, grad_dv};
+std::vector<at::Tensor> MatchTermsBackwardCuda(const MatchTermInputs& in, const MatchTermParams<double>& prm,
+                                               const at::Tensor& root, const at::Tensor& grad_res,
+                                               const at::Tensor& grad_J) {
+  at::cuda::CUDAGuard guard(in.x.device());
+  const int64_t M = in.x.size(0);
+  const int A = prm.A;
+  at::Tensor g_x = at::empty_like(in.x), g_tp = at::empty_like(in.tp), g_td = at::empty_like(in.td),
+             g_c = at::empty_like(in.c), g_slots = at::empty({M, A, 12}, in.x.options());
+  if (M == 0) return {g_x, g_tp, g_td, g_c, at::zeros({in.R.size(0), 12}, in.x.options())};
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "match_jacobian_backward_cuda", [&] {
-    MatchJacobianBackwardKernel<scalar_t><<<NumBlocks(M, 256), 256, 0, stream>>>(
-        grad_J.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
-        dv.data_ptr<scalar_t>(), M, A, grad_q.data_ptr<scalar_t>(), grad_w.data_ptr<scalar_t>(),
-        grad_dv.data_ptr<scalar_t>());
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "match_terms_backward_cuda", [&] {
+    MatchTermsBackwardKernel<scalar_t><<<NumBlocks(M, 256), 256, 0, stream>>>(
+        in.anchors.data_ptr<int64_t>(), in.x.data_ptr<scalar_t>(), in.aw.data_ptr<scalar_t>(),
+        in.g.data_ptr<scalar_t>(), in.tp.data_ptr<scalar_t>(), in.td.data_ptr<scalar_t>(),
+        in.c.data_ptr<scalar_t>(), in.K.data_ptr<scalar_t>(), in.R.data_ptr<scalar_t>(),
+        in.t.data_ptr<scalar_t>(), CastParams<scalar_t>(prm), M, root.data_ptr<scalar_t>(),
+        grad_res.data_ptr<scalar_t>(), grad_J.data_ptr<scalar_t>(), g_x.data_ptr<scalar_t>(),
+        g_tp.data_ptr<scalar_t>(), g_td.data_ptr<scalar_t>(), g_c.data_ptr<scalar_t>(),
+        g_slots.data_ptr<scalar_t>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {grad_q, grad_w, grad_dv};
+  // Slots -> nodes (atomic adds: the order of the sums, not the values, may vary between runs).
+  at::Tensor g_nodes = at::zeros({in.R.size(0), 12}, in.x.options())
+                           .index_add_(0, in.anchors.reshape({-1}), g_slots.reshape({-1, 12}));
+  return {g_x, g_tp, g_td, g_c, g_nodes};
 }
 
 std::vector<at::Tensor> StepBackwardCuda(const at::Tensor& J, const at::Tensor& r,

@@ -2,8 +2,8 @@
 
 docs/DESIGN.md 5.3. One idea per module:
   * problem.py: the batch of problems (SolverProblem), the result and the status enum;
-  * terms.py: linearisation, per-match and per-edge residuals and Jacobian blocks, batched
-    tensor code, so autograd follows the chain through the linearisation point, the
+  * terms.py: linearisation, per-match (one fused C++ op with its backward) and per-edge
+    residuals and Jacobian blocks, differentiable through the linearisation point, the
     correspondences and their weights;
   * normal_equations.py: A = J^T J, b = J^T r assembled block by block by the C++ op over a
     block pattern built once per problem, dense or block-sparse, never forming J;
@@ -19,12 +19,12 @@ from model.solver.normal_equations import (BlockPattern, assemble_block_sparse, 
                                            build_block_pattern)
 from model.solver.problem import (STATUS_CONVERGED, STATUS_FAILED, STATUS_MAX_ITERATIONS, SolverProblem,
                                   SolverResult, SolveStatus)
-from model.solver.terms import edge_terms, match_jacobian, match_terms, robust_weights
+from model.solver.terms import ROBUST_LOSSES, edge_terms, match_terms
 
 __all__ = [
     "solve", "CGResult", "StepSetup", "block_jacobi", "cholesky_solve", "gauss_newton_step",
     "memory_estimate_gb", "pcg", "BlockPattern", "assemble_block_sparse", "assemble_blocks",
     "assemble_normal_equations", "block_matvec", "blocks_to_dense", "build_block_pattern",
     "STATUS_CONVERGED", "STATUS_FAILED", "STATUS_MAX_ITERATIONS", "SolverProblem", "SolverResult",
-    "SolveStatus", "edge_terms", "match_jacobian", "match_terms", "robust_weights",
+    "SolveStatus", "ROBUST_LOSSES", "edge_terms", "match_terms",
 ]

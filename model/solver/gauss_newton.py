@@ -25,7 +25,7 @@ import torch
 from model.solver.linear_solvers import StepSetup, gauss_newton_step, memory_estimate_gb
 from model.solver.normal_equations import build_block_pattern
 from model.solver.problem import SolveStatus, SolverProblem, SolverResult
-from model.solver.terms import edge_terms, match_terms, robust_weights
+from model.solver.terms import edge_terms, match_terms
 from model.warp import so3_exp
 from options import SolverOptions
 
@@ -60,8 +60,7 @@ class _Prepared:
     flat_anchors: torch.Tensor     # (M, 4) flat node ids
     anchor_weights: torch.Tensor
     weights: torch.Tensor
-    offsets: torch.Tensor          # (M, 4, 3)
-    anchored_base: torch.Tensor    # (M, 3)
+    source_points: torch.Tensor    # (M, 3)
     target_pixels: torch.Tensor
     target_depth: torch.Tensor
     intrinsics: torch.Tensor       # (M, 4)
@@ -89,15 +88,15 @@ def _select_matches(p: SolverProblem, options: SolverOptions, generator):
     return index[_subsample(p.match_sample[index], B, options.max_matches, generator)]
 
 
-def _active_nodes(p: SolverProblem, options: SolverOptions, node_exists, flat_anchors, anchor_weights,
-                  weights):
+def _active_nodes(p: SolverProblem, options: SolverOptions, node_exists, flat_anchors, index):
     """(B, N) bool: existing nodes whose cluster has enough match weight (all with
-    remove_clusters off)."""
+    remove_clusters off); index: the usable matches."""
     B, N = node_exists.shape
     node_active = node_exists.clone()
     if options.remove_clusters:
         with torch.no_grad():
             device = node_exists.device
+            anchor_weights, weights = p.anchor_weights[index], p.weights[index]
             node_weight = torch.zeros(B * N, dtype=torch.float64, device=device)
             node_weight.index_add_(0, flat_anchors.reshape(-1),
                                    (anchor_weights * weights[:, None]).reshape(-1).double())
@@ -117,11 +116,11 @@ def _prepare(p: SolverProblem, options: SolverOptions, generator) -> _Prepared:
     index = _select_matches(p, options, generator)
     sample = p.match_sample[index]
     flat_anchors = sample[:, None] * N + p.anchors[index]
-    node_active = _active_nodes(p, options, node_exists, flat_anchors, p.anchor_weights[index],
-                                p.weights[index])
+    node_active = _active_nodes(p, options, node_exists, flat_anchors, index)
     active_flat = node_active.reshape(-1)
-    index = index[active_flat[flat_anchors].all(dim=1)]
-    sample = p.match_sample[index]
+    if options.remove_clusters:  # without, every selected match has its anchors among the nodes
+        index = index[active_flat[flat_anchors].all(dim=1)]
+        sample = p.match_sample[index]
     num_matches = torch.bincount(sample, minlength=B)
 
     # Edges i -> j between active nodes.
@@ -154,16 +153,17 @@ def _prepare(p: SolverProblem, options: SolverOptions, generator) -> _Prepared:
             messages[b] = (f"the {linear_solver} linear solve of {n_exist} nodes would need about "
                            f"{memory:.1f} GiB > --max-memory-gb {options.max_memory_gb:g}"
                            + (" (try --linear-solver sparse)" if linear_solver == "dense" else ""))
-    running = torch.tensor([not m for m in messages], device=device)
+    running_list = [not m for m in messages]
+    running = torch.tensor(running_list, device=device)
     node_active &= running[:, None]
 
-    keep = running[sample]
-    index, sample = index[keep], sample[keep]
+    if not all(running_list):
+        keep = running[sample]
+        index, sample = index[keep], sample[keep]
     # Every match kept (the usual case with clean correspondences): no gathers.
     take = (lambda t: t) if index.shape[0] == p.match_sample.shape[0] else (lambda t: t[index])  # noqa: E731
     flat_anchors = sample[:, None] * N + take(p.anchors)
     anchor_weights = take(p.anchor_weights)
-    anchored_nodes = p.nodes.reshape(B * N, 3)[flat_anchors]                 # (M, 4, 3)
     edge_ok &= running[edge_b]
     sources, targets = sources[edge_ok], targets[edge_ok]
     if options.edge_weighting:
@@ -179,31 +179,24 @@ def _prepare(p: SolverProblem, options: SolverOptions, generator) -> _Prepared:
         B=B, N=N, messages=messages, running=running, node_active=node_active,
         num_matches=num_matches, sample=sample, flat_anchors=flat_anchors,
         anchor_weights=anchor_weights, weights=take(p.weights),
-        offsets=take(p.source_points)[:, None, :] - anchored_nodes,
-        anchored_base=(anchor_weights[..., None] * anchored_nodes).sum(dim=1),
+        source_points=take(p.source_points),
         target_pixels=take(p.target_pixels), target_depth=take(p.target_depth),
         intrinsics=p.intrinsics[sample], sources=sources, targets=targets, edge_w=edge_w,
         edge_sample=sources // N, edge_nodes=torch.stack((sources, targets), dim=1),
         nodes_flat=p.nodes.reshape(B * N, 3), diagonal=diagonal, linear_solver=linear_solver)
 
 
-def _linearise(prep: _Prepared, rotations, translations, options: SolverOptions, iteration: int,
-               jacobians: bool):
-    """Terms (J_m, r_m, J_e, r_e) at the current motion (J None without jacobians) and the data
-    and ARAP energies (B,) float64 of each sample."""
-    r_m, J_m = match_terms(prep.offsets, prep.flat_anchors, prep.anchor_weights, prep.anchored_base,
+def _linearise(prep: _Prepared, rotations, translations, options: SolverOptions, iteration: int):
+    """Terms (J_m, r_m, J_e, r_e) at the current motion and the data and ARAP energies (B,)
+    float64 of each sample."""
+    # Iteratively reweighted least squares on the reprojection error of each match (inside the
+    # op). Not at the first linearisation: at the identity motion every residual is as large as
+    # the motion itself, and no match is an outlier yet.
+    robust = options.robust_loss if iteration >= 1 else "none"
+    r_m, J_m = match_terms(prep.source_points, prep.flat_anchors, prep.anchor_weights, prep.nodes_flat,
                            prep.target_pixels, prep.target_depth, prep.weights, prep.intrinsics,
                            rotations, translations, options.flow_weight, options.depth_weight,
-                           jacobians)
-    if options.robust_loss != "none" and iteration >= 1:
-        # Iteratively reweighted least squares on the reprojection error of each match. Not at
-        # the first linearisation: at the identity motion every residual is as large as the
-        # motion itself, and no match is an outlier yet.
-        root = robust_weights(r_m, prep.weights, options.flow_weight, options.robust_loss,
-                              options.robust_scale)
-        r_m = r_m * root[:, None]
-        if J_m is not None:
-            J_m = J_m * root[:, None, None]
+                           robust, options.robust_scale)
     r_e, J_e = edge_terms(prep.sources, prep.targets, prep.edge_w, prep.nodes_flat, rotations,
                           translations, options.arap_weight)
     with torch.no_grad():
@@ -242,7 +235,7 @@ def solve(problem: SolverProblem, options: SolverOptions = SolverOptions(),
     for iteration in range(options.iterations):
         if on_cpu and not bool(updating.any()):
             break  # on a GPU the remaining iterations run masked instead of syncing here
-        (J_m, r_m, J_e, r_e), data, arap = _linearise(prep, rotations, translations, options, iteration, True)
+        (J_m, r_m, J_e, r_e), data, arap = _linearise(prep, rotations, translations, options, iteration)
         energy_rows.append((data, arap, updating.any()))
         delta, failed = gauss_newton_step(prep.diagonal, B, N, J_m, r_m, prep.flat_anchors, J_e, r_e,
                                           prep.edge_nodes, setup=setup)
@@ -266,7 +259,7 @@ def solve(problem: SolverProblem, options: SolverOptions = SolverOptions(),
             small = updating & (step < options.convergence_tolerance)
             converged |= small
             updating = updating & ~small
-    _, data, arap = _linearise(prep, rotations, translations, options, options.iterations, False)
+    _, data, arap = _linearise(prep, rotations, translations, options, options.iterations)
     energy_rows.append((data, arap, torch.ones((), dtype=torch.bool, device=device)))
     return _result(prep, options, rotations, translations, running, step_failed, cg_failed,
                    cg_residual, converged, iterations, energy_rows, cg_rows, setup.linear_solver)

@@ -21,6 +21,13 @@ from model.solver.normal_equations import (BlockPattern, assemble_blocks, block_
                                            blocks_to_dense, build_block_pattern)
 
 
+def _triangular_solve(L: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x = (L L^T)^-1 b for L (B, D, D) lower triangular and b (B, D): two triangular solves
+    (several times faster than torch.cholesky_solve for one right-hand side on the CPU)."""
+    y = torch.linalg.solve_triangular(L, b.unsqueeze(-1), upper=False)
+    return torch.linalg.solve_triangular(L.mT, y, upper=True).squeeze(-1)
+
+
 def _factor_and_solve(A: torch.Tensor, b: torch.Tensor):
     """Cholesky factor L of A (B, D, D) and x = A^-1 b (B, D), with failed (B,) bool.
 
@@ -36,7 +43,7 @@ def _factor_and_solve(A: torch.Tensor, b: torch.Tensor):
         eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand_as(A)
         L = torch.where(failed[:, None, None], eye, L)
         b = torch.where(failed[:, None], torch.zeros_like(b), b)
-    x = torch.cholesky_solve(b.unsqueeze(-1), L).squeeze(-1)
+    x = _triangular_solve(L, b)
     bad = failed | ~torch.isfinite(x).all(dim=1)
     if not on_cpu or bool((bad & ~failed).any()):
         eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand_as(A)
@@ -66,7 +73,7 @@ class _CholeskySolve(torch.autograd.Function):
     def backward(ctx, grad_x, _grad_failed):
         L, x, failed = ctx.saved_tensors
         grad_x = torch.where(failed[:, None], torch.zeros_like(grad_x), grad_x)
-        grad_b = torch.cholesky_solve(grad_x.unsqueeze(-1), L).squeeze(-1)
+        grad_b = _triangular_solve(L, grad_x)
         grad_A = -grad_b.unsqueeze(-1) * x.unsqueeze(-2)
         return grad_A, grad_b
 
@@ -211,7 +218,7 @@ class _GaussNewtonStep(torch.autograd.Function):
         grad_x = torch.where(failed[:, None], torch.zeros_like(grad_x), grad_x)
         if setup.linear_solver == "dense":
             groups = rest
-            u = torch.cholesky_solve(grad_x.unsqueeze(-1), solver_state_a).squeeze(-1)
+            u = _triangular_solve(solver_state_a, grad_x)
         else:
             M_inv, *groups = rest
             cg = pcg(solver_state_a, setup.pattern, M_inv, grad_x, None, setup.cg_max_iterations,

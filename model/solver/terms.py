@@ -1,66 +1,68 @@
-"""Linearisation (docs/DESIGN.md 5.3): residuals and Jacobian blocks of the data and ARAP terms,
-batched tensor code, so that autograd follows the chain through the linearisation point, the
-correspondences and their weights. Only the 3 x 24 data blocks are formed by a C++ op.
+"""Linearisation (docs/DESIGN.md 5.3): residuals and Jacobian blocks of the data and ARAP terms.
+
+The data terms (one per match: warp, residuals, robust reweighting and the 3 x 6A Jacobian block)
+are one fused C++ op with its own backward (csrc/solver/solver.h MatchTermForward/Backward), so
+that a linearisation is one pass over the matches instead of some fifty tensor ops and their
+autograd graph; autograd still follows the chain through the linearisation point (the node
+motions), the correspondences and their weights. tests/reference/match_terms_reference.py is the
+plain-PyTorch version it is tested against. The ARAP terms (few: one per edge) stay tensor code.
 """
 import torch
 
 from model.ext import C
 from model.warp import skew
 
+ROBUST_LOSSES = {"none": 0, "cauchy": 1, "huber": 2}
 
-class _MatchJacobian(torch.autograd.Function):
+
+class _MatchTerms(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, w, dv):
-        ctx.save_for_backward(q, w, dv)
-        return C.match_jacobian(q, w, dv)[0]
+    def forward(ctx, source_points, target_pixels, target_depth, weights, rotations, translations, anchors,
+                anchor_weights, nodes, intrinsics, params):
+        residuals, J, root = C.match_terms(source_points, anchors, anchor_weights, nodes, target_pixels,
+                                           target_depth, weights, intrinsics, rotations, translations,
+                                           *params)
+        ctx.save_for_backward(source_points, target_pixels, target_depth, weights, rotations, translations,
+                              anchors, anchor_weights, nodes, intrinsics, root)
+        ctx.params = params
+        return residuals, J
 
     @staticmethod
-    def backward(ctx, grad_J):
-        grad_q, grad_w, grad_dv = C.match_jacobian_backward(grad_J, *ctx.saved_tensors)
-        return grad_q, grad_w, grad_dv
+    def backward(ctx, grad_residuals, grad_J):
+        (source_points, target_pixels, target_depth, weights, rotations, translations, anchors,
+         anchor_weights, nodes, intrinsics, root) = ctx.saved_tensors
+        g_x, g_tp, g_td, g_c, g_nodes = C.match_terms_backward(
+            source_points, anchors, anchor_weights, nodes, target_pixels, target_depth, weights, intrinsics,
+            rotations, translations, *ctx.params, root, grad_residuals, grad_J)
+        g_R = g_nodes[:, :9].reshape(-1, 3, 3) if ctx.needs_input_grad[4] else None
+        g_t = g_nodes[:, 9:] if ctx.needs_input_grad[5] else None
+        return g_x, g_tp, g_td, g_c, g_R, g_t, None, None, None, None, None
 
 
-def match_jacobian(q: torch.Tensor, w: torch.Tensor, dv: torch.Tensor) -> torch.Tensor:
-    """Jacobian blocks (M, 3, 6A) of the data terms: row i of anchor k is w_k [q_k x D_i, D_i]
-    with D = [[a, 0, b], [0, c, d], [0, 0, e]] the derivative of the residuals (flow x, flow y,
-    depth) w.r.t. the warped point. q (M, A, 3) rotated offsets; w (M, A) skinning weights;
-    dv (M, 5) = (a, b, c, d, e). Differentiable w.r.t. all three."""
-    return _MatchJacobian.apply(q, w, dv)
+def match_terms(source_points, anchors, anchor_weights, nodes, target_pixels, target_depth, weights,
+                intrinsics, rotations, translations, flow_weight, depth_weight,
+                robust_loss: str = "none", robust_scale: float = 1.0):
+    """Residuals (M, 3) and Jacobian blocks (M, 3, 6A) of the data terms.
 
-
-def match_terms(offsets, anchors, anchor_weights, anchored_base, target_pixels, target_depth,
-                weights, intrinsics, rotations, translations, flow_weight, depth_weight,
-                jacobians: bool = True):
-    """Residuals (M, 3) and Jacobian blocks (M, 3, 24) of the data terms.
-
-    offsets (M, A, 3) = x - g_{a_k}, the source point relative to each anchor; anchors (M, A)
-    int64 flat node indices; anchor_weights (M, A); anchored_base (M, 3) = sum_k w_k g_{a_k};
-    target_pixels (M, 2); target_depth (M,); weights (M,) correspondence weights c;
-    intrinsics (M, 4) fx, fy, cx, cy of each match; rotations (BN, 3, 3); translations (BN, 3).
-    The warped point is x' = sum_k w_k (R_k offsets_k + g_k + t_k). Block column 6k + p: unknown
-    p (rotation 0-2, translation 3-5) of anchor k. Rows: flow x, flow y, depth.
-    With jacobians=False only the residuals are computed (and None is returned for J).
+    source_points (M, 3); anchors (M, A) int64 flat node indices; anchor_weights (M, A);
+    nodes (T, 3) node positions; target_pixels (M, 2); target_depth (M,); weights (M,)
+    correspondence weights c; intrinsics (M, 4) fx, fy, cx, cy of each match; rotations
+    (T, 3, 3); translations (T, 3). The warped point is x' = sum_k w_k (R_k (x - g_k) + g_k + t_k).
+    Block column 6k + p: unknown p (rotation 0-2, translation 3-5) of anchor k. Rows: flow x,
+    flow y, depth, each scaled by sqrt(term weight) * c * rho, where rho is the root of the
+    iteratively-reweighted-least-squares weight of the match's reprojection error e in pixels
+    (robust_loss none: 1; cauchy: 1 / (1 + (e/s)^2); huber: min(1, s / e); s = robust_scale),
+    a constant of the linearisation (no gradient). Differentiable w.r.t. source_points,
+    target_pixels, target_depth, weights, rotations and translations; the skinning weights, node
+    positions and intrinsics must not require gradients.
     """
-    R = rotations[anchors]                                                   # (M, A, 3, 3)
-    # q_k = R_k offsets_k, written out: batched 3x3 products are slow through bmm.
-    q = (R[..., 0] * offsets[..., 0:1] + R[..., 1] * offsets[..., 1:2]
-         + R[..., 2] * offsets[..., 2:3])                                    # (M, A, 3)
-    warped = anchored_base + (anchor_weights[..., None] * (q + translations[anchors])).sum(dim=1)
-    x, y, z = warped.unbind(dim=-1)
-    fx, fy, cx, cy = intrinsics.unbind(dim=-1)
-    inv_z = 1.0 / z
-    cf = (flow_weight ** 0.5) * weights
-    cd = (depth_weight ** 0.5) * weights
-    residuals = torch.stack((cf * (fx * x * inv_z + cx - target_pixels[:, 0]),
-                             cf * (fy * y * inv_z + cy - target_pixels[:, 1]),
-                             cd * (z - target_depth)), dim=-1)
-    if not jacobians:
-        return residuals, None
-    # D = d residuals / d warped point = [[a, 0, b], [0, c, d], [0, 0, e]] per match; the blocks
-    # w_k [q_k x D_i, D_i] are formed (and differentiated) by one C++ op.
-    dv = torch.stack((cf * fx * inv_z, -cf * fx * x * inv_z * inv_z, cf * fy * inv_z,
-                      -cf * fy * y * inv_z * inv_z, cd), dim=1)
-    return residuals, match_jacobian(q, anchor_weights, dv)
+    if robust_loss not in ROBUST_LOSSES:
+        raise ValueError(f"robust_loss must be one of {sorted(ROBUST_LOSSES)}, found {robust_loss!r}")
+    if anchor_weights.requires_grad or nodes.requires_grad or intrinsics.requires_grad:
+        raise ValueError("match_terms: anchor_weights, nodes and intrinsics get no gradient; detach them")
+    params = (float(flow_weight), float(depth_weight), ROBUST_LOSSES[robust_loss], float(robust_scale))
+    return _MatchTerms.apply(source_points, target_pixels, target_depth, weights, rotations, translations,
+                             anchors, anchor_weights, nodes, intrinsics, params)
 
 
 def edge_terms(sources, targets, edge_weights, nodes, rotations, translations, arap_weight):
@@ -77,18 +79,3 @@ def edge_terms(sources, targets, edge_weights, nodes, rotations, translations, a
     wi = w[:, None, None]
     blocks = torch.cat((wi * -skew(d), wi * eye, torch.zeros_like(eye), -wi * eye), dim=-1)
     return residuals, blocks
-
-
-def robust_weights(residuals: torch.Tensor, weights: torch.Tensor, flow_weight: float, loss: str,
-                   scale: float) -> torch.Tensor:
-    """Square roots (M,) of the iteratively-reweighted-least-squares weights of matches from
-    their reprojection error in pixels (no gradient): Cauchy 1 / (1 + (e/s)^2), Huber
-    min(1, s / e)."""
-    with torch.no_grad():
-        cf = (flow_weight ** 0.5) * weights.detach()
-        error = residuals.detach()[:, :2].norm(dim=1) / cf.clamp(min=1e-12)
-        if loss == "cauchy":
-            robust = 1.0 / (1.0 + (error / scale) ** 2)
-        else:  # huber
-            robust = torch.clamp(scale / error.clamp(min=1e-12), max=1.0)
-        return robust.sqrt()
