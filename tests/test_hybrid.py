@@ -159,3 +159,25 @@ def test_stage_4_hybrid_trains_and_resumes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "at iteration 2" in result.stdout + result.stderr
     assert torch.load(last, weights_only=True)["iteration"] == 3
+
+
+def test_training_curve_png(tmp_path):
+    import cv2
+    from torch.utils.tensorboard import SummaryWriter
+
+    from utils.curves import main as curves_main, read_scalars
+
+    experiment = tmp_path / "exp"
+    writer = SummaryWriter(str(experiment / "tensorboard"))
+    for step, value in ((100, 9.0), (200, 8.5), (300, 8.7)):
+        writer.add_scalar("val/epe_3d_mm", value, step)
+    writer.close()
+    assert read_scalars(str(experiment), "val/epe_3d_mm") == pytest.approx([(100, 9.0), (200, 8.5), (300, 8.7)])
+    out = str(tmp_path / "curve.png")
+    assert curves_main([str(experiment), "--out", out, "--start", "9.5", "--baseline", "12"]) == 0
+    image = cv2.imread(out)
+    assert image is not None and image.shape == (420, 720, 3)
+    # The curve is drawn (its blue-ish colour) and so is the red baseline.
+    assert ((image[..., 0] > 150) & (image[..., 2] < 50)).sum() > 100
+    assert ((image[..., 2] > 150) & (image[..., 0] < 50)).sum() > 50
+    assert curves_main([str(tmp_path / "none"), "--out", out]) == 1

@@ -1,7 +1,7 @@
 """Training curves as PNGs: a scalar of an experiment's TensorBoard log against steps.
 
     python -m utils.curves experiments/hybrid_4_hybrid --out docs/curve_4_hybrid.png
-           [--tag val/epe_3d_mm] [--baseline 8.74 --baseline-label "--flow dis"]
+           [--tag val/epe_3d_mm] [--start 9.23] [--baseline 12.49 --baseline-label "--flow dis"]
 
 Reads WORKSPACE/EXPERIMENT/tensorboard (every events file: a resumed run appends a new one; the
 later value of a step wins) and draws the curve with OpenCV (no plotting library needed), with an
@@ -97,12 +97,17 @@ def main(argv=None) -> int:
     parser.add_argument("--title", default=None, help="title (default: the experiment's name)")
     parser.add_argument("--baseline", type=float, default=None, help="draw a horizontal line at this value")
     parser.add_argument("--baseline-label", default="", help="label of the --baseline line")
+    parser.add_argument("--start", type=float, default=None,
+                        help="the value at step 0, measured separately (training validates only "
+                             "after its first steps), e.g. the untrained model's")
     args = parser.parse_args(argv)
     try:
         points = read_scalars(args.experiment, args.tag)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    if args.start is not None:
+        points = [(0, args.start)] + [p for p in points if p[0] != 0]
     image = draw_curve(points, args.title or os.path.basename(os.path.normpath(args.experiment)),
                        args.tag, args.baseline, args.baseline_label)
     ok, data = cv2.imencode(".png", image)
