@@ -307,7 +307,7 @@ def split_hybrid_state(obj: Mapping) -> Tuple[Mapping, "OrderedDict[str, torch.T
 
 
 SHIPPED_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                  "checkpoints", "nnrt_synthetic.pt")
+                                  "checkpoints", "nnrt_hybrid.pt")
 
 
 def default_checkpoint() -> Optional[str]:
