@@ -12,6 +12,9 @@ cd "$(dirname "$0")"
 PY=.venv/bin/python; [ -x "$PY" ] || PY=python3
 workspace=${1:-experiments}; [ $# -gt 0 ] && shift
 data=data/hyb320
+# The photographs come with scikit-image, which is optional (not in resources/requirements.txt:
+# with it installed, the synthetic-sequence generator textures its objects with photographs too).
+"$PY" -c "import skimage" 2>/dev/null || { echo "error: the training pairs need scikit-image: $PY -m pip install scikit-image==0.26.0" >&2; exit 1; }
 "$PY" -m dataset.synthetic --out "$data" --split train --pairs 400 --seed 19 --width 320 --height 240 --textures mixed
 "$PY" -m dataset.synthetic --out "$data" --split val --pairs 30 --seed 19 --width 320 --height 240 --textures mixed
 "$PY" train.py --stage 4_hybrid --init checkpoints/nnrt_synthetic.pt --dataset-dir "$data" \
