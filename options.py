@@ -117,6 +117,12 @@ class SolverOptions:
                                      "squares); none is the reference's plain least squares",
                            choices=("none", "huber", "cauchy"))
     robust_scale: float = opt(3.0, "scale of the robust loss, in pixels of reprojection error", gt=0)
+    icp_weight: float = opt(0.0, "weight of the dense point-to-plane depth term (squared metres) "
+                                 "over the problem's ICP associations (fuse.py, default 300 there: "
+                                 "rendered model pixels against the live depth at their projection); "
+                                 "0 = off", ge=0)
+    icp_robust_scale: float = opt(0.01, "scale of the robust loss (--robust-loss) of the "
+                                        "point-to-plane terms, in metres", gt=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -749,6 +755,25 @@ class FusionOptions:
                                           "than this many metres from its (rendered) source point", gt=0)
     max_normal_angle: float = opt(60.0, "drop a correspondence whose source and target normals "
                                         "differ by more than this many degrees", gt=0, le=180)
+    icp_stride: int = opt(2, "dense point-to-plane depth term (its weight is the solver's "
+                             "--icp-weight; 0 turns it off): one term every this many pixels of "
+                             "the rendered model in each direction",
+                          ge=1)
+    icp_max_distance: float = opt(0.02, "point-to-plane term: associate a rendered model pixel with "
+                                        "the live depth there only when they differ by at most this "
+                                        "many metres", gt=0)
+    icp_max_normal_angle: float = opt(45.0, "point-to-plane term: ... and when the rendered and live "
+                                            "normals differ by at most this many degrees", gt=0, le=180)
+    color_observations: int = opt(3, "a voxel's colour averages only its first this many "
+                                     "observations, then stays (0 = all, up to --weight-cap): the "
+                                     "rendered model's texture, which the flow tracks, then keeps "
+                                     "where the surface was first seen instead of following drift",
+                                  ge=0)
+    hidden_support: float = opt(20.0, "nodes whose match support in a frame (sum of anchor x "
+                                     "correspondence weights) is below this take the motion "
+                                     "increment their nearest supported nodes predict (hidden "
+                                     "surface follows the seen one rigidly; 0 = off: ARAP alone)",
+                                ge=0)
     grow_nodes: bool = opt(True, "insert nodes where the canonical surface outgrows node coverage")
     max_new_nodes: int = opt(20, "most nodes inserted per frame (never beyond the solver's --max-nodes)", ge=0)
     object_distance: float = opt(1.0, "a live pixel not explained by the model is new object "

@@ -83,6 +83,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("target_depth"), py::arg("weights"), py::arg("intrinsics"), py::arg("rotations"),
         py::arg("translations"), py::arg("flow_weight"), py::arg("depth_weight"),
         py::arg("robust"), py::arg("robust_scale"));
+  m.def("edge_terms", &nnrt::EdgeTerms, py::arg("edges"), py::arg("weights"), py::arg("nodes"),
+        py::arg("rotations"), py::arg("translations"));
+  m.def("edge_terms_backward", &nnrt::EdgeTermsBackward, py::arg("edges"), py::arg("weights"),
+        py::arg("nodes"), py::arg("rotations"), py::arg("translations"), py::arg("grad_res"),
+        py::arg("grad_J"));
   m.def("match_terms_backward", &nnrt::MatchTermsBackward, py::arg("source_points"),
         py::arg("anchors"), py::arg("anchor_weights"), py::arg("nodes"), py::arg("target_pixels"),
         py::arg("target_depth"), py::arg("weights"), py::arg("intrinsics"), py::arg("rotations"),

@@ -109,10 +109,13 @@ class NodeGraph:
         self.edges = torch.cat((self.edges, edges))
         self.edge_weights = torch.cat((self.edge_weights, weights))
         # New nodes join their nearest node's cluster; the nearest may itself be new, so resolve
-        # in insertion order.
+        # in insertion order: the nearest among the nodes that have a cluster by then (the old
+        # ones and the new ones inserted before it; the old nearest when none is in its list).
         clusters = self.clusters.tolist()
         for row in range(len(new)):
-            clusters.append(clusters[int(nearest[row, 0])])
+            known = nearest[row][nearest[row] < len(clusters)]
+            first = int(known[0]) if known.numel() else int(torch.argmin(distances[row, :start]))
+            clusters.append(clusters[first])
         self.clusters = torch.tensor(clusters, dtype=torch.int64)
         self.created = torch.cat((self.created, torch.full((len(new),), frame_index, dtype=torch.int64)))
         return ids

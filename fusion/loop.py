@@ -108,7 +108,7 @@ class Fusion:
         self.volume.integrate(depth, image, torch.from_numpy(mask), self.intrinsics, self.graph.positions,
                               self.rotations, self.translations, o.node_coverage,
                               o.max_anchor_distance * o.node_coverage, 4, o.anchor_candidates,
-                              o.dual_quaternion)
+                              o.dual_quaternion, o.color_observations)
 
     def first_frame(self, frame: Frame, mask: np.ndarray) -> FrameLog:
         start = time.perf_counter()
@@ -190,7 +190,8 @@ class Fusion:
         weights[ys, xs] = w.numpy()
         return anchors, weights
 
-    def _filter_matches(self, matches, source_normals: np.ndarray, target_points: torch.Tensor):
+    def _filter_matches(self, matches, source_normals: np.ndarray, target_points: torch.Tensor,
+                        normals: torch.Tensor):
         """Robust weighting of the correspondences: drop those whose target point is far from
         the source point, or whose surface normals disagree (a match to another surface)."""
         o = self.options
@@ -201,7 +202,6 @@ class Fusion:
         target = target_points[yi, xi]
         keep = (target - matches.source_points).norm(dim=1) <= o.max_match_distance
         if o.max_normal_angle < 180:
-            normals = _normals(target_points)
             n_s = torch.from_numpy(source_normals).reshape(-1, 3)[matches.pixel]
             cos = (normals[yi, xi] * n_s).sum(dim=1)
             keep &= cos >= np.cos(np.radians(o.max_normal_angle))
@@ -236,7 +236,8 @@ class Fusion:
         for name in ("sample", "pixel", "source_points", "anchors", "anchor_weights", "target_pixels",
                      "target_depth", "weights"):
             setattr(matches, name, getattr(matches, name).cpu())
-        keep = self._filter_matches(matches, rendering.normals, target_points)
+        normals = _normals(target_points)
+        keep = self._filter_matches(matches, rendering.normals, target_points, normals)
         for name in ("sample", "pixel", "source_points", "anchors", "anchor_weights", "target_pixels",
                      "target_depth", "weights"):
             setattr(matches, name, getattr(matches, name)[keep])
@@ -245,6 +246,9 @@ class Fusion:
         tick = time.perf_counter()
         problem = SolverProblem.from_matches(matches, batch["nodes"], batch["num_nodes"], batch["edges"],
                                              batch["edges_weights"], batch["clusters"], batch["intrinsics"])
+        if self.solver_options.icp_weight > 0 and o.tracking == "model":
+            for name, value in self._icp_terms(rendering, anchors, weights, target_points, normals).items():
+                setattr(problem, name, value)
         generator = torch.Generator().manual_seed(frame.frame_id)
         with torch.no_grad():
             result = solve(problem, self.solver_options, generator)
@@ -258,9 +262,67 @@ class Fusion:
         # around its live position g'_k = g_k + t_k, so R <- dR R and t <- t + dt exactly.
         dR = result.rotations[0].cpu().float()
         dt = result.translations[0].cpu().float()
+        if o.hidden_support > 0:
+            dR, dt = self._follow_visible(dR, dt, batch["nodes"][0].float(), matches)
         rotations = dR @ self.rotations
         translations = self.translations + dt
         return rotations, translations, status, message, count, energy
+
+    def _follow_visible(self, dR: torch.Tensor, dt: torch.Tensor, live_nodes: torch.Tensor, matches):
+        """Nodes the frame's matches barely touch (support: the sum of the matches' anchor x
+        correspondence weights below --hidden-support) take the increment their nearest
+        supported nodes predict (the blend of those nodes' increments, a rigid extrapolation)
+        instead of their own: the ARAP term alone lets a hidden region lag behind a turn (its
+        rotation unknowns are held by the damping far more than by the edges)."""
+        o = self.options
+        N = live_nodes.shape[0]
+        support = torch.zeros(N, dtype=torch.float64)
+        support.index_add_(0, matches.anchors.reshape(-1).long().clamp(min=0),
+                           (matches.anchor_weights * matches.weights[:, None]).reshape(-1).double())
+        seen = support >= o.hidden_support
+        hidden = torch.nonzero(~seen).squeeze(1)
+        if hidden.numel() == 0 or int(seen.sum()) < 4:
+            return dR, dt
+        visible = torch.nonzero(seen).squeeze(1)
+        k = min(4, visible.numel())
+        d = torch.cdist(live_nodes[hidden], live_nodes[visible])
+        dist, near = torch.topk(d, k, dim=1, largest=False)
+        # Softmax of the Gaussian's exponent: no underflow for a node far from every seen one.
+        w = torch.softmax(-dist ** 2 / (2 * (2 * o.node_coverage) ** 2), dim=1)
+        R_new, t_new = blend_motions(live_nodes[hidden], near, w, live_nodes[visible], dR[visible][None],
+                                     dt[visible][None])
+        dR, dt = dR.clone(), dt.clone()
+        dR[hidden], dt[hidden] = R_new[0], t_new[0]
+        return dR, dt
+
+    def _icp_terms(self, rendering: Rendering, anchors: np.ndarray, weights: np.ndarray,
+                   target_points: torch.Tensor, normals: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Projective point-to-plane associations (DynamicFusion's depth data term): every
+        --icp-stride-th rendered model pixel, whose live point sits at the previous motion and
+        so projects to its own pixel, against the live point and normal there. Kept where the
+        live depth is valid and off a depth jump, within --icp-max-distance of the rendered
+        depth and with normals within --icp-max-normal-angle. Dense where the flow is sparse:
+        weak texture leaves DIS little to match, the depth still constrains the motion along
+        every normal of the model (tangential motion stays the flow's and ARAP's)."""
+        o = self.options
+        H, W = rendering.mask.shape
+        sub = np.zeros((H, W), bool)
+        sub[::o.icp_stride, ::o.icp_stride] = True
+        live = target_points.numpy()
+        ok = sub & rendering.mask & (live[..., 2] > 0) & (anchors >= 0).all(axis=-1)
+        ok &= np.abs(live[..., 2] - rendering.depth) <= o.icp_max_distance
+        cos = (normals.numpy() * rendering.normals).sum(axis=-1)
+        ok &= cos >= np.cos(np.radians(o.icp_max_normal_angle))
+        if o.edge_margin > 0:
+            ok &= ~image_proc.depth_boundary_mask(target_points, o.edge_margin, o.edge_jump).numpy()
+        ys, xs = np.nonzero(ok)
+        return {"icp_sample": torch.zeros(ys.shape[0], dtype=torch.int64),
+                "icp_source_points": torch.from_numpy(rendering.points[ys, xs]),
+                "icp_anchors": torch.from_numpy(anchors[ys, xs]).long(),
+                "icp_anchor_weights": torch.from_numpy(weights[ys, xs]),
+                "icp_target_points": target_points[ys, xs].float(),
+                "icp_target_normals": normals[ys, xs].float(),
+                "icp_weights": torch.ones(ys.shape[0])}
 
     def _edges(self, points: torch.Tensor) -> np.ndarray:
         """Pixels within --edge-margin pixels of a depth jump (their depth mixes the object with

@@ -118,15 +118,22 @@ class TSDFVolume:
     def integrate(self, depth: torch.Tensor, image: torch.Tensor, mask: torch.Tensor,
                   intrinsics: Dict[str, float], nodes: torch.Tensor, rotations: torch.Tensor,
                   translations: torch.Tensor, coverage: float, max_anchor_distance: float,
-                  num_anchors: int = 4, num_candidates: int = 16, dual_quaternion: bool = False) -> None:
+                  num_anchors: int = 4, num_candidates: int = 16, dual_quaternion: bool = False,
+                  color_observations: int = 0) -> None:
         """Warped projective integration of one frame into every allocated block.
 
         depth (H, W) metres; image (H, W, 3) 0..255; mask (H, W) bool; nodes (N, 3) canonical;
-        rotations (N, 3, 3), translations (N, 3) canonical -> live.
+        rotations (N, 3, 3), translations (N, 3) canonical -> live. color_observations > 0: a
+        voxel's colour averages only its first that many observations and then stays (the
+        geometry keeps averaging up to the weight cap).
         """
         if self.num_blocks == 0:
             return
         dev, f = self.device, torch.float32
+        n = self.num_blocks
+        if color_observations > 0:
+            settled = self.weight[:n] >= color_observations
+            kept = self.color[:n][settled]
         candidates = self.candidates(nodes, num_candidates)
         C.integrate_warped(self.tsdf, self.weight, self.color, self.keys,
                            torch.arange(self.num_blocks, device=dev), candidates,
@@ -136,6 +143,8 @@ class TSDFVolume:
                            self.voxel_size, self.truncation, self.weight_cap, intrinsics["fx"],
                            intrinsics["fy"], intrinsics["cx"], intrinsics["cy"], coverage,
                            max_anchor_distance, num_anchors, dual_quaternion)
+        if color_observations > 0:
+            self.color[:n][settled] = kept
 
     def extract_mesh(self, weight_threshold: float = 0.5) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Marching cubes (Open3D's, on a VoxelBlockGrid filled with these arrays).

@@ -164,6 +164,26 @@ def test_static_scene_mesh_within_half_a_voxel():
     assert volume.num_blocks < 0.6 * bbox_blocks
 
 
+def test_color_observations_keep_the_first_colours_and_average_the_geometry():
+    volume, depth, image, mask, nodes, rotations, translations = random_scene(seed=3)
+    twin = TSDFVolume(volume.voxel_size, volume.truncation, volume.weight_cap)
+    twin._append(volume.keys.clone())
+    frames = [(depth, image), (depth * 1.01, 255 - image), (depth * 0.99, image.flip(0))]
+    first = {}
+    for k, (d, im) in enumerate(frames):
+        for v, observations in ((volume, 0), (twin, 1)):
+            v.integrate(d, im, mask, INTRINSICS, nodes, rotations, translations, 0.05, 0.2,
+                        color_observations=observations)
+        if k == 0:
+            first = {"color": twin.color.clone(), "weight": twin.weight.clone()}
+    seen = first["weight"] > 0
+    assert seen.sum() > 1000
+    # The geometry is the same as without the option; colours are those of the first frame.
+    assert torch.equal(twin.tsdf, volume.tsdf) and torch.equal(twin.weight, volume.weight)
+    assert torch.equal(twin.color[seen], first["color"][seen])
+    assert (volume.color[seen] - first["color"][seen]).abs().max() > 10
+
+
 def test_allocation_covers_the_whole_truncation_band():
     """A truncation band wider than a block spans 3 blocks per axis: all are allocated."""
     volume = TSDFVolume(0.005, 0.025, 10.0)                  # blocks of 4 cm, band of 5 cm
@@ -214,6 +234,20 @@ def test_graph_growth_and_blended_motion():
     back = inverse_warp(live, nodes, rot[0].contiguous(), trans[0].contiguous(), 0.05)
     assert torch.allclose(back, candidates, atol=1e-5)
     assert torch.allclose(project_to_rotation(2 * R), R, atol=1e-5)
+
+
+def test_graph_growth_when_a_new_node_is_nearest_to_a_later_one():
+    """Two nodes inserted in one call where the first one's nearest node is the second: its
+    cluster comes from the nearest node that already has one (this raised an IndexError)."""
+    nodes = torch.tensor([[0.0, 0.0, 0.5], [0.05, 0.0, 0.5], [0.0, 0.05, 0.5], [0.05, 0.05, 0.5]])
+    graph = NodeGraph(nodes, torch.tensor([[1, 2, -1], [0, 3, -1], [0, 3, -1], [1, 2, -1]]),
+                      torch.full((4, 3), 1 / 3), torch.tensor([0, 0, 1, 1]),
+                      torch.zeros(4, dtype=torch.int64), 0.05)
+    a, b = [-0.06, 0.0, 0.5], [-0.06, -0.055, 0.5]      # a first (nearer the graph); b nearer to a
+    ids = graph.insert(torch.tensor([b, a]), frame_index=1, max_new=5)
+    assert ids.tolist() == [4, 5] and torch.allclose(graph.positions[4], torch.tensor(a))
+    assert int(graph.edges[4, 0]) == 5                  # a's nearest node is b
+    assert graph.clusters.tolist() == [0, 0, 1, 1, 0, 0]
 
 
 # ----------------------------------------------------------------------------------------------

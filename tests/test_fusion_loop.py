@@ -233,3 +233,69 @@ def test_sequence_reads_frames(sequence_dir):
     root, _, _ = sequence_dir
     seq = Sequence(root)
     assert len(seq) == 6 and seq.read(2).frame_id == 2
+
+
+def test_point_to_plane_associations_measure_the_depth_offset(sequence_dir, tmp_path):
+    """The projective associations of the rendered model with the live depth: on the frame the
+    model was made from they agree to a fraction of a voxel; moving the live depth 1 cm away
+    from the camera moves every residual n . (x - y) by about n . (0, 0, 1 cm) scaled by depth."""
+    from fusion.loop import Fusion, _normals
+    from model import image_proc
+    root, _, _ = sequence_dir
+    options = fusion_options(root, str(tmp_path / "icp"))
+    sequence = Sequence(root)
+    fusion = Fusion(sequence, options, solver_options())
+    frame = sequence.read(0)
+    fusion.first_frame(frame, sequence.first_mask(None, None)[0])
+    rendering = fusion.render(fusion.rotations, fusion.translations)
+    anchors, weights = fusion._pixel_anchors(rendering.canonical, rendering.mask)
+    for shift in (0.0, 0.01):
+        depth = torch.from_numpy(np.where(frame.depth > 0, frame.depth + shift, 0).astype(np.float32))
+        points = image_proc.backproject_depth(depth, sequence.intrinsics, sequence.max_depth)
+        terms = fusion._icp_terms(rendering, anchors, weights, points, _normals(points))
+        P = terms["icp_sample"].shape[0]
+        assert P > 0.1 * rendering.mask.sum() / options.icp_stride ** 2
+        assert (terms["icp_anchors"] >= 0).all() and torch.allclose(terms["icp_target_normals"].norm(dim=1),
+                                                                     torch.ones(P), atol=1e-5)
+        distance = ((terms["icp_source_points"] - terms["icp_target_points"]) * terms["icp_target_normals"]).sum(1)
+        # The live point at the pixel lies on the ray through the rendered point, scaled by depth.
+        source = terms["icp_source_points"]
+        expected = -shift * (source * terms["icp_target_normals"]).sum(1) / source[:, 2]
+        assert (distance - expected).abs().median() < 0.0015, (shift, float((distance - expected).abs().median()))
+    # Beyond --icp-max-distance nothing is associated.
+    depth = torch.from_numpy(np.where(frame.depth > 0, frame.depth + 2 * options.icp_max_distance, 0).astype(np.float32))
+    points = image_proc.backproject_depth(depth, sequence.intrinsics, sequence.max_depth)
+    assert fusion._icp_terms(rendering, anchors, weights, points, _normals(points))["icp_sample"].numel() == 0
+
+
+def test_hidden_nodes_follow_the_seen_ones_rigidly():
+    """Nodes without match support take the increment their supported neighbours predict: under
+    one rigid increment of the seen nodes, the hidden ones get exactly that rigid motion."""
+    from types import SimpleNamespace
+
+    from fusion.loop import Fusion
+    from model.warp import so3_exp
+    gen = torch.Generator().manual_seed(0)
+    nodes = torch.randn(30, 3, generator=gen) * 0.05 + torch.tensor([0.0, 0.0, 0.8])
+    hidden = nodes[:, 2] > 0.82                       # the far side: no match touches them
+    assert 3 < int(hidden.sum()) < 20
+    R = so3_exp(torch.tensor([0.0, 0.2, 0.05])).float()
+    t = torch.tensor([0.01, -0.02, 0.005])
+    centre = nodes.mean(dim=0)
+    dR = R.expand(30, 3, 3).clone()
+    dt = (nodes - centre) @ R.T + centre + t - nodes   # node i moves by the rigid motion about centre
+    dR[hidden], dt[hidden] = torch.eye(3), 0.0         # what ARAP alone may leave them with
+    seen = torch.nonzero(~hidden).squeeze(1)
+    anchors = seen[torch.randint(0, seen.numel(), (400, 4), generator=gen)]
+    matches = SimpleNamespace(anchors=anchors, anchor_weights=torch.full((400, 4), 0.25),
+                              weights=torch.ones(400))
+    fusion = SimpleNamespace(options=FusionOptions(hidden_support=2.0, node_coverage=0.05))
+    R_out, t_out = Fusion._follow_visible(fusion, dR, dt, nodes, matches)
+    expected_t = (nodes - centre) @ R.T + centre + t - nodes
+    assert torch.allclose(R_out, R.expand(30, 3, 3), atol=1e-5)
+    assert torch.allclose(t_out, expected_t, atol=1e-6)
+    # Off below the threshold: nothing changes when every node is supported.
+    fusion.options = FusionOptions(hidden_support=1e-9)
+    dR2, dt2 = Fusion._follow_visible(fusion, dR, dt, nodes, SimpleNamespace(
+        anchors=torch.arange(30).repeat(4, 1).T, anchor_weights=torch.full((30, 4), 0.25), weights=torch.ones(30)))
+    assert torch.equal(dR2, dR) and torch.equal(dt2, dt)

@@ -23,6 +23,7 @@ from model import solver as gn
 from model.ext import C as nnrt_ext
 from model.ext import cuda_unavailable_reason
 from model.hashgrid import hash_encode
+from model.warp import so3_exp
 from options import SolverOptions
 from tests.conftest import REPO, assert_close, small_synthetic_split
 from tests.test_fusion import INTRINSICS as FUSION_INTRINSICS
@@ -171,6 +172,19 @@ def test_match_terms(dtype):
 
     results = _both(fn, *inputs, grad=True)
     _compare(results, dtype, "match_terms")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_edge_terms(dtype):
+    gen = torch.Generator().manual_seed(7)
+    T, E = 40, 300
+    nodes = torch.randn(T, 3, generator=gen, dtype=dtype)
+    edges = torch.randint(0, T, (E, 2), generator=gen)
+    R = so3_exp(0.3 * torch.randn(T, 3, generator=gen, dtype=dtype))
+    t = 0.1 * torch.randn(T, 3, generator=gen, dtype=dtype)
+    w = 0.5 + torch.rand(E, generator=gen, dtype=dtype)
+    fn = lambda edges, w, nodes, R, t: gn.edge_terms(edges[:, 0], edges[:, 1], w, nodes.detach(), R, t, 2.0)  # noqa: E731
+    _compare(_both(fn, edges, w, nodes, R, t, grad=True), dtype, "edge_terms")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -8,7 +8,7 @@ from model import solver as gn
 from model.warp import so3_exp
 from options import SolverOptions
 from tests.conftest import assert_close
-from tests.reference import dense_solver, match_terms_reference
+from tests.reference import dense_solver, terms_reference
 from tests.solver_problems import angle_error, make_problem, to_solver_problem
 
 WEIGHTS = {"flow": 0.001, "depth": 1.0, "arap": 1.0}
@@ -364,7 +364,7 @@ def test_match_terms_op_equals_reference(robust):
     leaves = [x.clone().requires_grad_(i in DIFFERENTIABLE) for i, x in enumerate(inputs)]
     probes = (torch.randn(9, 3, dtype=torch.float64), torch.randn(9, 3, 24, dtype=torch.float64))
     results = []
-    for fn in (gn.match_terms, match_terms_reference.match_terms):
+    for fn in (gn.match_terms, terms_reference.match_terms):
         r, J = fn(*leaves, 0.001, 1.0, robust, 3.0)
         wrt = [leaves[i] for i in DIFFERENTIABLE]
         grads = torch.autograd.grad((r * probes[0]).sum() + (J * probes[1]).sum(), wrt)
@@ -405,3 +405,31 @@ def test_match_terms_op_rejects_bad_input():
         gn.match_terms(*bad, 0.001, 1.0)
     with pytest.raises(ValueError, match="robust_loss"):
         gn.match_terms(*inputs, 0.001, 1.0, "tukey")
+
+
+def test_edge_terms_op_equals_reference_and_gradcheck():
+    gen = torch.Generator().manual_seed(6)
+    T, E = 6, 11
+    nodes = torch.randn(T, 3, generator=gen, dtype=torch.float64)
+    sources = torch.randint(0, T, (E,), generator=gen)
+    targets = (sources + 1 + torch.randint(0, T - 1, (E,), generator=gen)) % T
+    R = so3_exp(0.3 * torch.randn(T, 3, generator=gen, dtype=torch.float64)).requires_grad_(True)
+    t = (0.1 * torch.randn(T, 3, generator=gen, dtype=torch.float64)).requires_grad_(True)
+    w = (0.5 + torch.rand(E, generator=gen, dtype=torch.float64)).requires_grad_(True)
+    probes = (torch.randn(E, 3, generator=gen, dtype=torch.float64),
+              torch.randn(E, 3, 12, generator=gen, dtype=torch.float64))
+    results = []
+    for fn in (gn.edge_terms, terms_reference.edge_terms):
+        r, J = fn(sources, targets, w, nodes, R, t, 2.0)
+        results.append((r, J, torch.autograd.grad((r * probes[0]).sum() + (J * probes[1]).sum(), (w, R, t))))
+    (r, J, grads), (r_ref, J_ref, grads_ref) = results
+    assert_close(r, r_ref, atol=1e-12, what="residuals")
+    assert_close(J, J_ref, atol=1e-12, what="Jacobian blocks")
+    for a, b, name in zip(grads, grads_ref, ("weights", "rotations", "translations")):
+        assert_close(a, b, atol=1e-12, what=f"gradient w.r.t. {name}")
+    assert torch.autograd.gradcheck(lambda w, R, t: gn.edge_terms(sources, targets, w, nodes, R, t, 2.0),
+                                    (w, R, t))
+    bad = targets.clone()
+    bad[4] = T
+    with pytest.raises(RuntimeError, match="edge 4 end 1: node 6 outside"):
+        gn.edge_terms(sources, bad, w, nodes, R, t, 2.0)

@@ -344,6 +344,64 @@ HOST_DEVICE inline void MatchTermBackward(const scalar_t* x, const int64_t* anch
   }
 }
 
+// The as-rigid-as-possible term of one edge i -> j (docs/DESIGN.md 5.3), fused like the data
+// terms (one op per linearisation instead of a dozen tensor ops and their autograd graph):
+//   v = R_i (g_j - g_i),  res = w (v + g_i + t_i - g_j - t_j)  (3),
+//   J = [-w [v]_x, w I, 0, -w I]  (3, 12: slot 0 is node i, slot 1 node j),
+// with w = sqrt(arap_weight) * edge weight. R (T, 3, 3) row-major, t (T, 3), g (T, 3).
+template <typename scalar_t>
+HOST_DEVICE inline void EdgeTermForward(int64_t i, int64_t j, scalar_t w, const scalar_t* g,
+                                        const scalar_t* R, const scalar_t* t, scalar_t* res,
+                                        scalar_t* J) {
+  const scalar_t* Ri = R + 9 * i;
+  const scalar_t d[3] = {g[3 * j] - g[3 * i], g[3 * j + 1] - g[3 * i + 1], g[3 * j + 2] - g[3 * i + 2]};
+  scalar_t v[3];
+  for (int a = 0; a < 3; ++a) v[a] = Ri[3 * a] * d[0] + Ri[3 * a + 1] * d[1] + Ri[3 * a + 2] * d[2];
+  for (int a = 0; a < 3; ++a) res[a] = w * (v[a] + g[3 * i + a] + t[3 * i + a] - g[3 * j + a] - t[3 * j + a]);
+  // -w [v]_x, row by row: [v]_x = [[0, -v2, v1], [v2, 0, -v0], [-v1, v0, 0]].
+  const scalar_t S[3][3] = {{0, w * v[2], -w * v[1]}, {-w * v[2], 0, w * v[0]}, {w * v[1], -w * v[0], 0}};
+  for (int a = 0; a < 3; ++a) {
+    scalar_t* row = J + 12 * a;
+    for (int c = 0; c < 3; ++c) {
+      row[c] = S[a][c];
+      row[3 + c] = a == c ? w : scalar_t(0);
+      row[6 + c] = 0;
+      row[9 + c] = a == c ? -w : scalar_t(0);
+    }
+  }
+}
+
+// Backward of one edge from grad_res (3) and grad_J (3, 12): the gradient of R_i (9) and t_i (3)
+// into g_slots[0:12], of t_j into g_slots[12:24] (its R_j part is 0), and of w. With v = R_i d:
+//   d/dv of the rotation block -w [v]_x: g_v = -w (G21 - G12, G02 - G20, G10 - G01), G its
+//   gradient; d/dv of res: w grad_res; then g_{R_i} = g_v d^T, g_{t_i} = w grad_res = -g_{t_j}.
+template <typename scalar_t>
+HOST_DEVICE inline void EdgeTermBackward(int64_t i, int64_t j, scalar_t w, const scalar_t* g,
+                                         const scalar_t* R, const scalar_t* t, const scalar_t* gres,
+                                         const scalar_t* gJ, scalar_t* g_slots, scalar_t* g_w) {
+  const scalar_t* Ri = R + 9 * i;
+  const scalar_t d[3] = {g[3 * j] - g[3 * i], g[3 * j + 1] - g[3 * i + 1], g[3 * j + 2] - g[3 * i + 2]};
+  scalar_t v[3];
+  for (int a = 0; a < 3; ++a) v[a] = Ri[3 * a] * d[0] + Ri[3 * a + 1] * d[1] + Ri[3 * a + 2] * d[2];
+  const scalar_t G[3][3] = {{gJ[0], gJ[1], gJ[2]}, {gJ[12], gJ[13], gJ[14]}, {gJ[24], gJ[25], gJ[26]}};
+  const scalar_t gv[3] = {w * (gres[0] - G[2][1] + G[1][2]), w * (gres[1] - G[0][2] + G[2][0]),
+                          w * (gres[2] - G[1][0] + G[0][1])};
+  for (int a = 0; a < 3; ++a) {
+    for (int c = 0; c < 3; ++c) g_slots[3 * a + c] = gv[a] * d[c];
+    g_slots[9 + a] = w * gres[a];
+    for (int c = 0; c < 3; ++c) g_slots[12 + 3 * a + c] = 0;
+    g_slots[21 + a] = -w * gres[a];
+  }
+  // res and J are linear in w: d/dw = (res / w) . grad_res + (J / w) . grad_J.
+  scalar_t gw = 0;
+  for (int a = 0; a < 3; ++a) {
+    gw += (v[a] + g[3 * i + a] + t[3 * i + a] - g[3 * j + a] - t[3 * j + a]) * gres[a];
+    gw += gJ[12 * a + 3 + a] - gJ[12 * a + 9 + a];
+  }
+  gw += v[2] * (G[0][1] - G[1][0]) + v[1] * (G[2][0] - G[0][2]) + v[0] * (G[1][2] - G[2][1]);
+  *g_w = gw;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Block-sparse assembly (launch logic above). Shapes, for B samples of N nodes, T = B * N:
 //   keys         (M, E) int64, E = S (S + 1) / 2: key of the block each slot pair {s <= t} adds
@@ -609,7 +667,21 @@ std::vector<at::Tensor> MatchTermsCpu(const MatchTermInputs& in, const MatchTerm
 std::vector<at::Tensor> MatchTermsBackwardCpu(const MatchTermInputs& in, const MatchTermParams<double>& prm,
                                               const at::Tensor& root, const at::Tensor& grad_res,
                                               const at::Tensor& grad_J);
+// Edge terms: edges (E, 2) int64 flat (i, j), w (E), g (T, 3), R (T, 3, 3), t (T, 3) -> res (E, 3),
+// J (E, 3, 12); backward -> g_nodes (T, 12) (R 9, t 3 per node, summed over both slots), g_w (E).
+std::vector<at::Tensor> EdgeTermsCpu(const at::Tensor& edges, const at::Tensor& w, const at::Tensor& g,
+                                     const at::Tensor& R, const at::Tensor& t);
+std::vector<at::Tensor> EdgeTermsBackwardCpu(const at::Tensor& edges, const at::Tensor& w,
+                                             const at::Tensor& g, const at::Tensor& R,
+                                             const at::Tensor& t, const at::Tensor& grad_res,
+                                             const at::Tensor& grad_J);
 #ifdef WITH_CUDA
+std::vector<at::Tensor> EdgeTermsCuda(const at::Tensor& edges, const at::Tensor& w, const at::Tensor& g,
+                                      const at::Tensor& R, const at::Tensor& t);
+std::vector<at::Tensor> EdgeTermsBackwardCuda(const at::Tensor& edges, const at::Tensor& w,
+                                              const at::Tensor& g, const at::Tensor& R,
+                                              const at::Tensor& t, const at::Tensor& grad_res,
+                                              const at::Tensor& grad_J);
 std::vector<at::Tensor> MatchTermsCuda(const MatchTermInputs& in, const MatchTermParams<double>& prm);
 std::vector<at::Tensor> MatchTermsBackwardCuda(const MatchTermInputs& in, const MatchTermParams<double>& prm,
                                                const at::Tensor& root, const at::Tensor& grad_res,
@@ -1027,6 +1099,59 @@ inline std::vector<at::Tensor> MatchTermsBackward(
 #endif
   }
   return MatchTermsBackwardCpu(in, prm, rr, gr, gJ);
+}
+
+inline void CheckEdgeTermInputs(const at::Tensor& edges, const at::Tensor& w, const at::Tensor& g,
+                                const at::Tensor& R, const at::Tensor& t) {
+  TORCH_CHECK(edges.dim() == 2 && edges.size(1) == 2 && edges.scalar_type() == at::kLong,
+              "edges must be (E, 2) int64, found ", edges.sizes(), " ", edges.scalar_type());
+  TORCH_CHECK(w.sizes() == at::IntArrayRef({edges.size(0)}), "edge weights must be (", edges.size(0),
+              "), found ", w.sizes());
+  TORCH_CHECK(R.dim() == 3 && R.size(1) == 3 && R.size(2) == 3 && t.dim() == 2 && t.size(1) == 3 &&
+                  t.size(0) == R.size(0) && g.sizes() == t.sizes(),
+              "node positions (T, 3), rotations (T, 3, 3) and translations (T, 3) expected, found ",
+              g.sizes(), ", ", R.sizes(), " and ", t.sizes());
+  TORCH_CHECK(w.is_floating_point() && g.scalar_type() == w.scalar_type() &&
+                  R.scalar_type() == w.scalar_type() && t.scalar_type() == w.scalar_type(),
+              "edge term inputs must share one floating dtype");
+}
+
+// (res (E, 3), J (E, 3, 12)) of the ARAP terms of edges (i, j) with weights w (already
+// sqrt(arap_weight) * edge weight).
+inline std::vector<at::Tensor> EdgeTerms(const at::Tensor& edges, const at::Tensor& w, const at::Tensor& g,
+                                         const at::Tensor& R, const at::Tensor& t) {
+  CheckEdgeTermInputs(edges, w, g, R, t);
+  if (w.is_cuda()) {
+#ifdef WITH_CUDA
+    return EdgeTermsCuda(edges.contiguous(), w.contiguous(), g.contiguous(), R.contiguous(), t.contiguous());
+#else
+    NNRT_NO_CUDA("edge_terms");
+#endif
+  }
+  return EdgeTermsCpu(edges.contiguous(), w.contiguous(), g.contiguous(), R.contiguous(), t.contiguous());
+}
+
+// (g_nodes (T, 12), g_w (E)) from grad_res (E, 3), grad_J (E, 3, 12).
+inline std::vector<at::Tensor> EdgeTermsBackward(const at::Tensor& edges, const at::Tensor& w,
+                                                 const at::Tensor& g, const at::Tensor& R,
+                                                 const at::Tensor& t, const at::Tensor& grad_res,
+                                                 const at::Tensor& grad_J) {
+  CheckEdgeTermInputs(edges, w, g, R, t);
+  const int64_t E = edges.size(0);
+  TORCH_CHECK(grad_res.sizes() == at::IntArrayRef({E, 3}) && grad_J.sizes() == at::IntArrayRef({E, 3, 12}),
+              "grad_res (E, 3) and grad_J (E, 3, 12) expected, found ", grad_res.sizes(), " and ",
+              grad_J.sizes());
+  const at::Tensor gr = grad_res.to(w.scalar_type()).contiguous(), gJ = grad_J.to(w.scalar_type()).contiguous();
+  if (w.is_cuda()) {
+#ifdef WITH_CUDA
+    return EdgeTermsBackwardCuda(edges.contiguous(), w.contiguous(), g.contiguous(), R.contiguous(),
+                                 t.contiguous(), gr, gJ);
+#else
+    NNRT_NO_CUDA("edge_terms_backward");
+#endif
+  }
+  return EdgeTermsBackwardCpu(edges.contiguous(), w.contiguous(), g.contiguous(), R.contiguous(),
+                              t.contiguous(), gr, gJ);
 }
 
 }  // namespace nnrt

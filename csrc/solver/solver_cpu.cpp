@@ -113,10 +113,12 @@ MatchTermParams<scalar_t> CastParams(const MatchTermParams<double>& prm) {
           static_cast<scalar_t>(prm.robust_scale), prm.robust, prm.A};
 }
 
-// The anchors index the motions directly: check them here (the CUDA kernel trusts the caller).
-inline void CheckAnchors(const int64_t* anchors, int64_t m, int A, int64_t T) {
+// The anchors (or edge ends) index the motions directly: check them here (the CUDA kernels
+// trust the caller).
+inline void CheckAnchors(const int64_t* anchors, int64_t m, int A, int64_t T, const char* term = "match",
+                         const char* slot = "anchor") {
   for (int k = 0; k < A; ++k)
-    TORCH_CHECK(anchors[k] >= 0 && anchors[k] < T, "match ", m, " anchor ", k, ": node ",
+    TORCH_CHECK(anchors[k] >= 0 && anchors[k] < T, term, " ", m, " ", slot, " ", k, ": node ",
                 anchors[k], " outside [0, ", T, ")");
 }
 
@@ -187,6 +189,51 @@ std::vector<at::Tensor> MatchTermsBackwardCpu(const MatchTermInputs& in, const M
       for (int i = 0; i < 12; ++i) gn[12 * an[e] + i] += gs[12 * e + i];
   });
   return {g_x, g_tp, g_td, g_c, g_nodes};
+}
+
+std::vector<at::Tensor> EdgeTermsCpu(const at::Tensor& edges, const at::Tensor& w, const at::Tensor& g,
+                                     const at::Tensor& R, const at::Tensor& t) {
+  const int64_t E = edges.size(0), T = R.size(0);
+  at::Tensor res = at::empty({E, 3}, w.options()), J = at::empty({E, 3, 12}, w.options());
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "edge_terms_cpu", [&] {
+    const int64_t* ed = edges.data_ptr<int64_t>();
+    const scalar_t *wp = w.data_ptr<scalar_t>(), *gp = g.data_ptr<scalar_t>(), *Rp = R.data_ptr<scalar_t>(),
+                   *tp = t.data_ptr<scalar_t>();
+    scalar_t *rp = res.data_ptr<scalar_t>(), *Jp = J.data_ptr<scalar_t>();
+    at::parallel_for(0, E, 2048, [&](int64_t begin, int64_t end) {
+      for (int64_t e = begin; e < end; ++e) {
+        CheckAnchors(ed + 2 * e, e, 2, T, "edge", "end");
+        EdgeTermForward<scalar_t>(ed[2 * e], ed[2 * e + 1], wp[e], gp, Rp, tp, rp + 3 * e, Jp + 36 * e);
+      }
+    });
+  });
+  return {res, J};
+}
+
+std::vector<at::Tensor> EdgeTermsBackwardCpu(const at::Tensor& edges, const at::Tensor& w,
+                                             const at::Tensor& g, const at::Tensor& R,
+                                             const at::Tensor& t, const at::Tensor& grad_res,
+                                             const at::Tensor& grad_J) {
+  const int64_t E = edges.size(0), T = R.size(0);
+  at::Tensor g_slots = at::empty({E, 2, 12}, w.options()), g_w = at::empty_like(w);
+  at::Tensor g_nodes = at::zeros({T, 12}, w.options());
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "edge_terms_backward_cpu", [&] {
+    const int64_t* ed = edges.data_ptr<int64_t>();
+    const scalar_t *wp = w.data_ptr<scalar_t>(), *gp = g.data_ptr<scalar_t>(), *Rp = R.data_ptr<scalar_t>(),
+                   *tp = t.data_ptr<scalar_t>(), *gr = grad_res.data_ptr<scalar_t>(),
+                   *gJ = grad_J.data_ptr<scalar_t>();
+    scalar_t *gs = g_slots.data_ptr<scalar_t>(), *gwp = g_w.data_ptr<scalar_t>(), *gn = g_nodes.data_ptr<scalar_t>();
+    at::parallel_for(0, E, 2048, [&](int64_t begin, int64_t end) {
+      for (int64_t e = begin; e < end; ++e) {
+        CheckAnchors(ed + 2 * e, e, 2, T, "edge", "end");
+        EdgeTermBackward<scalar_t>(ed[2 * e], ed[2 * e + 1], wp[e], gp, Rp, tp, gr + 3 * e, gJ + 36 * e,
+                                   gs + 24 * e, gwp + e);
+      }
+    });
+    for (int64_t e = 0; e < 2 * E; ++e)  // slots -> nodes, serially (deterministic)
+      for (int c = 0; c < 12; ++c) gn[12 * ed[e] + c] += gs[12 * e + c];
+  });
+  return {g_nodes, g_w};
 }
 
 }  // namespace nnrt

@@ -87,6 +87,30 @@ __global__ void MatchTermsBackwardKernel(
 }
 
 template <typename scalar_t>
+__global__ void EdgeTermsKernel(const int64_t* __restrict__ edges, const scalar_t* __restrict__ w,
+                                const scalar_t* __restrict__ g, const scalar_t* __restrict__ R,
+                                const scalar_t* __restrict__ t, int64_t E, scalar_t* __restrict__ res,
+                                scalar_t* __restrict__ J) {
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < E;
+       e += int64_t(blockDim.x) * gridDim.x) {
+    EdgeTermForward<scalar_t>(edges[2 * e], edges[2 * e + 1], w[e], g, R, t, res + 3 * e, J + 36 * e);
+  }
+}
+
+template <typename scalar_t>
+__global__ void EdgeTermsBackwardKernel(const int64_t* __restrict__ edges, const scalar_t* __restrict__ w,
+                                        const scalar_t* __restrict__ g, const scalar_t* __restrict__ R,
+                                        const scalar_t* __restrict__ t, int64_t E,
+                                        const scalar_t* __restrict__ gr, const scalar_t* __restrict__ gJ,
+                                        scalar_t* __restrict__ gs, scalar_t* __restrict__ gw) {
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < E;
+       e += int64_t(blockDim.x) * gridDim.x) {
+    EdgeTermBackward<scalar_t>(edges[2 * e], edges[2 * e + 1], w[e], g, R, t, gr + 3 * e, gJ + 36 * e,
+                               gs + 24 * e, gw + e);
+  }
+}
+
+template <typename scalar_t>
 MatchTermParams<scalar_t> CastParams(const MatchTermParams<double>& prm) {
   return {static_cast<scalar_t>(prm.sqrt_flow_weight), static_cast<scalar_t>(prm.sqrt_depth_weight),
           static_cast<scalar_t>(prm.robust_scale), prm.robust, prm.A};
@@ -140,6 +164,43 @@ std::vector<at::Tensor> MatchTermsBackwardCuda(const MatchTermInputs& in, const 
   at::Tensor g_nodes = at::zeros({in.R.size(0), 12}, in.x.options())
                            .index_add_(0, in.anchors.reshape({-1}), g_slots.reshape({-1, 12}));
   return {g_x, g_tp, g_td, g_c, g_nodes};
+}
+
+std::vector<at::Tensor> EdgeTermsCuda(const at::Tensor& edges, const at::Tensor& w, const at::Tensor& g,
+                                      const at::Tensor& R, const at::Tensor& t) {
+  at::cuda::CUDAGuard guard(w.device());
+  const int64_t E = edges.size(0);
+  at::Tensor res = at::empty({E, 3}, w.options()), J = at::empty({E, 3, 12}, w.options());
+  if (E == 0) return {res, J};
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "edge_terms_cuda", [&] {
+    EdgeTermsKernel<scalar_t><<<NumBlocks(E, 256), 256, 0, stream>>>(
+        edges.data_ptr<int64_t>(), w.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), R.data_ptr<scalar_t>(),
+        t.data_ptr<scalar_t>(), E, res.data_ptr<scalar_t>(), J.data_ptr<scalar_t>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {res, J};
+}
+
+std::vector<at::Tensor> EdgeTermsBackwardCuda(const at::Tensor& edges, const at::Tensor& w,
+                                              const at::Tensor& g, const at::Tensor& R,
+                                              const at::Tensor& t, const at::Tensor& grad_res,
+                                              const at::Tensor& grad_J) {
+  at::cuda::CUDAGuard guard(w.device());
+  const int64_t E = edges.size(0);
+  at::Tensor g_slots = at::empty({E, 2, 12}, w.options()), g_w = at::empty_like(w);
+  at::Tensor g_nodes = at::zeros({R.size(0), 12}, w.options());
+  if (E == 0) return {g_nodes, g_w};
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "edge_terms_backward_cuda", [&] {
+    EdgeTermsBackwardKernel<scalar_t><<<NumBlocks(E, 256), 256, 0, stream>>>(
+        edges.data_ptr<int64_t>(), w.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), R.data_ptr<scalar_t>(),
+        t.data_ptr<scalar_t>(), E, grad_res.data_ptr<scalar_t>(), grad_J.data_ptr<scalar_t>(),
+        g_slots.data_ptr<scalar_t>(), g_w.data_ptr<scalar_t>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  g_nodes.index_add_(0, edges.reshape({-1}), g_slots.reshape({-1, 12}));
+  return {g_nodes, g_w};
 }
 
 std::vector<at::Tensor> StepBackwardCuda(const at::Tensor& J, const at::Tensor& r,

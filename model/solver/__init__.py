@@ -19,12 +19,12 @@ from model.solver.normal_equations import (BlockPattern, assemble_block_sparse, 
                                            build_block_pattern)
 from model.solver.problem import (STATUS_CONVERGED, STATUS_FAILED, STATUS_MAX_ITERATIONS, SolverProblem,
                                   SolverResult, SolveStatus)
-from model.solver.terms import ROBUST_LOSSES, edge_terms, match_terms
+from model.solver.terms import ROBUST_LOSSES, edge_terms, icp_terms, match_terms, robust_icp_weights
 
 __all__ = [
     "solve", "CGResult", "StepSetup", "block_jacobi", "cholesky_solve", "gauss_newton_step",
     "memory_estimate_gb", "pcg", "BlockPattern", "assemble_block_sparse", "assemble_blocks",
     "assemble_normal_equations", "block_matvec", "blocks_to_dense", "build_block_pattern",
     "STATUS_CONVERGED", "STATUS_FAILED", "STATUS_MAX_ITERATIONS", "SolverProblem", "SolverResult",
-    "SolveStatus", "ROBUST_LOSSES", "edge_terms", "match_terms",
+    "SolveStatus", "ROBUST_LOSSES", "edge_terms", "icp_terms", "match_terms", "robust_icp_weights",
 ]

@@ -25,7 +25,7 @@ import torch
 from model.solver.linear_solvers import StepSetup, gauss_newton_step, memory_estimate_gb
 from model.solver.normal_equations import build_block_pattern
 from model.solver.problem import SolveStatus, SolverProblem, SolverResult
-from model.solver.terms import edge_terms, match_terms
+from model.solver.terms import edge_terms, icp_terms, match_terms, robust_icp_weights
 from model.warp import so3_exp
 from options import SolverOptions
 
@@ -72,6 +72,50 @@ class _Prepared:
     nodes_flat: torch.Tensor       # (BN, 3)
     diagonal: torch.Tensor         # (B, 6N)
     linear_solver: str
+    icp: Optional["_ICPTerms"] = None  # the point-to-plane terms (icp_weight > 0 and given)
+
+
+@dataclass
+class _ICPTerms:
+    """The problem's point-to-plane terms that are solved (P of them)."""
+
+    sample: torch.Tensor           # (P,)
+    flat_anchors: torch.Tensor     # (P, 4)
+    anchor_weights: torch.Tensor
+    weights: torch.Tensor
+    offsets: torch.Tensor          # (P, 4, 3)
+    anchored_base: torch.Tensor    # (P, 3)
+    target_points: torch.Tensor
+    target_normals: torch.Tensor
+
+
+def _select_icp(p: SolverProblem, options: SolverOptions, node_active: torch.Tensor) -> Optional[torch.Tensor]:
+    """Indices of the usable point-to-plane terms (finite, in range, four active anchors), or
+    None when the term is off."""
+    if options.icp_weight <= 0 or p.icp_sample is None:
+        return None
+    N = p.nodes.shape[1]
+    ok = (torch.isfinite(p.icp_source_points).all(dim=1) & torch.isfinite(p.icp_target_points).all(dim=1)
+          & torch.isfinite(p.icp_target_normals).all(dim=1) & torch.isfinite(p.icp_weights)
+          & (p.icp_source_points[:, 2] > 0) & (p.icp_source_points[:, 2] <= options.max_depth))
+    ok &= ((p.icp_anchors >= 0) & (p.icp_anchors < p.num_nodes[p.icp_sample][:, None])).all(dim=1)
+    flat = p.icp_sample[:, None] * N + p.icp_anchors.clamp(min=0)
+    ok &= node_active.reshape(-1)[flat].all(dim=1)
+    return torch.nonzero(ok).squeeze(1)
+
+
+def _icp_terms(p: SolverProblem, index: torch.Tensor, running: torch.Tensor) -> _ICPTerms:
+    N = p.nodes.shape[1]
+    index = index[running[p.icp_sample[index]]]
+    sample = p.icp_sample[index]
+    flat_anchors = sample[:, None] * N + p.icp_anchors[index]
+    anchor_weights = p.icp_anchor_weights[index]
+    anchored_nodes = p.nodes.reshape(-1, 3)[flat_anchors]
+    return _ICPTerms(sample=sample, flat_anchors=flat_anchors, anchor_weights=anchor_weights,
+                     weights=p.icp_weights[index],
+                     offsets=p.icp_source_points[index][:, None, :] - anchored_nodes,
+                     anchored_base=(anchor_weights[..., None] * anchored_nodes).sum(dim=1),
+                     target_points=p.icp_target_points[index], target_normals=p.icp_target_normals[index])
 
 
 def _select_matches(p: SolverProblem, options: SolverOptions, generator):
@@ -130,17 +174,20 @@ def _prepare(p: SolverProblem, options: SolverOptions, generator) -> _Prepared:
     sources, targets = edge_b * N + edge_i, edge_b * N + edge_j.clamp(max=N - 1)
     edge_ok = (edge_j < p.num_nodes[edge_b]) & active_flat[sources] & active_flat[targets]
     num_edges = torch.bincount(edge_b[edge_ok], minlength=B)
+    icp_index = _select_icp(p, options, node_active)
+    num_icp = (torch.zeros_like(num_edges) if icp_index is None
+               else torch.bincount(p.icp_sample[icp_index], minlength=B))
 
     # Per-sample checks, read back once: node counts, matches, memory of the linear solve.
-    counts = torch.stack((node_active.sum(dim=1), p.num_nodes, num_matches, num_edges)).tolist()
+    counts = torch.stack((node_active.sum(dim=1), p.num_nodes, num_matches, num_edges, num_icp)).tolist()
     linear_solver = options.linear_solver
     if linear_solver == "auto":
         linear_solver = "sparse" if N > options.sparse_min_nodes else "dense"
     messages = [""] * B
     for b in range(B):
-        n_active, n_exist, n_matches, n_edges = (counts[k][b] for k in range(4))
+        n_active, n_exist, n_matches, n_edges, n_icp = (counts[k][b] for k in range(5))
         memory = memory_estimate_gb(linear_solver, N if linear_solver == "dense" else n_exist,
-                                    [(n_matches, 4), (n_edges, 2)], dtype)
+                                    [(n_matches, 4), (n_edges, 2), (n_icp, 4)], dtype)
         if n_exist > options.max_nodes:
             messages[b] = f"too many nodes: {n_exist} > max_nodes {options.max_nodes}"
         elif n_active < options.min_nodes:
@@ -183,12 +230,14 @@ def _prepare(p: SolverProblem, options: SolverOptions, generator) -> _Prepared:
         target_pixels=take(p.target_pixels), target_depth=take(p.target_depth),
         intrinsics=p.intrinsics[sample], sources=sources, targets=targets, edge_w=edge_w,
         edge_sample=sources // N, edge_nodes=torch.stack((sources, targets), dim=1),
-        nodes_flat=p.nodes.reshape(B * N, 3), diagonal=diagonal, linear_solver=linear_solver)
+        nodes_flat=p.nodes.reshape(B * N, 3), diagonal=diagonal, linear_solver=linear_solver,
+        icp=None if icp_index is None else _icp_terms(p, icp_index, running))
 
 
 def _linearise(prep: _Prepared, rotations, translations, options: SolverOptions, iteration: int):
-    """Terms (J_m, r_m, J_e, r_e) at the current motion and the data and ARAP energies (B,)
-    float64 of each sample."""
+    """Terms (J_m, r_m, J_e, r_e, extra) at the current motion, extra the further (J, r, nodes)
+    groups (the point-to-plane terms, when on), and the data and ARAP energies (B,) float64 of
+    each sample."""
     # Iteratively reweighted least squares on the reprojection error of each match (inside the
     # op). Not at the first linearisation: at the identity motion every residual is as large as
     # the motion itself, and no match is an outlier yet.
@@ -202,9 +251,23 @@ def _linearise(prep: _Prepared, rotations, translations, options: SolverOptions,
     with torch.no_grad():
         data = torch.zeros(prep.B, dtype=torch.float64, device=r_m.device)
         data.index_add_(0, prep.sample, (r_m.detach().double() ** 2).sum(dim=1))
+    extra = []
+    if prep.icp is not None:
+        t = prep.icp
+        r_i, J_i = icp_terms(t.offsets, t.flat_anchors, t.anchor_weights, t.anchored_base, t.target_points,
+                             t.target_normals, t.weights, rotations, translations, options.icp_weight)
+        if options.robust_loss != "none" and iteration >= 1:
+            root = robust_icp_weights(r_i, t.weights, options.icp_weight, options.robust_loss,
+                                      options.icp_robust_scale)
+            r_i = r_i * root[:, None]
+            J_i = J_i * root[:, None, None]
+        extra.append((J_i, r_i, t.flat_anchors))
+        with torch.no_grad():
+            data.index_add_(0, t.sample, (r_i.detach().double() ** 2).sum(dim=1))
+    with torch.no_grad():
         arap = torch.zeros(prep.B, dtype=torch.float64, device=r_m.device)
         arap.index_add_(0, prep.edge_sample, (r_e.detach().double() ** 2).sum(dim=1))
-    return (J_m, r_m, J_e, r_e), data, arap
+    return (J_m, r_m, J_e, r_e, extra), data, arap
 
 
 def solve(problem: SolverProblem, options: SolverOptions = SolverOptions(),
@@ -219,7 +282,8 @@ def solve(problem: SolverProblem, options: SolverOptions = SolverOptions(),
     prep = _prepare(problem, options, generator)
     B, N = prep.B, prep.N
     device, dtype = problem.nodes.device, problem.nodes.dtype
-    setup = StepSetup(build_block_pattern([prep.flat_anchors, prep.edge_nodes], B, N),
+    groups = [prep.flat_anchors, prep.edge_nodes] + ([prep.icp.flat_anchors] if prep.icp is not None else [])
+    setup = StepSetup(build_block_pattern(groups, B, N),
                       linear_solver=prep.linear_solver, cg_max_iterations=options.cg_max_iterations,
                       cg_tolerance=options.cg_tolerance)
     rotations = torch.eye(3, dtype=dtype, device=device).repeat(B * N, 1, 1)
@@ -235,10 +299,10 @@ def solve(problem: SolverProblem, options: SolverOptions = SolverOptions(),
     for iteration in range(options.iterations):
         if on_cpu and not bool(updating.any()):
             break  # on a GPU the remaining iterations run masked instead of syncing here
-        (J_m, r_m, J_e, r_e), data, arap = _linearise(prep, rotations, translations, options, iteration)
+        (J_m, r_m, J_e, r_e, extra), data, arap = _linearise(prep, rotations, translations, options, iteration)
         energy_rows.append((data, arap, updating.any()))
         delta, failed = gauss_newton_step(prep.diagonal, B, N, J_m, r_m, prep.flat_anchors, J_e, r_e,
-                                          prep.edge_nodes, setup=setup)
+                                          prep.edge_nodes, *[x for group in extra for x in group], setup=setup)
         newly = failed & updating
         step_failed |= newly
         if setup.linear_solver == "sparse":

@@ -1,7 +1,7 @@
 """The solver's inputs and outputs: a batch of problems, the per-sample status and the result."""
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -39,6 +39,16 @@ class SolverProblem:
     target_pixels: torch.Tensor    # (M, 2) target pixel (x, y) of each match
     target_depth: torch.Tensor     # (M,) depth of the target point at that pixel
     weights: torch.Tensor          # (M,) correspondence weights in [0, 1]
+    # Optional dense point-to-plane terms (used with SolverOptions.icp_weight > 0), P of them
+    # packed over the batch: a source point with its anchors, the live point y it is associated
+    # with and y's unit normal n; residual n . (warp(source) - y).
+    icp_sample: Optional[torch.Tensor] = None          # (P,) int64 sample of each term
+    icp_source_points: Optional[torch.Tensor] = None   # (P, 3)
+    icp_anchors: Optional[torch.Tensor] = None         # (P, 4) int64 node ids within the sample
+    icp_anchor_weights: Optional[torch.Tensor] = None  # (P, 4)
+    icp_target_points: Optional[torch.Tensor] = None   # (P, 3)
+    icp_target_normals: Optional[torch.Tensor] = None  # (P, 3) unit
+    icp_weights: Optional[torch.Tensor] = None         # (P,) in [0, 1]
 
     @classmethod
     def from_matches(cls, matches, nodes, num_nodes, edges, edge_weights, clusters, intrinsics):

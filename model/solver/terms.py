@@ -4,13 +4,12 @@ The data terms (one per match: warp, residuals, robust reweighting and the 3 x 6
 are one fused C++ op with its own backward (csrc/solver/solver.h MatchTermForward/Backward), so
 that a linearisation is one pass over the matches instead of some fifty tensor ops and their
 autograd graph; autograd still follows the chain through the linearisation point (the node
-motions), the correspondences and their weights. tests/reference/match_terms_reference.py is the
-plain-PyTorch version it is tested against. The ARAP terms (few: one per edge) stay tensor code.
+motions), the correspondences and their weights. tests/reference/terms_reference.py is the
+plain-PyTorch version it is tested against. The ARAP terms (one per edge) are a fused op alike.
 """
 import torch
 
 from model.ext import C
-from model.warp import skew
 
 ROBUST_LOSSES = {"none": 0, "cauchy": 1, "huber": 2}
 
@@ -65,17 +64,73 @@ def match_terms(source_points, anchors, anchor_weights, nodes, target_pixels, ta
                              anchors, anchor_weights, nodes, intrinsics, params)
 
 
-def edge_terms(sources, targets, edge_weights, nodes, rotations, translations, arap_weight):
-    """Residuals (E, 3) and Jacobian blocks (E, 3, 12) of the ARAP terms of edges i -> j.
+def icp_terms(offsets, anchors, anchor_weights, anchored_base, target_points, target_normals, weights,
+              rotations, translations, icp_weight, jacobians: bool = True):
+    """Residuals (M, 1) and Jacobian blocks (M, 1, 24) of the dense point-to-plane terms
+    (DynamicFusion's depth data term): r = sqrt(icp_weight) c n . (x' - y).
 
-    sources, targets (E,) int64 flat node indices; edge_weights (E,). Slot 0 is node i, slot 1
-    node j: r = w (R_i (g_j - g_i) + g_i + t_i - g_j - t_j).
+    offsets, anchors, anchor_weights, anchored_base as for match_terms (x' the warped source
+    point); target_points (M, 3) the live point y associated with each source point;
+    target_normals (M, 3) its unit normal n; weights (M,) c. Only the motion along n is
+    constrained: the point may slide on the live surface's tangent plane. Block columns of
+    anchor k: w_k c (q_k x n) (rotation), w_k c n (translation).
     """
+    R = rotations[anchors]                                                   # (M, A, 3, 3)
+    q = (R[..., 0] * offsets[..., 0:1] + R[..., 1] * offsets[..., 1:2]
+         + R[..., 2] * offsets[..., 2:3])                                    # (M, A, 3)
+    warped = anchored_base + (anchor_weights[..., None] * (q + translations[anchors])).sum(dim=1)
+    cn = ((icp_weight ** 0.5) * weights)[:, None] * target_normals           # (M, 3)
+    residuals = ((warped - target_points) * cn).sum(dim=1, keepdim=True)
+    if not jacobians:
+        return residuals, None
+    n = cn[:, None, :].expand_as(q)
+    w = anchor_weights[..., None]
+    blocks = torch.cat((w * torch.cross(q, n, dim=-1), w * n), dim=-1)        # (M, A, 6)
+    return residuals, blocks.reshape(q.shape[0], 1, 6 * q.shape[1])
+
+
+def robust_icp_weights(residuals: torch.Tensor, weights: torch.Tensor, icp_weight: float, loss: str,
+                       scale: float) -> torch.Tensor:
+    """Square roots (M,) of the iteratively-reweighted-least-squares weights of point-to-plane
+    terms from their distance in metres (no gradient), as robust_weights."""
+    with torch.no_grad():
+        c = (icp_weight ** 0.5) * weights.detach()
+        error = residuals.detach()[:, 0].abs() / c.clamp(min=1e-12)
+        if loss == "cauchy":
+            robust = 1.0 / (1.0 + (error / scale) ** 2)
+        else:  # huber
+            robust = torch.clamp(scale / error.clamp(min=1e-12), max=1.0)
+        return robust.sqrt()
+
+
+class _EdgeTerms(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weights, rotations, translations, edges, nodes):
+        residuals, J = C.edge_terms(edges, weights, nodes, rotations, translations)
+        ctx.save_for_backward(weights, rotations, translations, edges, nodes)
+        return residuals, J
+
+    @staticmethod
+    def backward(ctx, grad_residuals, grad_J):
+        weights, rotations, translations, edges, nodes = ctx.saved_tensors
+        g_nodes, g_w = C.edge_terms_backward(edges, weights, nodes, rotations, translations, grad_residuals,
+                                             grad_J)
+        g_R = g_nodes[:, :9].reshape(-1, 3, 3) if ctx.needs_input_grad[1] else None
+        g_t = g_nodes[:, 9:] if ctx.needs_input_grad[2] else None
+        return g_w, g_R, g_t, None, None
+
+
+def edge_terms(sources, targets, edge_weights, nodes, rotations, translations, arap_weight):
+    """Residuals (E, 3) and Jacobian blocks (E, 3, 12) of the ARAP terms of edges i -> j, one
+    fused C++ op (csrc/solver/solver.h EdgeTermForward/Backward).
+
+    sources, targets (E,) int64 flat node indices; edge_weights (E,); nodes (T, 3) node
+    positions; rotations (T, 3, 3); translations (T, 3). Slot 0 is node i, slot 1 node j:
+    r = w (R_i (g_j - g_i) + g_i + t_i - g_j - t_j), w = sqrt(arap_weight) * edge weight.
+    Differentiable w.r.t. edge_weights, rotations and translations; node positions must not
+    require gradients.
+    """
+    if nodes.requires_grad:
+        raise ValueError("edge_terms: node positions get no gradient; detach them")
     w = (arap_weight ** 0.5) * edge_weights
-    d = torch.einsum("eij,ej->ei", rotations[sources], nodes[targets] - nodes[sources])
-    residuals = w[:, None] * (d + nodes[sources] + translations[sources]
-                              - nodes[targets] - translations[targets])
-    eye = torch.eye(3, dtype=d.dtype, device=d.device).expand(d.shape[0], 3, 3)
-    wi = w[:, None, None]
-    blocks = torch.cat((wi * -skew(d), wi * eye, torch.zeros_like(eye), -wi * eye), dim=-1)
-    return residuals, blocks
+    return _EdgeTerms.apply(w, rotations, translations, torch.stack((sources, targets), dim=1), nodes)

@@ -1,6 +1,9 @@
-"""Plain-PyTorch data terms of the Gauss-Newton solver: the reference of the fused C++ op
-(model/solver/terms.py match_terms). Written for clarity, differentiated by autograd."""
+"""Plain-PyTorch data and ARAP terms of the Gauss-Newton solver: the reference of the fused C++
+ops (model/solver/terms.py match_terms, edge_terms). Written for clarity, differentiated by
+autograd."""
 import torch
+
+from model.warp import skew
 
 
 def robust_root(pixel_error: torch.Tensor, loss: str, scale: float) -> torch.Tensor:
@@ -38,3 +41,15 @@ def match_terms(source_points, anchors, anchor_weights, nodes, target_pixels, ta
         rot = torch.cross(q[:, k, None, :].expand_as(D), D, dim=-1)     # (M, 3, 3): q_k x D_i
         rows.append(anchor_weights[:, k, None, None] * torch.cat((rot, D), dim=-1))
     return residuals, torch.cat(rows, dim=-1)
+
+
+def edge_terms(sources, targets, edge_weights, nodes, rotations, translations, arap_weight):
+    """Residuals (E, 3) and Jacobian blocks (E, 3, 12); arguments as model.solver.edge_terms."""
+    w = (arap_weight ** 0.5) * edge_weights
+    d = torch.einsum("eij,ej->ei", rotations[sources], nodes[targets] - nodes[sources])
+    residuals = w[:, None] * (d + nodes[sources] + translations[sources]
+                              - nodes[targets] - translations[targets])
+    eye = torch.eye(3, dtype=d.dtype, device=d.device).expand(d.shape[0], 3, 3)
+    wi = w[:, None, None]
+    blocks = torch.cat((wi * -skew(d), wi * eye, torch.zeros_like(eye), -wi * eye), dim=-1)
+    return residuals, blocks
