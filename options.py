@@ -527,8 +527,9 @@ class SyntheticOptions:
     jpeg_quality: int = opt(90, "JPEG quality of the colour images", ge=1, le=100)
     textures: str = opt("procedural", "procedural objects' textures: procedural (printed-fabric "
                                       "like), photos (crops of the photographs bundled with "
-                                      "scikit-image, which must be installed) or mixed (either, "
-                                      "even odds)", choices=("procedural", "photos", "mixed"))
+                                      "scikit-image, which is optional: pip install "
+                                      "scikit-image) or mixed (either, even odds)",
+                        choices=("procedural", "photos", "mixed"))
     real_frames: Optional[str] = opt(None, "deform the objects of real RGB-D frames instead of "
                                            "procedural surfaces: a folder with color/NAME.jpg|png, "
                                            "depth/NAME.png (uint16 mm), intrinsics.txt and optional "

@@ -57,8 +57,8 @@ def _photo(name: str) -> np.ndarray:
         try:
             import skimage.data   # optional: only --textures photos|mixed needs it
         except ImportError as error:
-            raise ValueError("--textures photos|mixed needs scikit-image (pip install scikit-image, "
-                             "listed in resources/requirements.txt)") from error
+            raise ValueError("--textures photos|mixed needs scikit-image (optional: pip install "
+                             "scikit-image==0.26.0)") from error
         image = getattr(skimage.data, name)()
         _photo_cache[name] = image if image.ndim == 3 else image[..., None]
     return _photo_cache[name]
