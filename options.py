@@ -571,8 +571,11 @@ class SequenceOptions:
                                "(a --background frame may move it nearer)", gt=0)
     spacing: float = opt(0.005, "vertex spacing of the object's mesh (the ground truth) in metres", gt=0)
     textures: Optional[str] = opt(None, "folder of images (jpg, png) to texture the object with, "
-                                        "one drawn per seed (default: photographs of "
-                                        "scikit-image when installed, else procedural)", path="dir")
+                                        "one drawn per seed (default: a procedural print, or "
+                                        "--photos)", path="dir")
+    photos: bool = opt(False, "texture the object with a crop of a photograph bundled with "
+                              "scikit-image (optional: pip install scikit-image) instead of a "
+                              "procedural print; ignored with --textures")
     background: Optional[str] = opt(None, "a real RGB-D frame as the static background: a folder "
                                           "with color/NAME.jpg|png, depth/NAME.png (uint16 mm) and "
                                           "intrinsics.txt (default: a procedural room)", path="dir")
