@@ -150,6 +150,11 @@ class TrackerOptions:
     flow: str = opt("dis", "correspondence front-end: the learned flow network and weighting head, "
                            "OpenCV's DIS optical flow, or the ground-truth optical flow (oracle)",
                     choices=("network", "dis", "gt"))
+    network_flow: str = opt("pwc", "what the network front-end is: the PWC-Net flow and its "
+                                   "weighting head, or the hybrid: DIS and PWC-Net flows blended "
+                                   "per pixel and weighted by a small learned head that sees both "
+                                   "(model/hybrid.py); stored in checkpoints",
+                            choices=("pwc", "hybrid"))
     use_mask: bool = opt(True, "network front-end: weight correspondences by the weighting head "
                                "(otherwise every weight is 1)")
     network_input: str = opt("crop", "frames whose sides are not multiples of 64: centre-crop "
@@ -166,7 +171,9 @@ class TrackerOptions:
                                          "where the product volume stalls; a checkpoint's own "
                                          "choice always wins when it is loaded",
                            choices=("product", "normalized"))
-    dis_preset: str = opt("medium", "DIS optical flow preset", choices=("ultrafast", "fast", "medium"))
+    dis_preset: str = opt("medium", "DIS optical flow preset; fine: medium down to full resolution "
+                                    "with denser patches and more iterations (sharper, slower; "
+                                    "model/dis_flow.py)", choices=("ultrafast", "fast", "medium", "fine"))
     dis_weights: str = opt("photometric", "DIS correspondence weights: all 1, or from the colour "
                                           "difference between a pixel and its match",
                            choices=("uniform", "photometric"))
@@ -201,7 +208,7 @@ class RunOptions:
 @dataclass
 class TrainOptions(RunOptions):
     stage: str = opt("0_flow", "training stage (a preset of the options below, see STAGES)",
-                     choices=("0_flow", "1_solver", "2_mask", "3_refine"))
+                     choices=("0_flow", "1_solver", "2_mask", "3_refine", "4_hybrid"))
     train_split: str = opt("train", "split to train on (needs ground truth)")
     val_split: str = opt("val", "split to validate on (needs ground truth); empty = no validation")
     experiment: str = opt("default", "experiment name: outputs go to WORKSPACE/EXPERIMENT/")
@@ -259,6 +266,10 @@ STAGES: Dict[str, Dict[str, Dict[str, Any]]] = {
     "3_refine": {"train": dict(use_flow_loss=True, use_graph_loss=True, use_warp_loss=True,
                                run_solver=True, freeze_flow=False, freeze_mask=False),
                  "tracker": dict(use_mask=True)},
+    # The hybrid front-end's head alone, through the solver (PWC-Net and its weighting head frozen).
+    "4_hybrid": {"train": dict(use_flow_loss=False, use_graph_loss=True, use_warp_loss=True,
+                               run_solver=True, freeze_flow=True, freeze_mask=True),
+                 "tracker": dict(use_mask=False, network_flow="hybrid")},
 }
 # In every stage the network runs the reference's plain least squares during training.
 TRAIN_SOLVER_DEFAULTS: Dict[str, Any] = {"robust_loss": "none", "iterations": 3}
@@ -514,6 +525,11 @@ class SyntheticOptions:
     illumination: float = opt(1.0, "strength of the brightness and colour change between source "
                                    "and target (0 = none)", ge=0)
     jpeg_quality: int = opt(90, "JPEG quality of the colour images", ge=1, le=100)
+    textures: str = opt("procedural", "procedural objects' textures: procedural (printed-fabric "
+                                      "like), photos (crops of the photographs bundled with "
+                                      "scikit-image, which is optional: pip install "
+                                      "scikit-image) or mixed (either, even odds)",
+                        choices=("procedural", "photos", "mixed"))
     real_frames: Optional[str] = opt(None, "deform the objects of real RGB-D frames instead of "
                                            "procedural surfaces: a folder with color/NAME.jpg|png, "
                                            "depth/NAME.png (uint16 mm), intrinsics.txt and optional "
@@ -555,8 +571,11 @@ class SequenceOptions:
                                "(a --background frame may move it nearer)", gt=0)
     spacing: float = opt(0.005, "vertex spacing of the object's mesh (the ground truth) in metres", gt=0)
     textures: Optional[str] = opt(None, "folder of images (jpg, png) to texture the object with, "
-                                        "one drawn per seed (default: photographs of "
-                                        "scikit-image when installed, else procedural)", path="dir")
+                                        "one drawn per seed (default: a procedural print, or "
+                                        "--photos)", path="dir")
+    photos: bool = opt(False, "texture the object with a crop of a photograph bundled with "
+                              "scikit-image (optional: pip install scikit-image) instead of a "
+                              "procedural print; ignored with --textures")
     background: Optional[str] = opt(None, "a real RGB-D frame as the static background: a folder "
                                           "with color/NAME.jpg|png, depth/NAME.png (uint16 mm) and "
                                           "intrinsics.txt (default: a procedural room)", path="dir")

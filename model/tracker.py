@@ -5,6 +5,8 @@
 
 Correspondence front-ends (TrackerOptions.flow):
   * network: the PWC-Net flow backbone and the weighting head (MaskNet), end to end trainable;
+    or, with network_flow "hybrid", DIS and PWC-Net flows blended per pixel and weighted by a
+    small learned head (model/hybrid.py);
   * dis: OpenCV's DIS optical flow with uniform or photometric weights and a forward-backward
     consistency check; needs no checkpoint;
   * gt: the ground-truth optical flow of the batch (oracle studies).
@@ -20,7 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.correspondences import bilinear_sample, build_matches, pixel_grid
-from model.dis_flow import dis_flow
+from model.dis_flow import dis_flow, dis_forward_backward
+from model.hybrid import HybridHead, blend, hybrid_features
 from model.masknet import MaskNet
 from model.network_frame import NetworkFrame
 from model.pwcnet import FLOW_SCALE, PWCNet
@@ -44,6 +47,8 @@ class Tracker(nn.Module):
         if options.flow == "network":
             self.flow_net = PWCNet(options.cost_volume)
             self.mask_net = MaskNet()
+            if options.network_flow == "hybrid":
+                self.hybrid_head = HybridHead()
 
     # ------------------------------------------------------------------------------------------
     # Front-ends
@@ -52,15 +57,20 @@ class Tracker(nn.Module):
         H, W = batch["source_color"].shape[-2:]
         return NetworkFrame(H, W, self.options.network_width, self.options.network_input)
 
+    def _pwc_flow(self, source: torch.Tensor, target: torch.Tensor, frame: NetworkFrame):
+        """PWC-Net's flow (B, 2, H, W) frame pixels, its pyramid and level-2 features."""
+        flow2, flow3, flow4, flow5, flow6, features2 = self.flow_net(frame.image_in(source), frame.image_in(target))
+        net_flow = FLOW_SCALE * F.interpolate(flow2, size=frame.window[2:], mode="bilinear", align_corners=False)
+        return frame.flow_out(net_flow), [flow2, flow3, flow4, flow5, flow6], features2
+
     def _network_flow(self, batch: Dict) -> Dict:
+        if self.options.network_flow == "hybrid":
+            return self._hybrid_flow(batch)
         source, target = batch["source_color"], batch["target_color"]
         B, _, H, W = source.shape
         frame = self.network_frame(batch)
-        flow2, flow3, flow4, flow5, flow6, features2 = self.flow_net(frame.image_in(source), frame.image_in(target))
-        net_flow = FLOW_SCALE * F.interpolate(flow2, size=frame.window[2:], mode="bilinear", align_corners=False)
-        flow = frame.flow_out(net_flow)
-        out = {"flow": flow, "flow_pyramid": [flow2, flow3, flow4, flow5, flow6],
-               "network_frame": frame, "weights": None}
+        flow, pyramid, features2 = self._pwc_flow(source, target, frame)
+        out = {"flow": flow, "flow_pyramid": pyramid, "network_frame": frame, "weights": None}
         if self.options.use_mask:
             # The 12 channels: source RGB, source XYZ, target RGB and XYZ sampled at the match.
             pixels = pixel_grid(H, W, flow.device, flow.dtype)[None] + torch.nan_to_num(flow).permute(0, 2, 3, 1)
@@ -71,12 +81,39 @@ class Tracker(nn.Module):
             out["weights"] = frame.map_out(mask, 0.0)[:, 0]
         return out
 
+    def _hybrid_flow(self, batch: Dict) -> Dict:
+        """DIS and PWC-Net flows, both directions, blended and weighted by the hybrid head."""
+        source, target = batch["source_color"], batch["target_color"]
+        frame = self.network_frame(batch)
+        train_flow = any(p.requires_grad for p in self.flow_net.parameters()) and torch.is_grad_enabled()
+        with torch.set_grad_enabled(train_flow):
+            pwc_forward, pyramid, _ = self._pwc_flow(source, target, frame)
+        with torch.no_grad():
+            pwc_backward = self._pwc_flow(target, source, frame)[0]
+        dis_forward, dis_backward = [], []
+        for s, t in zip(source, target):
+            forward, backward = dis_forward_backward(_to_u8(s), _to_u8(t), self.options.dis_preset)
+            dis_forward.append(torch.from_numpy(forward))
+            dis_backward.append(torch.from_numpy(backward))
+        dis_forward = torch.stack(dis_forward).to(source)
+        dis_backward = torch.stack(dis_backward).to(source)
+        # Flow outside PWC-Net's crop is unknown: there DIS is the only flow.
+        pwc_known = torch.isfinite(pwc_forward).all(dim=1, keepdim=True)
+        pwc_forward = torch.where(pwc_known, pwc_forward, dis_forward)
+        pwc_backward = torch.where(torch.isfinite(pwc_backward), pwc_backward, dis_backward)
+        anchored = (batch["pixel_anchors"] >= 0).all(dim=-1)
+        features, prior_a, prior_w = hybrid_features(
+            source, target, batch["source_points"][:, 2], batch["target_points"][:, 2],
+            dis_forward, dis_backward, pwc_forward.detach(), pwc_backward, anchored)
+        flow, weights, a = blend(self.hybrid_head, features, prior_a, prior_w, dis_forward, pwc_forward)
+        return {"flow": flow, "flow_pyramid": pyramid, "network_frame": frame, "weights": weights,
+                "blend": a}
+
     def _dis_flow(self, batch: Dict) -> Dict:
         flows, weights = [], []
         anchored = (batch["pixel_anchors"] >= 0).all(dim=-1).cpu().numpy()
         for source, target, mask in zip(batch["source_color"], batch["target_color"], anchored):
-            to_u8 = lambda image: (image.permute(1, 2, 0).detach().cpu().numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8)  # noqa: E731
-            flow, weight = dis_flow(to_u8(source), to_u8(target), self.options, mask)
+            flow, weight = dis_flow(_to_u8(source), _to_u8(target), self.options, mask)
             flows.append(torch.from_numpy(flow))
             weights.append(torch.from_numpy(weight))
         device = batch["source_color"].device
@@ -128,6 +165,11 @@ class Tracker(nn.Module):
         out["rotations"], out["translations"] = result.rotations, result.translations
         out.update(dense_warp(batch, result.rotations, result.translations, self.solver_options.max_depth))
         return out
+
+
+def _to_u8(image: torch.Tensor) -> np.ndarray:
+    """(3, H, W) colour in [0, 1] -> (H, W, 3) uint8, as OpenCV takes it."""
+    return (image.permute(1, 2, 0).detach().cpu().numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8)
 
 
 def dense_warp(batch: Dict, rotations: torch.Tensor, translations: torch.Tensor,

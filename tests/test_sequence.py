@@ -13,6 +13,7 @@ from dataset import io
 from dataset.synthetic import noise_sigma, project, vertex_normals
 from dataset.synthetic_sequence import (SequenceError, build_scene, deform, export_pair, generate_sequence,
                                         read_ground_truth)
+from dataset.synthetic_sequence.objects import PHOTOS, make_texture, texture_images
 from dataset.synthetic_sequence.pair_export import main as export_main
 from dataset.synthetic_sequence.sequence import main as sequence_main
 from options import GraphOptions, PairExportOptions, SequenceOptions
@@ -232,3 +233,20 @@ def test_export_pair_has_exact_flow(tmp_path, sequences):
     assert nodes.shape == deformations.shape and nodes.shape[0] >= 4
     with pytest.raises(SequenceError, match="--target 9 is not a frame"):
         export_pair(PairExportOptions(sequence=options.out, source=0, target=9, out=str(out)), GraphOptions())
+
+
+def test_photo_textures_are_asked_for_never_implied():
+    """The texture source is the options', not what is installed (a seed makes the same
+    sequence on every machine): procedural by default, scikit-image's photographs on request."""
+    assert texture_images(None) == []
+    assert texture_images(None, photos=True) == PHOTOS
+    texture, source = make_texture(np.random.default_rng(0), 32, 48, [])
+    assert texture.shape == (32, 48, 3) and source == "procedural"
+    try:
+        import skimage  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="scikit-image"):
+            make_texture(np.random.default_rng(0), 32, 48, PHOTOS)
+    else:
+        texture, source = make_texture(np.random.default_rng(0), 32, 48, PHOTOS)
+        assert texture.shape == (32, 48, 3) and "scikit-image" in source

@@ -31,6 +31,7 @@ from options import (SOLVER_MACHINE_FIELDS, ArgumentParser, OptionError, RunOpti
 
 FLOW_PREFIX = "flow_net."
 MASK_PREFIX = "mask_net."
+HYBRID_PREFIX = "hybrid_head."   # ours only: the hybrid front-end's head (model/hybrid.py)
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
 DATA_PARALLEL_PREFIX = "module."
 # Every PWC-Net tensor name starts with one of these: how a bare flow-only state dict is recognised.
@@ -267,6 +268,7 @@ def load_tracker(path: str, tracker_options=None, solver_options=None, log=print
     if tracker_options is not None and "cost_volume" in stored_tracker and options.cost_volume != cost_volume:
         log(f"{path}: using the checkpoint's '{cost_volume}' cost volume (not '{options.cost_volume}')")
     options = dataclasses.replace(options, flow="network", cost_volume=cost_volume)
+    obj, hybrid_state = split_hybrid_state(obj)
     try:
         flow_state, mask_state = load_reference_state_dicts(obj)
     except CheckpointError as error:
@@ -280,11 +282,32 @@ def load_tracker(path: str, tracker_options=None, solver_options=None, log=print
     if mask_state is not None:
         check_state_dict(tracker.mask_net, mask_state, f"{path} (mask_net)")
         tracker.mask_net.load_state_dict(mask_state)
+    if options.network_flow == "hybrid":
+        if hybrid_state:
+            check_state_dict(tracker.hybrid_head, hybrid_state, f"{path} (hybrid_head)")
+            tracker.hybrid_head.load_state_dict(hybrid_state)
+        else:
+            log(f"{path}: no hybrid head in this checkpoint, so it starts untrained (its "
+                f"hand-made rule: DIS where consistent, else PWC-Net)")
     return tracker
 
 
+def split_hybrid_state(obj: Mapping) -> Tuple[Mapping, "OrderedDict[str, torch.Tensor]"]:
+    """(the checkpoint without its hybrid head's tensors, those tensors with bare keys). Only
+    our checkpoints hold a hybrid head; anything else comes back as it was, with none."""
+    if not (isinstance(obj, Mapping) and obj.get("format") == FORMAT and isinstance(obj.get("model"), Mapping)):
+        return obj, OrderedDict()
+    rest, hybrid = OrderedDict(), OrderedDict()
+    for key, value in obj["model"].items():
+        if key.startswith(HYBRID_PREFIX):
+            hybrid[key[len(HYBRID_PREFIX):]] = value
+        else:
+            rest[key] = value
+    return {**obj, "model": rest}, hybrid
+
+
 SHIPPED_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                  "checkpoints", "nnrt_synthetic.pt")
+                                  "checkpoints", "nnrt_hybrid.pt")
 
 
 def default_checkpoint() -> Optional[str]:

@@ -9,7 +9,7 @@ from options import SyntheticOptions
 from dataset.synthetic.geometry import (cast_rays, corner_weights, dot, bilinear, interpolate, pixel_rays,
                                         random_rotation, random_unit, raycasting_scene, rotate, rotation,
                                         weld_groups)
-from dataset.synthetic.textures import procedural_texture
+from dataset.synthetic.textures import object_texture, procedural_texture
 
 SHAPES = ("cloth", "bump", "cylinder", "blob")
 
@@ -176,7 +176,7 @@ def procedural_mesh(rng: np.random.Generator, shape: str, options: SyntheticOpti
     weld = weld_groups(keys[used]) if keys is not None else None
     if weld is not None:
         vertices = vertices[weld]
-    texture = procedural_texture(rng, tex_h, tex_w, feature_scale)
+    texture = object_texture(rng, tex_h, tex_w, feature_scale, options.textures)
     return Mesh(vertices, faces, texcoords[used], texture, procedural=True, weld=weld)
 
 

@@ -41,3 +41,60 @@ def procedural_texture(rng: np.random.Generator, height: int, width: int, scale:
                     tuple(float(c) for c in colour), thickness, cv2.LINE_AA)
     grain = rng.standard_normal((height, width, 1)).astype(np.float32) * 8
     return np.clip(image.astype(np.float32) + grain, 0, 255)
+
+
+# The photographs and scans that ship inside scikit-image's wheel (skimage.data loads them from
+# the package, no download): real appearance for the objects of training pairs. Grey ones are
+# tinted with a random colour.
+PHOTOS = ("astronaut", "brick", "camera", "cell", "chelsea", "coffee", "coins", "grass", "gravel",
+          "hubble_deep_field", "immunohistochemistry", "moon", "retina", "rocket", "page", "text",
+          "clock")
+_photo_cache = {}
+
+
+def _photo(name: str) -> np.ndarray:
+    if name not in _photo_cache:
+        try:
+            import skimage.data   # optional: only --textures photos|mixed needs it
+        except ImportError as error:
+            raise ValueError("--textures photos|mixed needs scikit-image (optional: pip install "
+                             "scikit-image==0.26.0)") from error
+        image = getattr(skimage.data, name)()
+        _photo_cache[name] = image if image.ndim == 3 else image[..., None]
+    return _photo_cache[name]
+
+
+def photo_texture(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """(height, width, 3) float32 RGB in [0, 255]: a random crop (30-100 % of the photograph's
+    shorter side, the texture's aspect), flip and quarter turn of one of PHOTOS, resized."""
+    image = _photo(PHOTOS[rng.integers(len(PHOTOS))])
+    if rng.uniform() < 0.5:
+        image = image[:, ::-1]
+    image = np.rot90(image, int(rng.integers(4)))
+    h, w = image.shape[:2]
+    aspect = height / width
+    side = rng.uniform(0.3, 1.0)
+    crop_h = max(8, int(side * min(h, w * aspect)))
+    crop_w = max(8, min(w, int(crop_h / aspect)))
+    y0 = int(rng.integers(0, h - crop_h + 1))
+    x0 = int(rng.integers(0, w - crop_w + 1))
+    crop = np.ascontiguousarray(image[y0:y0 + crop_h, x0:x0 + crop_w]).astype(np.float32)
+    if crop.shape[-1] == 1:
+        tint = rng.uniform(0.6, 1.0, 3).astype(np.float32)
+        crop = crop * tint
+    interpolation = cv2.INTER_AREA if crop_w > width else cv2.INTER_CUBIC
+    out = cv2.resize(crop, (width, height), interpolation=interpolation)
+    out = out.reshape(height, width, -1)
+    return np.clip(np.broadcast_to(out, (height, width, 3)), 0, 255).astype(np.float32)
+
+
+def object_texture(rng: np.random.Generator, height: int, width: int, scale: float,
+                   kind: str = "procedural") -> np.ndarray:
+    """The texture of a procedural object: `kind` procedural (procedural_texture), photos
+    (photo_texture) or mixed (either, even odds). procedural draws exactly what it always did,
+    so the pairs of earlier runs stay byte-identical."""
+    if kind == "procedural":
+        return procedural_texture(rng, height, width, scale)
+    if kind == "photos" or rng.uniform() < 0.5:
+        return photo_texture(rng, height, width)
+    return procedural_texture(rng, height, width, scale)

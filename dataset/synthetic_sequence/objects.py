@@ -14,25 +14,21 @@ import numpy as np
 from dataset import io
 from dataset.synthetic.geometry import dot, random_unit, weld_groups
 from dataset.synthetic.scene import Mesh, compact, cube_sphere, grid_faces, outline, waves
-from dataset.synthetic.textures import procedural_texture
-
-try:   # optional: scikit-image ships photographs that make realistic textures
-    from skimage import data as skimage_data
-except ImportError:
-    skimage_data = None
+from dataset.synthetic.textures import photo_texture, procedural_texture
 
 OBJECTS = ("cloth", "blob")
-# Photographs that scikit-image ships inside its wheel (no download needed).
-SKIMAGE_PHOTOGRAPHS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field",
-                       "brick", "grass", "gravel", "camera", "moon", "page", "clock", "horse", "text")
+# The texture source that asks for crops of the photographs bundled with scikit-image
+# (dataset.synthetic.textures.photo_texture) instead of image files.
+PHOTOS = "photos"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 
-def texture_images(folder: Optional[str]):
-    """Paths of the images in `folder` (sorted), or [] when no folder is given; an empty or
-    missing folder is an error naming it."""
+def texture_images(folder: Optional[str], photos: bool = False):
+    """The texture source: paths of the images in `folder` (sorted); else PHOTOS when `photos`;
+    else [] (procedural prints). An empty or missing folder is an error naming it. Never
+    decided by what is installed: a seed makes the same sequence on every machine."""
     if folder is None:
-        return []
+        return PHOTOS if photos else []
     paths = sorted(p for p in glob.glob(os.path.join(folder, "*")) if p.lower().endswith(IMAGE_SUFFIXES))
     if not paths:
         raise FileNotFoundError(f"{folder}: no texture images (*{', *'.join(IMAGE_SUFFIXES)}) in the folder")
@@ -41,25 +37,19 @@ def texture_images(folder: Optional[str]):
 
 def make_texture(rng: np.random.Generator, height: int, width: int, images) -> tuple:
     """(height, width, 3) float32 RGB albedo in [0, 255] and where it came from: one of
-    `images` (paths) when given, else a scikit-image photograph when scikit-image is installed,
-    else a procedural print. Photographs are resized to fill the texture."""
-    source = "procedural"
-    image = None
-    if images:
-        path = images[int(rng.integers(len(images)))]
-        image, source = io.read_color(path), os.path.basename(path)
-    elif skimage_data is not None:
-        name = SKIMAGE_PHOTOGRAPHS[int(rng.integers(len(SKIMAGE_PHOTOGRAPHS)))]
-        try:
-            image, source = np.asarray(getattr(skimage_data, name)()), f"skimage.data.{name}"
-        except (AttributeError, OSError, ValueError):   # a photograph this version lacks
-            image = None
-    if image is None:
+    `images` (paths, resized to fill the texture), a crop of a scikit-image photograph (PHOTOS),
+    or a procedural print ([])."""
+    if images == PHOTOS:
+        return photo_texture(rng, height, width), "scikit-image photograph"
+    if not images:
         return procedural_texture(rng, height, width, max(width / 512.0, 0.25)), "procedural"
+    path = images[int(rng.integers(len(images)))]
+    image = io.read_color(path)
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=2)
     image = image[..., :3].astype(np.uint8)
-    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA).astype(np.float32), source
+    return (cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA).astype(np.float32),
+            os.path.basename(path))
 
 
 def cloth_mesh(rng: np.random.Generator, size: float, spacing: float, images) -> tuple:

@@ -96,7 +96,7 @@ def build_scene(options: SequenceOptions) -> SequenceScene:
     components = family_names(options.motion, COMPONENTS, "motion")
     rng = np.random.default_rng([options.seed, _SCENE_STREAM])
     mesh, texture_source = object_mesh(rng, options.object, options.size, options.spacing,
-                                       texture_images(options.textures))
+                                       texture_images(options.textures, options.photos))
     normals = vertex_normals(mesh.vertices, mesh.faces, mesh.weld)
     motion = draw_motion(rng, components, options.object, options.size, options.motion_scale, options.speed,
                          options.detail, mesh.vertices)

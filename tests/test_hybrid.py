@@ -1,0 +1,185 @@
+"""The hybrid front-end (DIS + PWC-Net blended and weighted by a learned head): features and
+priors, gradients, checkpoints, the photo textures of its training data, and a tiny training run
+of stage 4_hybrid that resumes."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from dataset.deepdeform import DeepDeformDataset, collate
+from dataset.synthetic.textures import object_texture, photo_texture, procedural_texture
+from model.hybrid import FEATURE_CHANNELS, HybridHead, blend, hybrid_features
+from model.tracker import Tracker
+from options import SolverOptions, TrackerOptions
+from tests.conftest import REPO, small_synthetic_split
+from utils.checkpoints import load_tracker, save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    return small_synthetic_split(tmp_path_factory, "hybrid_data", 2, 23)
+
+
+def _flows(B=1, H=24, W=32, shift=(1.5, -0.5)):
+    """A constant flow, its exact backward flow, and colour / depth frames it maps onto each other."""
+    forward = torch.empty(B, 2, H, W)
+    forward[:, 0], forward[:, 1] = shift
+    torch.manual_seed(1)
+    source = torch.rand(B, 3, H, W)
+    depth = torch.full((B, H, W), 1.5)
+    return forward, -forward, source, depth
+
+
+def test_features_shapes_and_priors():
+    forward, backward, source, depth = _flows()
+    anchored = torch.ones(1, 24, 32, dtype=torch.bool)
+    bad = forward.clone()
+    bad[..., :16] += 9.0   # a second flow whose backward check fails on the left half
+    features, prior_a, prior_w = hybrid_features(source, source, depth, depth, forward, backward,
+                                                 bad, backward, anchored)
+    assert features.shape == (1, FEATURE_CHANNELS, 24, 32) and torch.isfinite(features).all()
+    assert prior_a.shape == prior_w.shape == (1, 24, 32)
+    inner = (slice(None), slice(2, -2), slice(2, -11))   # matches inside the image for both flows
+    # DIS (the first flow) is consistent: the rule takes it.
+    assert (prior_a[inner] > 0).all()
+    # The roles swapped: DIS inconsistent, PWC-Net consistent, the rule takes PWC-Net.
+    _, prior_b, _ = hybrid_features(source, source, depth, depth, bad, backward, forward, backward, anchored)
+    assert (prior_b[:, 2:-2, 2:12] < 0).all() and (prior_b[:, 2:-2, 18:-4] > 0).all()
+    # A check that fails (almost) everywhere failed as a whole, and is not used.
+    _, prior_c, _ = hybrid_features(source, source, depth, depth, forward + 9.0, backward, forward,
+                                    backward, anchored)
+    assert (prior_c > 0).all()
+    assert ((prior_w > 0) & (prior_w < 1)).all()
+
+
+def test_an_untrained_head_is_the_rule():
+    forward, backward, source, depth = _flows()
+    anchored = torch.ones(1, 24, 32, dtype=torch.bool)
+    pwc = forward + 0.7
+    features, prior_a, prior_w = hybrid_features(source, source, depth, depth, forward, backward,
+                                                 pwc, -pwc, anchored)
+    flow, weights, a = blend(HybridHead(), features, prior_a, prior_w, forward, pwc)
+    assert torch.allclose(a, torch.sigmoid(prior_a))
+    assert torch.allclose(weights, prior_w, atol=1e-6)
+    assert torch.allclose(flow, a[:, None] * forward + (1 - a[:, None]) * pwc)
+
+
+def test_blend_gradients():
+    """Plain autograd (no custom backward), checked in float64 against finite differences, with
+    respect to the head's input and both flows."""
+    torch.manual_seed(2)
+    head = HybridHead(width=4).double()
+    torch.nn.init.normal_(head.layers[-1].weight, std=0.3)
+    features = torch.randn(1, FEATURE_CHANNELS, 6, 7, dtype=torch.float64, requires_grad=True)
+    prior_a = torch.randn(1, 6, 7, dtype=torch.float64)
+    prior_w = torch.rand(1, 6, 7, dtype=torch.float64) * 0.9 + 0.05
+    dis = torch.randn(1, 2, 6, 7, dtype=torch.float64, requires_grad=True)
+    pwc = torch.randn(1, 2, 6, 7, dtype=torch.float64, requires_grad=True)
+
+    def run(f, d, p):
+        flow, weights, _ = blend(head, f, prior_a, prior_w, d, p)
+        return flow, weights
+
+    assert torch.autograd.gradcheck(run, (features, dis, pwc), eps=1e-6, atol=1e-5)
+
+
+def test_tracker_trains_the_head_through_the_solver(split, tmp_path):
+    torch.manual_seed(0)
+    options = TrackerOptions(flow="network", network_flow="hybrid", use_mask=False,
+                             network_width=160, network_input="pad")
+    tracker = Tracker(options, SolverOptions(robust_loss="none", max_matches=2000))
+    for p in tracker.flow_net.parameters():
+        p.requires_grad_(False)
+    torch.nn.init.normal_(tracker.hybrid_head.layers[-1].weight, std=0.01)
+    batch = collate([DeepDeformDataset(split, "test")[0]])
+    out = tracker(batch)
+    assert out["flow"].shape == (1, 2, 240, 320) and out["weights"].shape == (1, 240, 320)
+    assert out["solver"].valid.all(), out["solver"].messages
+    (out["translations"] ** 2).sum().backward()
+    grads = [p.grad for p in tracker.hybrid_head.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+
+    # The head's tensors travel with the checkpoint and load back.
+    path = str(tmp_path / "hybrid.pt")
+    save_checkpoint(path, tracker)
+    loaded = load_tracker(path)
+    assert loaded.options.network_flow == "hybrid"
+    for key, value in tracker.hybrid_head.state_dict().items():
+        assert torch.equal(loaded.hybrid_head.state_dict()[key], value)
+    # A PWC-Net checkpoint run as a hybrid starts from the rule and says so.
+    pwc_path = str(tmp_path / "pwc.pt")
+    save_checkpoint(pwc_path, Tracker(TrackerOptions(flow="network", network_width=160, network_input="pad")))
+    messages = []
+    rule = load_tracker(pwc_path, TrackerOptions(flow="network", network_flow="hybrid"), log=messages.append)
+    assert rule.options.network_flow == "hybrid" and any("untrained" in m for m in messages)
+    assert all(float(p.abs().sum()) == 0 for p in rule.hybrid_head.layers[-1].parameters())
+
+
+def test_photo_textures():
+    pytest.importorskip("skimage")
+    rng = np.random.default_rng(5)
+    for height, width in ((40, 90), (128, 64)):
+        texture = photo_texture(rng, height, width)
+        assert texture.shape == (height, width, 3) and texture.dtype == np.float32
+        assert texture.min() >= 0 and texture.max() <= 255 and texture.std() > 1
+    # procedural draws what it always did: earlier data stays byte-identical.
+    a = object_texture(np.random.default_rng(3), 32, 48, 1.0, "procedural")
+    b = procedural_texture(np.random.default_rng(3), 32, 48, 1.0)
+    assert np.array_equal(a, b)
+
+
+def test_stage_4_hybrid_trains_and_resumes(tmp_path):
+    from dataset.synthetic import generate
+    from options import SyntheticOptions
+
+    root = str(tmp_path / "data")
+    generate(root, "train", 2, 31, SyntheticOptions(width=160, height=120), progress=False)
+    generate(root, "val", 1, 32, SyntheticOptions(width=160, height=120), progress=False)
+    ws = str(tmp_path / "ws")
+    common = [sys.executable, os.path.join(REPO, "train.py"), "--stage", "4_hybrid", "--dataset-dir", root,
+              "--workspace", ws, "--experiment", "h", "--network-width", "128", "--network-input", "pad",
+              "--batch-size", "2", "--num-workers", "0", "--val-pairs", "1", "--threads", "1",
+              "--optimizer", "adam", "--learning-rate", "1e-3"]
+    result = subprocess.run(common + ["--max-iterations", "2", "--val-every", "2"], capture_output=True,
+                            text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = os.path.join(ws, "h", "checkpoints", "last.pt")
+    state = torch.load(last, weights_only=True)
+    assert state["iteration"] == 2 and state["tracker_options"]["network_flow"] == "hybrid"
+    head = {k: v for k, v in state["model"].items() if k.startswith("hybrid_head.")}
+    assert head and float(head["hybrid_head.layers.6.weight"].abs().sum()) > 0   # it learned
+    frozen = Tracker(TrackerOptions(flow="network", network_width=128, network_input="pad")).flow_net
+    assert set(frozen.state_dict()) == {k[len("flow_net."):] for k in state["model"] if k.startswith("flow_net.")}
+    result = subprocess.run(common + ["--max-iterations", "3", "--val-every", "100", "--resume"],
+                            capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "at iteration 2" in result.stdout + result.stderr
+    assert torch.load(last, weights_only=True)["iteration"] == 3
+
+
+def test_training_curve_png(tmp_path):
+    import cv2
+    from torch.utils.tensorboard import SummaryWriter
+
+    from utils.curves import main as curves_main, read_scalars
+
+    experiment = tmp_path / "exp"
+    writer = SummaryWriter(str(experiment / "tensorboard"))
+    for step, value in ((100, 9.0), (200, 8.5), (300, 8.7)):
+        writer.add_scalar("val/epe_3d_mm", value, step)
+    writer.close()
+    points = read_scalars(str(experiment), "val/epe_3d_mm")
+    assert [p[0] for p in points] == [100, 200, 300]
+    assert [p[1] for p in points] == pytest.approx([9.0, 8.5, 8.7])
+    out = str(tmp_path / "curve.png")
+    assert curves_main([str(experiment), "--out", out, "--start", "9.5", "--baseline", "12"]) == 0
+    image = cv2.imread(out)
+    assert image is not None and image.shape == (420, 720, 3)
+    # The curve is drawn (its blue-ish colour) and so is the red baseline.
+    assert ((image[..., 0] > 150) & (image[..., 2] < 50)).sum() > 100
+    assert ((image[..., 2] > 150) & (image[..., 0] < 50)).sum() > 50
+    assert curves_main([str(tmp_path / "none"), "--out", out]) == 1
