@@ -69,9 +69,10 @@ def icp_terms(offsets, anchors, anchor_weights, anchored_base, target_points, ta
     """Residuals (M, 1) and Jacobian blocks (M, 1, 24) of the dense point-to-plane terms
     (DynamicFusion's depth data term): r = sqrt(icp_weight) c n . (x' - y).
 
-    offsets, anchors, anchor_weights, anchored_base as for match_terms (x' the warped source
-    point); target_points (M, 3) the live point y associated with each source point;
-    target_normals (M, 3) its unit normal n; weights (M,) c. Only the motion along n is
+    offsets (M, A, 3) = x - g_{a_k}, anchors (M, A) flat node ids, anchor_weights (M, A),
+    anchored_base (M, 3) = sum_k w_k g_{a_k} (x' the warped source point, as in match_terms);
+    target_points (M, 3) the live point y associated with each source point; target_normals
+    (M, 3) its unit normal n; weights (M,) c. Only the motion along n is
     constrained: the point may slide on the live surface's tangent plane. Block columns of
     anchor k: w_k c (q_k x n) (rotation), w_k c n (translation).
     """
@@ -92,7 +93,7 @@ def icp_terms(offsets, anchors, anchor_weights, anchored_base, target_points, ta
 def robust_icp_weights(residuals: torch.Tensor, weights: torch.Tensor, icp_weight: float, loss: str,
                        scale: float) -> torch.Tensor:
     """Square roots (M,) of the iteratively-reweighted-least-squares weights of point-to-plane
-    terms from their distance in metres (no gradient), as robust_weights."""
+    terms from their distance in metres (no gradient), with match_terms' robust losses."""
     with torch.no_grad():
         c = (icp_weight ** 0.5) * weights.detach()
         error = residuals.detach()[:, 0].abs() / c.clamp(min=1e-12)
