@@ -18,7 +18,7 @@ dense-Jacobian reference), `scaling_4096_nodes_s=X` (the sparse forward solve of
 graph, 3 iterations, 50k matches) and `scaling_exponent_500_4096=X` (log of the time ratio over
 log of the node ratio).
 
-    python benchmarks/bench_solver.py [--repeats 5] [--threads 2] [--skip-scaling]
+    python benchmarks/bench_solver.py [--repeats 5] [--threads 2] [--skip-scaling] [--profile]
 """
 import argparse
 import dataclasses
@@ -191,6 +191,9 @@ def main():
     parser.add_argument("--skip-scaling", action="store_true", help="only the 104-node seq258 part")
     parser.add_argument("--skip-real-scaling", action="store_true",
                         help="scaling on the synthetic graphs only (no finer seq258 graphs)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print torch.profiler's table (top ops by self time) of 10 of "
+                             "our forward + backward solves at 10k matches")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     data = load_pair()
@@ -247,6 +250,11 @@ def main():
               f"{dense_mb:>6.0f}MB | {t[2] / t[0]:>5.0f}x | {t[3] / t[1]:>5.0f}x")
         if speedup_10k is None:
             speedup_10k = t[3] / t[1]
+            if args.profile:
+                with torch.profiler.profile() as profiler:
+                    for _ in range(10):
+                        ours_fwd_bwd()
+                print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
     # Accuracy of the solved warp with all matches (and with more iterations, as generate.py uses),
     # with the dense and the sparse linear solve.

@@ -28,10 +28,7 @@ def _random_icp(M=9, N=6, A=4, seed=0):
 
 
 def _terms(nodes, anchors, anchor_weights, points, normals, targets, weights, R, t, jacobians=True):
-    anchored = nodes[anchors]
-    return icp_terms(points[:, None, :] - anchored, anchors, anchor_weights,
-                     (anchor_weights[..., None] * anchored).sum(dim=1), targets, normals, weights,
-                     R, t, 7.0, jacobians)
+    return icp_terms(points, anchors, anchor_weights, nodes, targets, normals, weights, R, t, 7.0, jacobians)
 
 
 def _residual_of_increment(data, delta):

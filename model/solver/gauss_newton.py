@@ -83,8 +83,7 @@ class _ICPTerms:
     flat_anchors: torch.Tensor     # (P, 4)
     anchor_weights: torch.Tensor
     weights: torch.Tensor
-    offsets: torch.Tensor          # (P, 4, 3)
-    anchored_base: torch.Tensor    # (P, 3)
+    source_points: torch.Tensor    # (P, 3)
     target_points: torch.Tensor
     target_normals: torch.Tensor
 
@@ -109,12 +108,8 @@ def _icp_terms(p: SolverProblem, index: torch.Tensor, running: torch.Tensor) -> 
     index = index[running[p.icp_sample[index]]]
     sample = p.icp_sample[index]
     flat_anchors = sample[:, None] * N + p.icp_anchors[index]
-    anchor_weights = p.icp_anchor_weights[index]
-    anchored_nodes = p.nodes.reshape(-1, 3)[flat_anchors]
-    return _ICPTerms(sample=sample, flat_anchors=flat_anchors, anchor_weights=anchor_weights,
-                     weights=p.icp_weights[index],
-                     offsets=p.icp_source_points[index][:, None, :] - anchored_nodes,
-                     anchored_base=(anchor_weights[..., None] * anchored_nodes).sum(dim=1),
+    return _ICPTerms(sample=sample, flat_anchors=flat_anchors, anchor_weights=p.icp_anchor_weights[index],
+                     weights=p.icp_weights[index], source_points=p.icp_source_points[index],
                      target_points=p.icp_target_points[index], target_normals=p.icp_target_normals[index])
 
 
@@ -254,7 +249,7 @@ def _linearise(prep: _Prepared, rotations, translations, options: SolverOptions,
     extra = []
     if prep.icp is not None:
         t = prep.icp
-        r_i, J_i = icp_terms(t.offsets, t.flat_anchors, t.anchor_weights, t.anchored_base, t.target_points,
+        r_i, J_i = icp_terms(t.source_points, t.flat_anchors, t.anchor_weights, prep.nodes_flat, t.target_points,
                              t.target_normals, t.weights, rotations, translations, options.icp_weight)
         if options.robust_loss != "none" and iteration >= 1:
             root = robust_icp_weights(r_i, t.weights, options.icp_weight, options.robust_loss,

@@ -5,11 +5,13 @@ are one fused C++ op with its own backward (csrc/solver/solver.h MatchTermForwar
 that a linearisation is one pass over the matches instead of some fifty tensor ops and their
 autograd graph; autograd still follows the chain through the linearisation point (the node
 motions), the correspondences and their weights. tests/reference/terms_reference.py is the
-plain-PyTorch version it is tested against. The ARAP terms (one per edge) are a fused op alike.
+plain-PyTorch version it is tested against. The ARAP terms (one per edge) are a fused op alike;
+the optional point-to-plane terms (icp_terms) are still tensor code over model.warp.anchor_terms.
 """
 import torch
 
 from model.ext import C
+from model.warp import anchor_terms
 
 ROBUST_LOSSES = {"none": 0, "cauchy": 1, "huber": 2}
 
@@ -64,22 +66,18 @@ def match_terms(source_points, anchors, anchor_weights, nodes, target_pixels, ta
                              anchors, anchor_weights, nodes, intrinsics, params)
 
 
-def icp_terms(offsets, anchors, anchor_weights, anchored_base, target_points, target_normals, weights,
+def icp_terms(source_points, anchors, anchor_weights, nodes, target_points, target_normals, weights,
               rotations, translations, icp_weight, jacobians: bool = True):
     """Residuals (M, 1) and Jacobian blocks (M, 1, 24) of the dense point-to-plane terms
     (DynamicFusion's depth data term): r = sqrt(icp_weight) c n . (x' - y).
 
-    offsets (M, A, 3) = x - g_{a_k}, anchors (M, A) flat node ids, anchor_weights (M, A),
-    anchored_base (M, 3) = sum_k w_k g_{a_k} (x' the warped source point, as in match_terms);
-    target_points (M, 3) the live point y associated with each source point; target_normals
-    (M, 3) its unit normal n; weights (M,) c. Only the motion along n is
-    constrained: the point may slide on the live surface's tangent plane. Block columns of
-    anchor k: w_k c (q_k x n) (rotation), w_k c n (translation).
+    source_points, anchors, anchor_weights, nodes, rotations, translations as for match_terms
+    (x' the warped source point); target_points (M, 3) the live point y associated with each
+    source point; target_normals (M, 3) its unit normal n; weights (M,) c. Only the motion
+    along n is constrained: the point may slide on the live surface's tangent plane. Block
+    columns of anchor k: w_k c (q_k x n) (rotation), w_k c n (translation).
     """
-    R = rotations[anchors]                                                   # (M, A, 3, 3)
-    q = (R[..., 0] * offsets[..., 0:1] + R[..., 1] * offsets[..., 1:2]
-         + R[..., 2] * offsets[..., 2:3])                                    # (M, A, 3)
-    warped = anchored_base + (anchor_weights[..., None] * (q + translations[anchors])).sum(dim=1)
+    q, warped = anchor_terms(source_points, anchors, anchor_weights, nodes, rotations, translations)
     cn = ((icp_weight ** 0.5) * weights)[:, None] * target_normals           # (M, 3)
     residuals = ((warped - target_points) * cn).sum(dim=1, keepdim=True)
     if not jacobians:

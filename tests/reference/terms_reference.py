@@ -3,7 +3,7 @@ ops (model/solver/terms.py match_terms, edge_terms). Written for clarity, differ
 autograd."""
 import torch
 
-from model.warp import skew
+from model.warp import anchor_terms, skew
 
 
 def robust_root(pixel_error: torch.Tensor, loss: str, scale: float) -> torch.Tensor:
@@ -21,9 +21,7 @@ def match_terms(source_points, anchors, anchor_weights, nodes, target_pixels, ta
                 intrinsics, rotations, translations, flow_weight, depth_weight, robust_loss="none",
                 robust_scale=1.0):
     """Residuals (M, 3) and Jacobian blocks (M, 3, 6A); arguments as model.solver.match_terms."""
-    g = nodes[anchors]                                                   # (M, A, 3)
-    q = torch.einsum("maij,maj->mai", rotations[anchors], source_points[:, None] - g)
-    warped = (anchor_weights[..., None] * (q + g + translations[anchors])).sum(dim=1)
+    q, warped = anchor_terms(source_points, anchors, anchor_weights, nodes, rotations, translations)
     x, y, z = warped.unbind(dim=-1)
     fx, fy, cx, cy = intrinsics.unbind(dim=-1)
     pixel = torch.stack((fx * x / z + cx - target_pixels[:, 0], fy * y / z + cy - target_pixels[:, 1]), -1)
