@@ -21,16 +21,19 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+import cv2
 import numpy as np
 import torch
 
 from dataset.graph import GraphError, build_graph
 from fusion.graph import NodeGraph, blend_motions, inverse_warp, knn, warp_with_anchors
 from fusion.gt import GroundTruth
+from fusion.refine import masked_lucas_kanade
 from fusion.render import Rendering, render
 from fusion.sequence import Frame, Sequence
 from fusion.volume import TSDFVolume
 from model import image_proc
+from model.correspondences import build_matches
 from model.solver import SolverProblem, solve
 from options import FusionOptions, GraphOptions, SolverOptions
 
@@ -235,6 +238,8 @@ class Fusion:
                             target_points, flow, translations)
         with torch.no_grad():
             out = self.tracker(batch, run_solver=False)
+        if o.refine_border > 0:
+            out["matches"] = self._refine_border(batch, out, rendering.mask)
         # The filter and the solve run on the CPU (the front-end on the chosen device).
         matches = out["matches"]
         for name in ("sample", "pixel", "source_points", "anchors", "anchor_weights", "target_pixels",
@@ -269,6 +274,24 @@ class Fusion:
         if o.hidden_support > 0:
             dR, dt = self._follow_visible(dR, dt, batch["nodes"][0].float(), matches)
         return dR @ rotations, translations + dt, status, message, count, energy
+
+    def _refine_border(self, batch: Dict, out: Dict, rendered: np.ndarray):
+        """Matches rebuilt from the flow refined near the silhouette (fusion/refine.py)."""
+        flow = out["flow"][0].cpu().numpy()
+        silhouette = cv2.distanceTransform(rendered.astype(np.uint8), cv2.DIST_L2, 5)
+        band = rendered & (silhouette <= self.options.refine_border)
+        sub = np.zeros_like(band)
+        sub[::2, ::2] = True
+        to_u8 = [(batch[k][0].permute(1, 2, 0).cpu().numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8)
+                 for k in ("source_color", "target_color")]
+        refined, _ = masked_lucas_kanade(to_u8[0], to_u8[1], rendered, flow, band & sub)
+        refined[:, band & ~sub] = np.nan
+        flow = torch.from_numpy(refined)[None].to(out["flow"])
+        valid = torch.isfinite(flow).all(dim=1)
+        t = self.tracker.options
+        return build_matches(batch["source_points"].permute(0, 2, 3, 1), torch.where(valid[:, None], flow, 0.0),
+                             batch["target_points"][:, 2], batch["pixel_anchors"], batch["pixel_weights"],
+                             out["weights"], self.solver_options.max_depth, valid, t.max_depth_jump)
 
     def _refine(self, frame: Frame, timings: Dict[str, float], first: tuple) -> tuple:
         """--passes beyond the first: the model rendered at the motion just solved, the flow
