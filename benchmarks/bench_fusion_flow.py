@@ -46,6 +46,8 @@ def parse_args():
     parser.add_argument("--frames", type=int, default=16, help="frames of the loop (the first included)")
     parser.add_argument("--lk-windows", default="15,21,31",
                         help="Lucas-Kanade window sizes to compare, comma-separated (empty: none)")
+    parser.add_argument("--refine-border", type=int, default=FusionOptions.refine_border,
+                        help="fuse.py's --refine-border for the loop (the flow columns then show the refined flow)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     return parser.parse_args()
 
@@ -114,6 +116,17 @@ class _Diagnosed(Fusion):
         super().__init__(*args, **kwargs)
         self.windows, self.rows = windows, []
 
+    def _refine_border(self, batch, out, rendered):
+        """With --refine-border: the flow columns show the refined flow the matches carry."""
+        matches = super()._refine_border(batch, out, rendered)
+        H, W = rendered.shape
+        pixel = matches.pixel.numpy()
+        ys, xs = pixel // W, pixel % W
+        flow = np.full((2, H, W), np.nan, np.float32)
+        flow[:, ys, xs] = (matches.target_pixels.numpy() - np.stack((xs, ys), axis=1)).T
+        self.tracker.last.update(flow=flow, matched=matches.valid_mask[0].cpu().numpy())
+        return matches
+
     def _track(self, frame, rendering, timings, rotations, translations, later=False):
         result = super()._track(frame, rendering, timings, rotations, translations, later)
         last = self.tracker.last
@@ -157,7 +170,7 @@ def main() -> int:
     mask, _ = sequence.first_mask(None, None)
     solver_options = SolverOptions(**SOLVER_DEFAULTS)
     windows = tuple(int(w) for w in args.lk_windows.split(",") if w.strip())
-    fusion = _Diagnosed(sequence, FusionOptions(sequence=args.sequence), solver_options,
+    fusion = _Diagnosed(sequence, FusionOptions(sequence=args.sequence, refine_border=args.refine_border), solver_options,
                         _Probe(Tracker(TrackerOptions(flow="dis"), solver_options)),
                         GroundTruth(sequence.root, sequence.frame_ids[0]), windows=windows)
     print("columns: along-error medians within 5 / 5-10 / beyond 10 px of the silhouette (px), "
