@@ -759,9 +759,11 @@ class FusionOptions:
                                           "than this many metres from its (rendered) source point", gt=0)
     max_normal_angle: float = opt(60.0, "drop a correspondence whose source and target normals "
                                         "differ by more than this many degrees", gt=0, le=180)
-    refine_border: int = opt(0, "refine the flow within this many pixels of the rendered model's "
-                                "silhouette by Lucas-Kanade over the model's own pixels (every 2nd "
-                                "pixel; the others there are dropped; 0 = off)", ge=0)
+    refine_border: int = opt(10, "refine the flow within this many pixels of the rendered model's "
+                                 "silhouette by Lucas-Kanade over the model's own pixels (there the "
+                                 "flow's patches mix in the static background and measure the motion "
+                                 "short); every 2nd pixel, the others there are dropped; not with "
+                                 "--flow gt; 0 = off", ge=0)
     passes: int = opt(1, "tracking passes per frame: each later pass renders the model at the motion "
                          "the previous pass solved, matches it to the frame again and solves the "
                          "remaining motion on top (only with --tracking model)", ge=1, le=5)

@@ -5,8 +5,10 @@ first frame's masked depth. Every later frame:
   1. render: the canonical mesh (marching cubes of the TSDF), warped by the previous frame's
      node motions, is ray cast into the camera: depth, colour, canonical point per pixel;
   2. flow + solve: the existing tracker's front-end (network, dis, gt) matches the rendering to
-     the new frame; matches whose target point is far from the rendered point, or whose
-     normals disagree, are dropped; the Gauss-Newton solver finds the increment of every
+     the new frame; near the rendered silhouette the flow is refined by a Lucas-Kanade search
+     over the model's own pixels (fusion/refine.py, --refine-border; not for gt), where the
+     flow's patches mix in the static background; matches whose target point is far from
+     the rendered point, or whose normals disagree, are dropped; the Gauss-Newton solver finds the increment of every
      node's motion on top of the previous one (the warm start: the rendering already sits at
      the previous motion). A failed solve is reported, keeps the last good motion and the
      frame is not integrated;
@@ -238,7 +240,8 @@ class Fusion:
                             target_points, flow, translations)
         with torch.no_grad():
             out = self.tracker(batch, run_solver=False)
-        if o.refine_border > 0:
+        if o.refine_border > 0 and self.tracker.options.flow != "gt":
+            # (Ground-truth flow is exact: nothing to refine.)
             out["matches"] = self._refine_border(batch, out, rendering.mask)
         # The filter and the solve run on the CPU (the front-end on the chosen device).
         matches = out["matches"]
