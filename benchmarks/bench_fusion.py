@@ -42,6 +42,8 @@ def parse_args():
     parser.add_argument("--checkpoint", default=None, help="checkpoint for the network front-end")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats of the integration")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads value")
+    parser.add_argument("--refine-border", type=int, default=FusionOptions.refine_border,
+                        help="fuse.py's --refine-border for the loop (0: the flow unrefined)")
     return parser.parse_args()
 
 
@@ -53,8 +55,9 @@ def tracker_for(flow, checkpoint):
     return Tracker(TrackerOptions(flow=flow), solver)
 
 
-def run_loop(root, flow, frames, checkpoint):
-    options = FusionOptions(sequence=root, out="unused", frames=f"0:{frames}", video=False)
+def run_loop(root, flow, frames, checkpoint, refine_border=FusionOptions.refine_border):
+    options = FusionOptions(sequence=root, out="unused", frames=f"0:{frames}", video=False,
+                            refine_border=refine_border)
     sequence = Sequence(root, options.frames)
     mask, _ = sequence.first_mask()
     gt = GroundTruth(root, 0) if flow == "gt" else None
@@ -78,7 +81,7 @@ def main():
           f"(mean seconds)")
     print(f"{'flow':8s} " + " ".join(f"{s:>9s}" for s in STEPS) + f" {'total':>9s} {'nodes':>6s} {'blocks':>7s}")
     for flow in args.flows.split(","):
-        fusion = run_loop(root, flow, args.frames, args.checkpoint)
+        fusion = run_loop(root, flow, args.frames, args.checkpoint, args.refine_border)
         logs = fusion.log[1:]
         means = [statistics.mean(e.steps.get(s, 0.0) for e in logs) for s in STEPS]
         total = statistics.mean(e.seconds for e in logs)
