@@ -33,7 +33,7 @@ from fusion.graph import warp_with_anchors
 from fusion.gt import GroundTruth
 from fusion.loop import Fusion
 from fusion.sequence import Sequence
-from model.tracker import Tracker
+from model.tracker import Tracker, _to_u8
 from options import FusionOptions, SolverOptions, TrackerOptions
 from utils.fusion_run import SOLVER_DEFAULTS
 
@@ -91,11 +91,6 @@ def lucas_kanade(source_rgb: np.ndarray, target_rgb: np.ndarray, flow: np.ndarra
     return refined
 
 
-def _to_u8(image: torch.Tensor) -> np.ndarray:
-    """(1, 3, H, W) colour in [0, 1] -> (H, W, 3) uint8 (as the DIS front-end converts it)."""
-    return (image[0].permute(1, 2, 0).cpu().numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8)
-
-
 class _Probe:
     """Wraps the tracker: keeps the batch's images and the front-end's flow of the last call."""
 
@@ -104,7 +99,7 @@ class _Probe:
 
     def __call__(self, batch, run_solver=False):
         out = self.tracker(batch, run_solver=run_solver)
-        self.last = {"source": _to_u8(batch["source_color"]), "target": _to_u8(batch["target_color"]),
+        self.last = {"source": _to_u8(batch["source_color"][0]), "target": _to_u8(batch["target_color"][0]),
                      "flow": out["flow"][0].cpu().numpy(), "matched": out["match_mask"][0].cpu().numpy()}
         return out
 

@@ -8,8 +8,8 @@ first frame's masked depth. Every later frame:
      the new frame; near the rendered silhouette the flow is refined by a Lucas-Kanade search
      over the model's own pixels (fusion/refine.py, --refine-border; not for gt), where the
      flow's patches mix in the static background; matches whose target point is far from
-     the rendered point, or whose normals disagree, are dropped; the Gauss-Newton solver finds the increment of every
-     node's motion on top of the previous one (the warm start: the rendering already sits at
+     the rendered point, or whose normals disagree, are dropped; the Gauss-Newton solver
+     finds the increment of every node's motion on top of the previous one (the warm start: the rendering already sits at
      the previous motion). A failed solve is reported, keeps the last good motion and the
      frame is not integrated;
   3. integrate: the frame is fused warped (csrc/fusion) where it belongs to the object: where
@@ -37,6 +37,7 @@ from fusion.volume import TSDFVolume
 from model import image_proc
 from model.correspondences import build_matches
 from model.solver import SolverProblem, solve
+from model.tracker import _to_u8
 from options import FusionOptions, GraphOptions, SolverOptions
 
 STEPS = ("render", "flow", "solve", "integrate", "grow", "extract")
@@ -279,15 +280,16 @@ class Fusion:
         return dR @ rotations, translations + dt, status, message, count, energy
 
     def _refine_border(self, batch: Dict, out: Dict, rendered: np.ndarray):
-        """Matches rebuilt from the flow refined near the silhouette (fusion/refine.py)."""
+        """Matches rebuilt, as the tracker builds them, from its flow refined within
+        --refine-border pixels of the rendered silhouette (fusion/refine.py) at every 2nd pixel;
+        the band's other pixels, and windows without texture, give no match."""
         flow = out["flow"][0].cpu().numpy()
         silhouette = cv2.distanceTransform(rendered.astype(np.uint8), cv2.DIST_L2, 5)
         band = rendered & (silhouette <= self.options.refine_border)
         sub = np.zeros_like(band)
         sub[::2, ::2] = True
-        to_u8 = [(batch[k][0].permute(1, 2, 0).cpu().numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8)
-                 for k in ("source_color", "target_color")]
-        refined, _ = masked_lucas_kanade(to_u8[0], to_u8[1], rendered, flow, band & sub)
+        refined, _ = masked_lucas_kanade(_to_u8(batch["source_color"][0]), _to_u8(batch["target_color"][0]),
+                                         rendered, flow, band & sub)
         refined[:, band & ~sub] = np.nan
         flow = torch.from_numpy(refined)[None].to(out["flow"])
         valid = torch.isfinite(flow).all(dim=1)
