@@ -127,7 +127,7 @@ def test_tracker_trains_the_head_through_the_solver(split, tmp_path):
 def test_solved_flow_projects_the_solve():
     """Where every anchor of a pixel was solved, the flow is the warped point's projection minus
     the pixel; elsewhere (an unsolved anchor, no anchor, a failed sample) the front-end's flow."""
-    B, H, W, N = 2, 6, 8, 3
+    B, H, W = 2, 6, 8
     fx, fy, cx, cy = 50.0, 60.0, 4.0, 3.0
     grid = pixel_grid(H, W)
     z = torch.full((B, H, W), 2.0)
