@@ -6,7 +6,8 @@
 Correspondence front-ends (TrackerOptions.flow):
   * network: the PWC-Net flow backbone and the weighting head (MaskNet), end to end trainable;
     or, with network_flow "hybrid", DIS and PWC-Net flows blended per pixel and weighted by a
-    small learned head (model/hybrid.py);
+    small learned head (model/hybrid.py), optionally twice (hybrid_passes 2: a second pass on
+    the target resampled by the first solve's motion, then a second solve);
   * dis: OpenCV's DIS optical flow with uniform or photometric weights and a forward-backward
     consistency check; needs no checkpoint;
   * gt: the ground-truth optical flow of the batch (oracle studies).
