@@ -5,12 +5,11 @@
 #    procedural prints, 50/50) and every motion family, 320x240, seeds recorded here;
 # 2. stage 4_hybrid from checkpoints/nnrt_synthetic.pt (its PWC-Net, frozen): only the hybrid
 #    head trains, through the solver (Cauchy reweighting, as it runs), DIS at the fine preset;
-#    its weights-only release is WORKSPACE/nnrt_hybrid_1pass.pt;
-# 3. stage 4_hybrid again, from that release, through the two-pass hybrid (--hybrid-passes 2:
-#    a second DIS + PWC-Net pass on the target resampled by the first solve, a second solve;
-#    both solves scored);
-# 4. the weights-only release WORKSPACE/nnrt_hybrid.pt and the curves
-#    WORKSPACE/hybrid_4_hybrid/curve.png, WORKSPACE/hybrid2_4_hybrid/curve.png.
+# 3. the weights-only release WORKSPACE/nnrt_hybrid.pt and the curve WORKSPACE/hybrid_4_hybrid/curve.png.
+# With TWO_PASS=1, then also the head fine-tuned through the two-pass hybrid (--hybrid-passes 2:
+# a second DIS + PWC-Net pass on the target resampled by the first solve, a second solve, both
+# solves scored), from the release above: WORKSPACE/nnrt_hybrid_2pass.pt and its curve
+# WORKSPACE/hybrid2_4_hybrid/curve.png (not the shipped default: see BENCHMARKS.md).
 # Interrupted (Ctrl-C), the same command resumes: finished pairs are kept, training --resume's.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -27,16 +26,17 @@ data=data/hyb320
   --batch-size 2 --optimizer adam --learning-rate 5e-4 --lr-step 400 --lr-gamma 0.5 \
   --max-iterations 800 --val-every 100 --val-pairs 20 --num-workers 0 --threads 1 \
   --robust-loss cauchy --dis-preset fine --grad-clip 10 --checkpoint-every 50 --resume "$@"
-"$PY" -m utils.checkpoints "$workspace/hybrid_4_hybrid/checkpoints/best.pt" "$workspace/nnrt_hybrid_1pass.pt" \
+"$PY" -m utils.checkpoints "$workspace/hybrid_4_hybrid/checkpoints/best.pt" "$workspace/nnrt_hybrid.pt" \
   --history checkpoints/nnrt_synthetic.pt
 "$PY" -m utils.curves "$workspace/hybrid_4_hybrid" --out "$workspace/hybrid_4_hybrid/curve.png" \
   --title "stage 4_hybrid: validation EPE 3D (20 pairs of $data val)"
-"$PY" train.py --stage 4_hybrid --init "$workspace/nnrt_hybrid_1pass.pt" --hybrid-passes 2 --dataset-dir "$data" \
+[ "${TWO_PASS:-0}" = 1 ] || exit 0
+"$PY" train.py --stage 4_hybrid --init "$workspace/nnrt_hybrid.pt" --hybrid-passes 2 --dataset-dir "$data" \
   --train-split train --val-split val --workspace "$workspace" --experiment hybrid2_4_hybrid \
   --batch-size 2 --optimizer adam --learning-rate 2e-4 --lr-step 150 --lr-gamma 0.5 \
   --max-iterations 400 --val-every 50 --val-pairs 20 --num-workers 0 --threads 1 \
   --robust-loss cauchy --dis-preset fine --grad-clip 10 --checkpoint-every 25 --resume "$@"
-"$PY" -m utils.checkpoints "$workspace/hybrid2_4_hybrid/checkpoints/best.pt" "$workspace/nnrt_hybrid.pt" \
-  --history "$workspace/nnrt_hybrid_1pass.pt"
+"$PY" -m utils.checkpoints "$workspace/hybrid2_4_hybrid/checkpoints/best.pt" "$workspace/nnrt_hybrid_2pass.pt" \
+  --history "$workspace/nnrt_hybrid.pt"
 "$PY" -m utils.curves "$workspace/hybrid2_4_hybrid" --out "$workspace/hybrid2_4_hybrid/curve.png" \
   --title "stage 4_hybrid, two passes: validation EPE 3D (20 pairs of $data val)"
