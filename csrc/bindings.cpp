@@ -71,6 +71,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("slot_start"), py::arg("blocks"), py::arg("b"), py::arg("accumulate"));
   m.def("assemble_blocks_backward", &nnrt::AssembleBlocksBackward, py::arg("grad_blocks"),
         py::arg("grad_b"), py::arg("J"), py::arg("r"), py::arg("nodes"), py::arg("term_blocks"));
+  m.def("build_slot_lists", &nnrt::BuildSlotLists, py::arg("nodes_list"), py::arg("num_samples"),
+        py::arg("num_nodes"));
+  m.def("assemble_dense", &nnrt::AssembleDense, py::arg("J"), py::arg("r"), py::arg("nodes"),
+        py::arg("slot_order"), py::arg("slot_start"), py::arg("A"), py::arg("b"), py::arg("accumulate"),
+        py::arg("finish"));
   m.def("blocks_to_dense", &nnrt::BlocksToDense, py::arg("blocks"), py::arg("block_row"),
         py::arg("block_col"), py::arg("num_samples"), py::arg("num_nodes"));
   m.def("block_matvec", &nnrt::BlockMatvec, py::arg("blocks"), py::arg("block_row"),

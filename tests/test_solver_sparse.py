@@ -64,6 +64,40 @@ def test_block_sparse_assembly_equals_dense_reference(S):
                  torch.einsum("bij,bj->bi", A_ref, x.reshape(2, 30)), atol=1e-11, what="A x")
 
 
+@pytest.mark.parametrize("S", [2, 4])
+def test_dense_assembly_equals_dense_reference(S):
+    J, r, nodes = _random_terms(M=60, S=S)
+    J2, r2, nodes2 = _random_terms(M=25, S=2, seed=7)
+    A_ref, b_ref = _reference(J, r, nodes, 2, 5)
+    A_ref2, b_ref2 = _reference(J2, r2, nodes2, 2, 5)
+    for layout in (gn.build_slot_lists([nodes, nodes2], 2, 5), gn.build_block_pattern([nodes, nodes2], 2, 5)):
+        A, b = gn.assemble_dense(layout, [(J, r, nodes), (J2, r2, nodes2)])
+        assert_close(A, A_ref + A_ref2, atol=1e-12, what="A")
+        assert_close(b, b_ref + b_ref2, atol=1e-12, what="b")
+        assert torch.equal(A, A.transpose(1, 2)), "A must be exactly symmetric"
+
+
+def test_dense_assembly_checks_terms_and_is_deterministic_across_thread_counts():
+    J, r, nodes = _random_terms(M=3000, S=4, B=2, N=40, dtype=torch.float32, seed=5)
+    layout = gn.build_slot_lists([nodes], 2, 40)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        A1, b1 = gn.assemble_dense(layout, [(J, r, nodes)])
+        torch.set_num_threads(max(2, threads))
+        A2, b2 = gn.assemble_dense(layout, [(J, r, nodes)])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(A1, A2) and torch.equal(b1, b2)
+    bad = nodes.clone()
+    bad[4] = torch.tensor([0, 45, 1, 2])
+    with pytest.raises(RuntimeError, match="term 4 .* mixes samples"):
+        gn.build_slot_lists([bad], 2, 40)
+    with pytest.raises(ValueError, match="needs the block pattern"):
+        gn.gauss_newton_step(torch.ones(2, 240), 2, 40, J, r, nodes,
+                             setup=gn.StepSetup(layout, linear_solver="sparse"))
+
+
 def test_term_block_keys_and_pattern():
     # term 0: slots (0: node 3, 1: unused, 2: node 1); pairs in order (0,0) (0,1) (0,2) (1,1) (1,2) (2,2)
     nodes = torch.tensor([[3, -1, 1]])

@@ -104,6 +104,43 @@ at::Tensor BlocksToDenseCpu(const at::Tensor& blocks, const at::Tensor& block_ro
   return A;
 }
 
+void AssembleDenseCpu(const at::Tensor& J, const at::Tensor& r, const at::Tensor& nodes,
+                      const at::Tensor& slot_order, const at::Tensor& slot_start, at::Tensor A,
+                      at::Tensor b, bool accumulate, bool finish) {
+  const int R = static_cast<int>(J.size(1)), S = static_cast<int>(nodes.size(1));
+  const int64_t N = A.size(1) / 6, T = A.size(0) * N;
+  const int64_t* idx = nodes.data_ptr<int64_t>();
+  const int64_t* so = slot_order.data_ptr<int64_t>();
+  const int64_t* ss = slot_start.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(J.scalar_type(), "assemble_dense_cpu", [&] {
+    const scalar_t* Jp = J.data_ptr<scalar_t>();
+    const scalar_t* rp = r.data_ptr<scalar_t>();
+    scalar_t* Ap = A.data_ptr<scalar_t>();
+    scalar_t* bp = b.data_ptr<scalar_t>();
+    auto run = [&](auto rows, auto slots) {
+      constexpr int kR = decltype(rows)::value, kS = decltype(slots)::value;
+      at::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
+        for (int64_t n = begin; n < end; ++n)
+          AssembleDenseRowBody<scalar_t, kR, kS>(n, Jp, rp, R, S, idx, so, ss, N, accumulate, Ap, bp);
+      });
+    };
+    // The solver's two shapes at compile time (see AssembleBlocksCpu).
+    using Any = std::integral_constant<int, 0>;
+    using Three = std::integral_constant<int, 3>;
+    if (R == 3 && S == 4) {
+      run(Three{}, std::integral_constant<int, 4>{});
+    } else if (R == 3 && S == 2) {
+      run(Three{}, std::integral_constant<int, 2>{});
+    } else {
+      run(Any{}, Any{});
+    }
+    if (finish)
+      at::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
+        for (int64_t n = begin; n < end; ++n) MirrorDenseRowBody<scalar_t>(n, N, Ap);
+      });
+  });
+}
+
 at::Tensor BlockMatvecCpu(const at::Tensor& blocks, const at::Tensor& block_row,
                           const at::Tensor& block_col, const at::Tensor& row_start,
                           const at::Tensor& col_order, const at::Tensor& col_start, const at::Tensor& x) {
@@ -248,26 +285,31 @@ std::vector<at::Tensor> BuildBlockPatternCpu(const std::vector<at::Tensor>& node
       const Item& item = items[i];
       if (item.group == static_cast<int32_t>(g)) eo[fill[tb[g][item.id]]++] = item.id;
     }
-    // Used slots by node, ids ascending.
-    const at::Tensor nodes = nodes_list[g].contiguous();
-    const int64_t* idx = nodes.data_ptr<int64_t>();
-    at::Tensor slot_start = at::zeros({T + 1}, opts);
-    int64_t* ss = slot_start.data_ptr<int64_t>();
-    for (int64_t e = 0; e < nodes.numel(); ++e)
-      if (idx[e] >= 0) ++ss[idx[e] + 1];
-    for (int64_t n = 0; n < T; ++n) ss[n + 1] += ss[n];
-    at::Tensor slot_order = at::empty({ss[T]}, opts);
-    int64_t* so = slot_order.data_ptr<int64_t>();
-    std::vector<int64_t> slot_fill(ss, ss + T);
-    for (int64_t e = 0; e < nodes.numel(); ++e)
-      if (idx[e] >= 0) so[slot_fill[idx[e]]++] = e;
     out.push_back(term_blocks[g]);
     out.push_back(entry_order[g]);
     out.push_back(entry_start[g]);
-    out.push_back(slot_order);
-    out.push_back(slot_start);
+    const std::vector<at::Tensor> slots = SlotListsCpu(nodes_list[g], T);
+    out.insert(out.end(), slots.begin(), slots.end());
   }
   return out;
+}
+
+// Used slots by node, ids ascending: one counting sort over the T flat nodes.
+std::vector<at::Tensor> SlotListsCpu(const at::Tensor& nodes_in, int64_t T) {
+  const at::Tensor nodes = nodes_in.contiguous();
+  const auto opts = at::TensorOptions().dtype(at::kLong);
+  const int64_t* idx = nodes.data_ptr<int64_t>();
+  at::Tensor slot_start = at::zeros({T + 1}, opts);
+  int64_t* ss = slot_start.data_ptr<int64_t>();
+  for (int64_t e = 0; e < nodes.numel(); ++e)
+    if (idx[e] >= 0) ++ss[idx[e] + 1];
+  for (int64_t n = 0; n < T; ++n) ss[n + 1] += ss[n];
+  at::Tensor slot_order = at::empty({ss[T]}, opts);
+  int64_t* so = slot_order.data_ptr<int64_t>();
+  std::vector<int64_t> fill(ss, ss + T);
+  for (int64_t e = 0; e < nodes.numel(); ++e)
+    if (idx[e] >= 0) so[fill[idx[e]]++] = e;
+  return {slot_order, slot_start};
 }
 
 }  // namespace nnrt

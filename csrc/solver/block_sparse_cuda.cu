@@ -63,6 +63,22 @@ __global__ void BlocksToDenseKernel(const scalar_t* __restrict__ blocks,
 }
 
 template <typename scalar_t>
+__global__ void AssembleDenseKernel(const scalar_t* __restrict__ J, const scalar_t* __restrict__ r, int R,
+                                    int S, const int64_t* __restrict__ nodes,
+                                    const int64_t* __restrict__ slot_order,
+                                    const int64_t* __restrict__ slot_start, int64_t N, int64_t T,
+                                    bool accumulate, scalar_t* __restrict__ A, scalar_t* __restrict__ b) {
+  NNRT_GRID_LOOP(n, T) {
+    AssembleDenseRowBody<scalar_t>(n, J, r, R, S, nodes, slot_order, slot_start, N, accumulate, A, b);
+  }
+}
+
+template <typename scalar_t>
+__global__ void MirrorDenseKernel(int64_t N, int64_t T, scalar_t* __restrict__ A) {
+  NNRT_GRID_LOOP(n, T) { MirrorDenseRowBody<scalar_t>(n, N, A); }
+}
+
+template <typename scalar_t>
 __global__ void BlockMatvecKernel(const scalar_t* __restrict__ blocks,
                                   const int64_t* __restrict__ block_row,
                                   const int64_t* __restrict__ block_col,
@@ -142,6 +158,25 @@ at::Tensor BlocksToDenseCuda(const at::Tensor& blocks, const at::Tensor& block_r
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return A;
+}
+
+void AssembleDenseCuda(const at::Tensor& J, const at::Tensor& r, const at::Tensor& nodes,
+                       const at::Tensor& slot_order, const at::Tensor& slot_start, at::Tensor A,
+                       at::Tensor b, bool accumulate, bool finish) {
+  at::cuda::CUDAGuard guard(J.device());
+  const int R = static_cast<int>(J.size(1)), S = static_cast<int>(nodes.size(1));
+  const int64_t N = A.size(1) / 6, T = A.size(0) * N;
+  if (T == 0) return;
+  AT_DISPATCH_FLOATING_TYPES(J.scalar_type(), "assemble_dense_cuda", [&] {
+    AssembleDenseKernel<scalar_t><<<Blocks(T, 64), 64, 0, at::cuda::getCurrentCUDAStream()>>>(
+        J.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(), R, S, nodes.data_ptr<int64_t>(),
+        slot_order.data_ptr<int64_t>(), slot_start.data_ptr<int64_t>(), N, T, accumulate,
+        A.data_ptr<scalar_t>(), b.data_ptr<scalar_t>());
+    if (finish)
+      MirrorDenseKernel<scalar_t><<<Blocks(T, 64), 64, 0, at::cuda::getCurrentCUDAStream()>>>(
+          N, T, A.data_ptr<scalar_t>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 at::Tensor BlockMatvecCuda(const at::Tensor& blocks, const at::Tensor& block_row,

@@ -126,10 +126,12 @@ HOST_DEVICE inline void ApplyTermGradient(const scalar_t* J, const scalar_t* res
 // with u_m, x_m the entries of u and x at the term's 6S unknowns (0 for unused slots): 4 small
 // products per term instead of a 6S x 6S block, and no dense grad_A at all.
 // u, x: (B, 6N) flattened; nodes: flat sample * N + node indices as above.
-template <typename scalar_t>
+// kR, kS > 0 fix the row and slot counts at compile time (the CPU launcher's common shapes).
+template <typename scalar_t, int kR = 0, int kS = 0>
 HOST_DEVICE inline void StepTermBackward(const scalar_t* J, const scalar_t* res, const int64_t* nodes,
-                                         int R, int S, const scalar_t* u, const scalar_t* x,
+                                         int R_, int S_, const scalar_t* u, const scalar_t* x,
                                          scalar_t* grad_J, scalar_t* grad_r) {
+  const int R = kR > 0 ? kR : R_, S = kS > 0 ? kS : S_;
   const int cols = 6 * S;
   scalar_t um[6 * kMaxSlots], xm[6 * kMaxSlots];
   for (int a = 0; a < cols; ++a) {
@@ -540,6 +542,84 @@ HOST_DEVICE inline void AssembleRhsBody(int64_t n, const scalar_t* J, const scal
   for (int p = 0; p < 6; ++p) b[6 * n + p] = accumulate ? b[6 * n + p] + acc[p] : acc[p];
 }
 
+// out[p * ld + q] += (J_s^T J_t)[p][q], as AddJtJBlock; with the row count kR known at compile
+// time written out row by row of the output (a 6-vector sum of kR scaled rows of J_t), which
+// the compiler vectorises where AddJtJBlock's 36 scalar sums it does not.
+template <typename scalar_t, int kR>
+HOST_DEVICE inline void AddRowPairBlock(const scalar_t* Jm, int R, int S, int s, int t, scalar_t* out,
+                                        int64_t ld) {
+  if (kR == 0) {
+    AddJtJBlock<scalar_t, scalar_t>(Jm, R, S, s, t, out, ld);
+    return;
+  }
+  for (int p = 0; p < 6; ++p) {
+    scalar_t v[6] = {0, 0, 0, 0, 0, 0};
+    for (int row = 0; row < kR; ++row) {
+      const scalar_t a = Jm[row * 6 * S + 6 * s + p];
+      const scalar_t* jt = Jm + row * 6 * S + 6 * t;
+      for (int q = 0; q < 6; ++q) v[q] += a * jt[q];
+    }
+    for (int q = 0; q < 6; ++q) out[p * ld + q] += v[q];
+  }
+}
+
+// The dense solver's assembly (graphs up to --sparse-min-nodes), without the block pattern:
+// node n (flat, sample * N + local) owns rows 6 local .. 6 local + 5 of its sample's A (B, 6N, 6N)
+// and sums, over its used slots (term m, slot s; slot lists by node, ascending ids), J_s^T J_t
+// into the block (n, node of t) for every slot t of m whose node is >= n, and J_s^T r_m into b.
+// Only the upper block triangle is summed (a pair of distinct nodes once, from the lower node's
+// row; the diagonal block whole: every ordered slot pair at n); after the last group,
+// MirrorDenseRowBody copies it below the diagonal. One writer per row and a fixed order: the
+// same A on every run and thread count, as the block assembly's. A must be zero (or hold an
+// earlier group's sums) in the upper blocks.
+template <typename scalar_t, int kR = 0, int kS = 0>
+HOST_DEVICE inline void AssembleDenseRowBody(int64_t n, const scalar_t* J, const scalar_t* r, int R,
+                                             int S, const int64_t* nodes, const int64_t* slot_order,
+                                             const int64_t* slot_start, int64_t N, bool accumulate,
+                                             scalar_t* A, scalar_t* b) {
+  const int SS = kS > 0 ? kS : S, RR = kR > 0 ? kR : R;
+  const int64_t sample = n / N, D = 6 * N;
+  scalar_t* strip = A + sample * D * D + 6 * (n - sample * N) * D;  // row 6 local, column 0
+  scalar_t rhs[6] = {0, 0, 0, 0, 0, 0};
+  scalar_t diagonal[36];  // the block (n, n), which every slot at n feeds: summed in registers
+  for (int e = 0; e < 36; ++e) diagonal[e] = 0;
+  for (int64_t e = slot_start[n]; e < slot_start[n + 1]; ++e) {
+    const int64_t id = slot_order[e], m = id / SS;
+    const int s = static_cast<int>(id % SS);
+    const scalar_t* Jm = J + m * RR * 6 * SS;
+    AddJtrBlock<scalar_t, scalar_t>(Jm, r + m * RR, RR, SS, s, rhs);
+    for (int t = 0; t < SS; ++t) {
+      const int64_t nt = nodes[m * SS + t];
+      if (nt == n)
+        AddRowPairBlock<scalar_t, kR>(Jm, RR, SS, s, t, diagonal, 6);
+      else if (nt > n)
+        AddRowPairBlock<scalar_t, kR>(Jm, RR, SS, s, t, strip + 6 * (nt - sample * N), D);
+    }
+  }
+  scalar_t* own = strip + 6 * (n - sample * N);
+  for (int p = 0; p < 6; ++p)
+    for (int q = 0; q < 6; ++q) own[p * D + q] += diagonal[6 * p + q];
+  for (int p = 0; p < 6; ++p) b[6 * n + p] = accumulate ? b[6 * n + p] + rhs[p] : rhs[p];
+}
+
+// The lower triangle of the rows of node n from the upper blocks of the rows above (after the
+// last group's AssembleDenseRowBody, in a separate pass: those rows belong to other nodes):
+// A[6n + p][6c + q] = A[6c + q][6n + p] for every column of the sample left of row 6n + p's
+// diagonal. A is then exactly symmetric, as the factorisation wants it.
+template <typename scalar_t>
+HOST_DEVICE inline void MirrorDenseRowBody(int64_t n, int64_t N, scalar_t* A) {
+  const int64_t sample = n / N, local = n - sample * N, D = 6 * N;
+  scalar_t* Ab = A + sample * D * D;
+  // Block by block: row q of the upper block (c, n) holds 6 contiguous values, which become
+  // column q of the block (n, c); the 6 rows written stay in cache across the sweep over c.
+  for (int64_t c = 0; c <= local; ++c)
+    for (int q = 0; q < 6; ++q) {
+      const scalar_t* src = Ab + (6 * c + q) * D + 6 * local;
+      scalar_t* dst = Ab + 6 * local * D + 6 * c + q;
+      for (int p = c < local ? 0 : q + 1; p < 6; ++p) dst[p * D] = src[p];
+    }
+}
+
 // Backward of step 3 for term m. With H (6S x 6S) the gradient of the term's own contributions
 // (H[a][b] = grad of block (node_a, node_b) for the pairs the term adds, both orientations
 // folded into one as in the forward) and g = grad_b at its slots, the term's part of the
@@ -627,6 +707,7 @@ std::vector<at::Tensor> BuildBlockPatternCpu(const std::vector<at::Tensor>& node
                                              const std::vector<at::Tensor>& keys, int64_t num_samples,
                                              int64_t num_nodes);
 std::vector<at::Tensor> TermBlockKeysCpu(const at::Tensor& nodes, int64_t num_nodes, int64_t total);
+std::vector<at::Tensor> SlotListsCpu(const at::Tensor& nodes, int64_t T);
 at::Tensor AssembleBlocksCpu(const at::Tensor& J, const at::Tensor& r, const at::Tensor& nodes,
                              const at::Tensor& entry_order, const at::Tensor& entry_start,
                              const at::Tensor& slot_order, const at::Tensor& slot_start,
@@ -636,6 +717,9 @@ std::vector<at::Tensor> AssembleBlocksBackwardCpu(const at::Tensor& grad_blocks,
                                                   const at::Tensor& nodes, const at::Tensor& term_blocks);
 at::Tensor BlocksToDenseCpu(const at::Tensor& blocks, const at::Tensor& block_row,
                             const at::Tensor& block_col, int64_t num_samples, int64_t num_nodes);
+void AssembleDenseCpu(const at::Tensor& J, const at::Tensor& r, const at::Tensor& nodes,
+                      const at::Tensor& slot_order, const at::Tensor& slot_start, at::Tensor A,
+                      at::Tensor b, bool accumulate, bool finish);
 at::Tensor BlockMatvecCpu(const at::Tensor& blocks, const at::Tensor& block_row,
                           const at::Tensor& block_col, const at::Tensor& row_start,
                           const at::Tensor& col_order, const at::Tensor& col_start, const at::Tensor& x);
@@ -650,6 +734,9 @@ std::vector<at::Tensor> AssembleBlocksBackwardCuda(const at::Tensor& grad_blocks
                                                    const at::Tensor& nodes, const at::Tensor& term_blocks);
 at::Tensor BlocksToDenseCuda(const at::Tensor& blocks, const at::Tensor& block_row,
                              const at::Tensor& block_col, int64_t num_samples, int64_t num_nodes);
+void AssembleDenseCuda(const at::Tensor& J, const at::Tensor& r, const at::Tensor& nodes,
+                       const at::Tensor& slot_order, const at::Tensor& slot_start, at::Tensor A,
+                       at::Tensor b, bool accumulate, bool finish);
 at::Tensor BlockMatvecCuda(const at::Tensor& blocks, const at::Tensor& block_row,
                            const at::Tensor& block_col, const at::Tensor& row_start,
                            const at::Tensor& col_order, const at::Tensor& col_start, const at::Tensor& x);
@@ -767,6 +854,16 @@ inline at::Tensor CheckedTermBlockKeys(const at::Tensor& nodes, int64_t num_samp
   return out[0];
 }
 
+// The used slots of one term group by node, by sorting with ATen (any device): slot_order,
+// slot_start (bounds: 0..T).
+inline std::vector<at::Tensor> SlotListsSorted(const at::Tensor& nodes, const at::Tensor& bounds) {
+  const at::Tensor n = nodes.contiguous().flatten();
+  const at::Tensor used = at::nonzero(n >= 0).flatten();
+  const at::Tensor by_node = std::get<1>(at::sort(n.index_select(0, used), true, 0, false));
+  const at::Tensor slot_order = used.index_select(0, by_node);
+  return {slot_order, at::searchsorted(n.index_select(0, slot_order), bounds)};
+}
+
 // Step 2 by sorting with ATen (any device; what a GPU runs): the block pattern of the term groups
 // `nodes_list` (each (M_g, S_g) as above). Returns block_row, block_col, row_start, col_order,
 // col_start, then per group term_blocks, entry_order, entry_start, slot_order, slot_start.
@@ -803,12 +900,25 @@ inline std::vector<at::Tensor> BuildBlockPatternSorted(const std::vector<at::Ten
     const at::Tensor entry_order = ids.index_select(0, by_block);
     out.push_back(entry_order);
     out.push_back(at::searchsorted(found.index_select(0, entry_order), block_bounds));
-    const at::Tensor n = nodes_list[g].contiguous().flatten();
-    const at::Tensor used = at::nonzero(n >= 0).flatten();
-    const at::Tensor by_node = std::get<1>(at::sort(n.index_select(0, used), true, 0, false));
-    const at::Tensor slot_order = used.index_select(0, by_node);
-    out.push_back(slot_order);
-    out.push_back(at::searchsorted(n.index_select(0, slot_order), bounds));
+    const std::vector<at::Tensor> slots = SlotListsSorted(nodes_list[g], bounds);
+    out.insert(out.end(), slots.begin(), slots.end());
+  }
+  return out;
+}
+
+// The used slots of term groups by node: per group slot_order (the slots m * S + s with a node,
+// by node, ids ascending) and slot_start (T + 1), BuildBlockPattern's last two tensors without
+// the blocks: all the dense assembly (AssembleDense) needs. The terms are checked as there.
+inline std::vector<at::Tensor> BuildSlotLists(const std::vector<at::Tensor>& nodes_list,
+                                              int64_t num_samples, int64_t num_nodes) {
+  const int64_t total = num_samples * num_nodes;
+  std::vector<at::Tensor> out;
+  for (const at::Tensor& nodes : nodes_list) {
+    CheckedTermBlockKeys(nodes, num_samples, num_nodes);
+    const std::vector<at::Tensor> slots =
+        nodes.is_cuda() ? SlotListsSorted(nodes, at::arange(total + 1, nodes.options().dtype(at::kLong)))
+                        : SlotListsCpu(nodes, total);
+    out.insert(out.end(), slots.begin(), slots.end());
   }
   return out;
 }
@@ -861,6 +971,38 @@ inline std::vector<at::Tensor> AssembleBlocks(const at::Tensor& J, const at::Ten
                       blocks, b, accumulate);
   }
   return {blocks, b};
+}
+
+// The dense solver's assembly of one term group (AssembleDenseRowBody): adds the group's upper
+// blocks to A (B, 6N, 6N) (zero there, or holding the earlier groups' sums) and writes (or, with
+// accumulate, adds to) b (B, 6N); with finish (the last group), mirrors the upper triangle
+// into the lower one (MirrorDenseRowBody). slot_order / slot_start: the group's used slots
+// (m * S + s) by node, ids ascending, as BuildBlockPattern's. Returns A.
+inline at::Tensor AssembleDense(const at::Tensor& J, const at::Tensor& r, const at::Tensor& nodes,
+                                const at::Tensor& slot_order, const at::Tensor& slot_start,
+                                at::Tensor A, at::Tensor b, bool accumulate, bool finish) {
+  CheckAssemblyInputs(J, r, nodes, 1, 1);
+  TORCH_CHECK(nodes.size(1) <= kMaxSlots, "at most ", kMaxSlots, " slots per term, found ", nodes.size(1));
+  TORCH_CHECK(A.dim() == 3 && A.size(1) == A.size(2) && A.size(1) % 6 == 0 && A.is_contiguous() &&
+                  A.scalar_type() == J.scalar_type(),
+              "A must be contiguous (B, 6N, 6N) of J's dtype, found ", A.sizes());
+  TORCH_CHECK(b.dim() == 2 && b.size(0) == A.size(0) && b.size(1) == A.size(1) && b.is_contiguous() &&
+                  b.scalar_type() == J.scalar_type(),
+              "b must be contiguous (B, 6N) of J's dtype, found ", b.sizes(), " for A ", A.sizes());
+  TORCH_CHECK(slot_start.numel() == A.size(0) * (A.size(1) / 6) + 1, "slot_start must have B N + 1 = ",
+              A.size(0) * (A.size(1) / 6) + 1, " entries, found ", slot_start.numel());
+  if (J.is_cuda()) {
+#ifdef WITH_CUDA
+    AssembleDenseCuda(J.contiguous(), r.contiguous(), nodes.contiguous(), slot_order.contiguous(),
+                      slot_start.contiguous(), A, b, accumulate, finish);
+#else
+    NNRT_NO_CUDA("assemble_dense");
+#endif
+  } else {
+    AssembleDenseCpu(J.contiguous(), r.contiguous(), nodes.contiguous(), slot_order.contiguous(),
+                     slot_start.contiguous(), A, b, accumulate, finish);
+  }
+  return A;
 }
 
 // Backward of AssembleBlocks: (grad_J, grad_r) from grad_blocks (P, 6, 6) and grad_b (T, 6).

@@ -23,7 +23,7 @@ from typing import List, Optional
 import torch
 
 from model.solver.linear_solvers import StepSetup, gauss_newton_step, memory_estimate_gb
-from model.solver.normal_equations import build_block_pattern
+from model.solver.normal_equations import build_block_pattern, build_slot_lists
 from model.solver.problem import SolveStatus, SolverProblem, SolverResult
 from model.solver.terms import edge_terms, icp_terms, match_terms, robust_icp_weights
 from model.warp import so3_exp
@@ -43,6 +43,8 @@ def _subsample(sample: torch.Tensor, B: int, max_matches: int,
             index = index[perm.to(index.device)].sort().values
         keep.append(index)
     # Increasing, as the input order: _prepare relies on it (a full index is the identity).
+    if len(keep) == 1:
+        return keep[0]
     return torch.cat(keep).sort().values if keep else sample.new_zeros(0)
 
 
@@ -97,7 +99,7 @@ def _select_icp(p: SolverProblem, options: SolverOptions, node_active: torch.Ten
     ok = (torch.isfinite(p.icp_source_points).all(dim=1) & torch.isfinite(p.icp_target_points).all(dim=1)
           & torch.isfinite(p.icp_target_normals).all(dim=1) & torch.isfinite(p.icp_weights)
           & (p.icp_source_points[:, 2] > 0) & (p.icp_source_points[:, 2] <= options.max_depth))
-    ok &= ((p.icp_anchors >= 0) & (p.icp_anchors < p.num_nodes[p.icp_sample][:, None])).all(dim=1)
+    ok &= ((p.icp_anchors >= 0) & (p.icp_anchors < p.num_nodes.index_select(0, p.icp_sample)[:, None])).all(dim=1)
     flat = p.icp_sample[:, None] * N + p.icp_anchors.clamp(min=0)
     ok &= node_active.reshape(-1)[flat].all(dim=1)
     return torch.nonzero(ok).squeeze(1)
@@ -121,7 +123,7 @@ def _select_matches(p: SolverProblem, options: SolverOptions, generator):
           & torch.isfinite(p.target_depth) & torch.isfinite(p.weights)
           & (p.source_points[:, 2] > 0) & (p.source_points[:, 2] <= options.max_depth)
           & (p.target_depth > 0) & (p.target_depth <= options.max_depth))
-    anchor_ok = (p.anchors >= 0) & (p.anchors < p.num_nodes[p.match_sample][:, None])
+    anchor_ok = (p.anchors >= 0) & (p.anchors < p.num_nodes.index_select(0, p.match_sample)[:, None])
     ok &= anchor_ok.all(dim=1)
     index = torch.nonzero(ok).squeeze(1)
     return index[_subsample(p.match_sample[index], B, options.max_matches, generator)]
@@ -149,6 +151,7 @@ def _active_nodes(p: SolverProblem, options: SolverOptions, node_exists, flat_an
 
 
 def _prepare(p: SolverProblem, options: SolverOptions, generator) -> _Prepared:
+    # (1-D gathers by sample use index_select: a third of advanced indexing's cost at 10k.)
     B, N = p.nodes.shape[:2]
     device, dtype = p.nodes.device, p.nodes.dtype
     node_exists = torch.arange(N, device=device)[None, :] < p.num_nodes[:, None]
@@ -223,7 +226,7 @@ def _prepare(p: SolverProblem, options: SolverOptions, generator) -> _Prepared:
         anchor_weights=anchor_weights, weights=take(p.weights),
         source_points=take(p.source_points),
         target_pixels=take(p.target_pixels), target_depth=take(p.target_depth),
-        intrinsics=p.intrinsics[sample], sources=sources, targets=targets, edge_w=edge_w,
+        intrinsics=p.intrinsics.index_select(0, sample), sources=sources, targets=targets, edge_w=edge_w,
         edge_sample=sources // N, edge_nodes=torch.stack((sources, targets), dim=1),
         nodes_flat=p.nodes.reshape(B * N, 3), diagonal=diagonal, linear_solver=linear_solver,
         icp=None if icp_index is None else _icp_terms(p, icp_index, running))
@@ -278,7 +281,11 @@ def solve(problem: SolverProblem, options: SolverOptions = SolverOptions(),
     B, N = prep.B, prep.N
     device, dtype = problem.nodes.device, problem.nodes.dtype
     groups = [prep.flat_anchors, prep.edge_nodes] + ([prep.icp.flat_anchors] if prep.icp is not None else [])
-    setup = StepSetup(build_block_pattern(groups, B, N),
+    # The block pattern only where the sparse solve needs it; the dense assembly needs the
+    # slot lists alone (sorting every slot pair of 10k matches costs more than a step).
+    layout = (build_block_pattern(groups, B, N) if prep.linear_solver == "sparse"
+              else build_slot_lists(groups, B, N))
+    setup = StepSetup(layout,
                       linear_solver=prep.linear_solver, cg_max_iterations=options.cg_max_iterations,
                       cg_tolerance=options.cg_tolerance)
     rotations = torch.eye(3, dtype=dtype, device=device).repeat(B * N, 1, 1)
@@ -318,7 +325,8 @@ def solve(problem: SolverProblem, options: SolverOptions = SolverOptions(),
             small = updating & (step < options.convergence_tolerance)
             converged |= small
             updating = updating & ~small
-    _, data, arap = _linearise(prep, rotations, translations, options, options.iterations)
+    with torch.no_grad():  # the energies of the result only: nothing to differentiate
+        _, data, arap = _linearise(prep, rotations, translations, options, options.iterations)
     energy_rows.append((data, arap, torch.ones((), dtype=torch.bool, device=device)))
     return _result(prep, options, rotations, translations, running, step_failed, cg_failed,
                    cg_residual, converged, iterations, energy_rows, cg_rows, setup.linear_solver)

@@ -11,14 +11,14 @@ solver (the Cholesky factor, or CG with the same blocks and preconditioner), and
 gradients are formed from u and x directly (csrc StepTermBackward), never a dense grad_A.
 """
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 import warnings
 
 import torch
 
 from model.ext import C
-from model.solver.normal_equations import (BlockPattern, assemble_blocks, block_matvec,
-                                           blocks_to_dense, build_block_pattern)
+from model.solver.normal_equations import (BlockPattern, SlotLists, assemble_blocks,
+                                           assemble_dense, block_matvec, build_slot_lists)
 
 
 def _triangular_solve(L: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -163,10 +163,12 @@ def pcg(blocks: torch.Tensor, pattern: BlockPattern, preconditioner: torch.Tenso
 
 @dataclass
 class StepSetup:
-    """What a step needs besides its tensors: the pattern (built once per problem), the solver,
-    the CG budget and warm start; CG statistics of the forward come back in `cg_*`."""
+    """What a step needs besides its tensors: the layout of the terms (built once per problem:
+    the block pattern for the sparse solver; for the dense one the slot lists suffice, and a
+    pattern serves too), the solver, the CG budget and warm start; CG statistics of the
+    forward come back in `cg_*`."""
 
-    pattern: BlockPattern
+    pattern: Union[BlockPattern, SlotLists]
     linear_solver: str = "dense"           # dense | sparse
     cg_max_iterations: int = 1000
     cg_tolerance: float = 1e-6
@@ -194,13 +196,15 @@ class _GaussNewtonStep(torch.autograd.Function):
         pattern = setup.pattern
         B, N = pattern.num_samples, pattern.num_nodes
         triples = list(zip(groups[0::3], groups[1::3], groups[2::3]))
-        blocks, b = assemble_blocks(pattern, triples)
-        blocks[pattern.diagonal] += torch.diag_embed(diagonal.reshape(B * N, 6).to(blocks.dtype))
         ctx.setup = setup
         if setup.linear_solver == "dense":
-            x, failed, L = _factor_and_solve(blocks_to_dense(pattern, blocks), -b.reshape(B, 6 * N))
+            A, b = assemble_dense(pattern, triples)  # straight into the matrix: no block list
+            A.diagonal(dim1=1, dim2=2).add_(diagonal.to(A.dtype))
+            x, failed, L = _factor_and_solve(A, -b)
             ctx.save_for_backward(x, failed, L, *groups)
         else:
+            blocks, b = assemble_blocks(pattern, triples)
+            blocks[pattern.diagonal] += torch.diag_embed(diagonal.reshape(B * N, 6).to(blocks.dtype))
             M_inv = block_jacobi(blocks, pattern)
             cg = pcg(blocks, pattern, M_inv, -b.reshape(B, 6 * N), setup.warm_start,
                      setup.cg_max_iterations, setup.cg_tolerance)
@@ -246,12 +250,16 @@ def gauss_newton_step(diagonal: torch.Tensor, num_samples: int, num_nodes: int, 
     """x (B, 6N) = -(sum_g J_g^T J_g + diag(diagonal))^-1 sum_g J_g^T r_g and failed (B,) bool.
 
     diagonal (B, 6N); groups: (J, r, nodes) triples as for assemble_normal_equations. `setup`
-    chooses the linear solver and carries the pattern (built here, dense, when not given).
+    chooses the linear solver and carries the layout (slot lists built here, dense, when not
+    given).
     """
     if len(groups) % 3 or not groups:
         raise ValueError("groups must be (J, r, nodes) triples")
     if setup is None:
-        setup = StepSetup(build_block_pattern(list(groups[2::3]), num_samples, num_nodes))
+        setup = StepSetup(build_slot_lists(list(groups[2::3]), num_samples, num_nodes))
+    if setup.linear_solver == "sparse" and not isinstance(setup.pattern, BlockPattern):
+        raise ValueError("the sparse linear solve needs the block pattern (build_block_pattern), "
+                         "not slot lists")
     if (setup.pattern.num_samples, setup.pattern.num_nodes) != (int(num_samples), int(num_nodes)):
         raise ValueError(f"the pattern is for {setup.pattern.num_samples} samples of "
                          f"{setup.pattern.num_nodes} nodes, not {num_samples} of {num_nodes}")

@@ -57,6 +57,40 @@ def build_block_pattern(nodes_list: Sequence[torch.Tensor], num_samples: int, nu
                         slot_start=groups[4::5])
 
 
+@dataclass
+class SlotLists:
+    """The used slots of each term group by node, for T = B * N flat nodes: all the dense
+    assembly needs (a BlockPattern carries the same lists). slot_order[g]: the slots m * S + s
+    of group g with a node, by node, ids ascending; slot_start[g] (T + 1,) their ranges."""
+
+    num_samples: int
+    num_nodes: int
+    slot_order: List[torch.Tensor]
+    slot_start: List[torch.Tensor]
+
+
+def build_slot_lists(nodes_list: Sequence[torch.Tensor], num_samples: int, num_nodes: int) -> SlotLists:
+    """SlotLists of term groups (each nodes (M_g, S_g) int64 as above), checked as
+    build_block_pattern checks them (a one-line RuntimeError for a node outside the batch or a
+    term over two samples): the dense solver's setup, without the block pattern's sorting."""
+    out = C.build_slot_lists(list(nodes_list), int(num_samples), int(num_nodes))
+    return SlotLists(int(num_samples), int(num_nodes), out[0::2], out[1::2])
+
+
+def assemble_dense(layout, groups: Sequence[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
+    """A (B, 6N, 6N), both triangles, and b (B, 6N) summed over the (J, r, nodes) groups,
+    without autograd and without a block pattern (csrc AssembleDenseRowBody: row by row
+    straight into the dense matrix). layout: SlotLists or a BlockPattern of the groups."""
+    J0 = groups[0][0]
+    B, N = layout.num_samples, layout.num_nodes
+    A = torch.zeros((B, 6 * N, 6 * N), dtype=J0.dtype, device=J0.device)
+    b = torch.empty((B, 6 * N), dtype=J0.dtype, device=J0.device)
+    for g, (J, r, nodes) in enumerate(groups):
+        C.assemble_dense(J.detach(), r.detach(), nodes, layout.slot_order[g], layout.slot_start[g], A, b,
+                         g > 0, g == len(groups) - 1)
+    return A, b
+
+
 def assemble_blocks(pattern: BlockPattern, groups: Sequence[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
     """blocks (P, 6, 6) and b (T, 6) summed over the (J, r, nodes) groups, without autograd."""
     J0 = groups[0][0]
