@@ -155,6 +155,12 @@ class TrackerOptions:
                                    "per pixel and weighted by a small learned head that sees both "
                                    "(model/hybrid.py); stored in checkpoints",
                             choices=("pwc", "hybrid"))
+    hybrid_passes: int = opt(1, "hybrid front-end: 2 = a second pass after the first solve: "
+                                "the target frame is resampled by the first solve's motion "
+                                "(projected into the target view), DIS and PWC-Net run again on "
+                                "the small remaining motion, the head blends and weights those "
+                                "flows, composed with the first, and the solver runs again; "
+                                "stored in checkpoints (1 = one pass)", ge=1, le=2)
     use_mask: bool = opt(True, "network front-end: weight correspondences by the weighting head "
                                "(otherwise every weight is 1)")
     network_input: str = opt("crop", "frames whose sides are not multiples of 64: centre-crop "

@@ -6,6 +6,10 @@
 # 2. stage 4_hybrid from checkpoints/nnrt_synthetic.pt (its PWC-Net, frozen): only the hybrid
 #    head trains, through the solver (Cauchy reweighting, as it runs), DIS at the fine preset;
 # 3. the weights-only release WORKSPACE/nnrt_hybrid.pt and the curve WORKSPACE/hybrid_4_hybrid/curve.png.
+# With TWO_PASS=1, then also the head fine-tuned through the two-pass hybrid (--hybrid-passes 2:
+# a second DIS + PWC-Net pass on the target resampled by the first solve, a second solve, both
+# solves scored), from the release above: WORKSPACE/nnrt_hybrid_2pass.pt and its curve
+# WORKSPACE/hybrid2_4_hybrid/curve.png (not the shipped default: see BENCHMARKS.md).
 # Interrupted (Ctrl-C), the same command resumes: finished pairs are kept, training --resume's.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -26,3 +30,13 @@ data=data/hyb320
   --history checkpoints/nnrt_synthetic.pt
 "$PY" -m utils.curves "$workspace/hybrid_4_hybrid" --out "$workspace/hybrid_4_hybrid/curve.png" \
   --title "stage 4_hybrid: validation EPE 3D (20 pairs of $data val)"
+[ "${TWO_PASS:-0}" = 1 ] || exit 0
+"$PY" train.py --stage 4_hybrid --init "$workspace/nnrt_hybrid.pt" --hybrid-passes 2 --dataset-dir "$data" \
+  --train-split train --val-split val --workspace "$workspace" --experiment hybrid2_4_hybrid \
+  --batch-size 2 --optimizer adam --learning-rate 2e-4 --lr-step 150 --lr-gamma 0.5 \
+  --max-iterations 400 --val-every 50 --val-pairs 20 --num-workers 0 --threads 1 \
+  --robust-loss cauchy --dis-preset fine --grad-clip 10 --checkpoint-every 25 --resume "$@"
+"$PY" -m utils.checkpoints "$workspace/hybrid2_4_hybrid/checkpoints/best.pt" "$workspace/nnrt_hybrid_2pass.pt" \
+  --history "$workspace/nnrt_hybrid.pt"
+"$PY" -m utils.curves "$workspace/hybrid2_4_hybrid" --out "$workspace/hybrid2_4_hybrid/curve.png" \
+  --title "stage 4_hybrid, two passes: validation EPE 3D (20 pairs of $data val)"

@@ -6,7 +6,8 @@
 Correspondence front-ends (TrackerOptions.flow):
   * network: the PWC-Net flow backbone and the weighting head (MaskNet), end to end trainable;
     or, with network_flow "hybrid", DIS and PWC-Net flows blended per pixel and weighted by a
-    small learned head (model/hybrid.py);
+    small learned head (model/hybrid.py), optionally twice (hybrid_passes 2: a second pass on
+    the target resampled by the first solve's motion, then a second solve);
   * dis: OpenCV's DIS optical flow with uniform or photometric weights and a forward-backward
     consistency check; needs no checkpoint;
   * gt: the ground-truth optical flow of the batch (oracle studies).
@@ -21,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.correspondences import bilinear_sample, build_matches, pixel_grid
+from model.correspondences import bilinear_sample, build_matches, pixel_grid, sample_target_depth
 from model.dis_flow import dis_flow, dis_forward_backward
 from model.hybrid import HybridHead, blend, hybrid_features
 from model.masknet import MaskNet
@@ -82,8 +83,13 @@ class Tracker(nn.Module):
         return out
 
     def _hybrid_flow(self, batch: Dict) -> Dict:
-        """DIS and PWC-Net flows, both directions, blended and weighted by the hybrid head."""
-        source, target = batch["source_color"], batch["target_color"]
+        return self._hybrid_pass(batch, batch["target_color"], batch["target_points"][:, 2])
+
+    def _hybrid_pass(self, batch: Dict, target: torch.Tensor, target_depth: torch.Tensor) -> Dict:
+        """DIS and PWC-Net flows, both directions, blended and weighted by the hybrid head.
+        target (B, 3, H, W) and target_depth (B, H, W): the batch's target frame, or (second
+        pass) that frame resampled by the first pass's flow."""
+        source = batch["source_color"]
         frame = self.network_frame(batch)
         train_flow = any(p.requires_grad for p in self.flow_net.parameters()) and torch.is_grad_enabled()
         with torch.set_grad_enabled(train_flow):
@@ -103,11 +109,37 @@ class Tracker(nn.Module):
         pwc_backward = torch.where(torch.isfinite(pwc_backward), pwc_backward, dis_backward)
         anchored = (batch["pixel_anchors"] >= 0).all(dim=-1)
         features, prior_a, prior_w = hybrid_features(
-            source, target, batch["source_points"][:, 2], batch["target_points"][:, 2],
+            source, target, batch["source_points"][:, 2], target_depth,
             dis_forward, dis_backward, pwc_forward.detach(), pwc_backward, anchored)
         flow, weights, a = blend(self.hybrid_head, features, prior_a, prior_w, dis_forward, pwc_forward)
         return {"flow": flow, "flow_pyramid": pyramid, "network_frame": frame, "weights": weights,
                 "blend": a}
+
+    def _hybrid_second_pass(self, batch: Dict, first: Dict) -> Dict:
+        """The hybrid front-end again, on what the first solve left: the target frame resampled
+        at the first pass's flow (the solved motion projected into the target view, see
+        solved_flow) looks like the source up to a small residual motion, which DIS and PWC-Net
+        find far better than the full one; the head blends and weights those residual flows and
+        the residual is composed with the first flow: flow(u) = r(u) + first(u + r(u)).
+        No gradient reaches the first pass through this (its flow is an input here)."""
+        source = batch["source_color"]
+        B, _, H, W = source.shape
+        grid = pixel_grid(H, W, source.device, source.dtype)[None]
+        with torch.no_grad():
+            prior = solved_flow(batch, first)
+            pixels = grid + prior.permute(0, 2, 3, 1)
+            target = bilinear_sample(batch["target_color"], pixels)
+            depth, depth_ok = sample_target_depth(batch["target_points"][:, 2], pixels,
+                                                  self.solver_options.max_depth, self.options.max_depth_jump)
+            depth = torch.where(depth_ok, depth, torch.zeros_like(depth))
+        out = self._hybrid_pass(batch, target, depth)
+        residual = out["flow"]
+        at = grid + residual.permute(0, 2, 3, 1)
+        flow = residual + bilinear_sample(prior, at)
+        inside = (at[..., 0] >= 0) & (at[..., 0] <= W - 1) & (at[..., 1] >= 0) & (at[..., 1] <= H - 1)
+        out.update(flow=torch.where(inside[:, None], flow, torch.full_like(flow, float("nan"))),
+                   residual_flow=residual, prior_flow=prior)
+        return out
 
     def _dis_flow(self, batch: Dict) -> Dict:
         flows, weights = [], []
@@ -138,9 +170,24 @@ class Tracker(nn.Module):
           and with run_solver: solver (SolverResult), rotations (B, N, 3, 3), translations
           (B, N, 3), warp_mask (B, H, W) pixels with 4 anchors and valid depth,
           warped_points (B, H, W, 3) and scene_flow (B, 3, H, W), NaN outside warp_mask.
+        With the hybrid front-end's second pass (hybrid_passes 2, run_solver): all of these are
+        the second pass's (flow composed with the first pass's, see _hybrid_second_pass), with
+        residual_flow and prior_flow (B, 2, H, W) and first_pass, the first pass's own dict.
         """
         front = {"network": self._network_flow, "dis": self._dis_flow, "gt": self._gt_flow}
-        out = front[self.options.flow](batch)
+        out = self._match(batch, front[self.options.flow](batch))
+        if not run_solver:
+            return out
+        out = self._solve(batch, out, generator)
+        if self.options.flow == "network" and self.options.network_flow == "hybrid" \
+                and self.options.hybrid_passes == 2:
+            first = out
+            out = self._solve(batch, self._match(batch, self._hybrid_second_pass(batch, first)), generator)
+            out["first_pass"] = first
+        return out
+
+    def _match(self, batch: Dict, out: Dict) -> Dict:
+        """Adds the matches of a front-end's flow and weights to its output."""
         flow = out["flow"]
         flow_valid = torch.isfinite(flow).all(dim=1)
         weights = out["weights"]
@@ -154,10 +201,11 @@ class Tracker(nn.Module):
                                 flow_valid, self.options.max_depth_jump)
         out["matches"] = matches
         out["match_mask"] = matches.valid_mask
-        if not run_solver:
-            return out
+        return out
 
-        problem = SolverProblem.from_matches(matches, batch["nodes"], batch["num_nodes"],
+    def _solve(self, batch: Dict, out: Dict, generator: Optional[torch.Generator]) -> Dict:
+        """Adds the solve of out's matches and its dense warp to out."""
+        problem = SolverProblem.from_matches(out["matches"], batch["nodes"], batch["num_nodes"],
                                              batch["edges"], batch["edges_weights"],
                                              batch["clusters"], batch["intrinsics"])
         result = solve(problem, self.solver_options, generator)
@@ -194,3 +242,25 @@ def dense_warp(batch: Dict, rotations: torch.Tensor, translations: torch.Tensor,
     dense = dense.index_put((sample, ys, xs), warped)
     return {"warp_mask": mask, "warped_points": dense,
             "scene_flow": (dense - points).permute(0, 3, 1, 2)}
+
+
+def solved_flow(batch: Dict, out: Dict) -> torch.Tensor:
+    """The optical flow (B, 2, H, W) a solve implies: every warped source pixel whose 4 anchors
+    were solved (in a sample whose solve did not fail), projected into the target camera; the
+    front-end's own flow (out["flow"], NaN read as 0) everywhere else. out: a solved tracker
+    output (warped_points, warp_mask, solver)."""
+    flow = torch.nan_to_num(out["flow"].detach(), nan=0.0)
+    B, _, H, W = flow.shape
+    result = out["solver"]
+    anchors = batch["pixel_anchors"].long()
+    node_ok = torch.gather(result.node_valid.detach(), 1, anchors.clamp(min=0).reshape(B, -1)).reshape(anchors.shape)
+    points = out["warped_points"].detach()
+    z = points[..., 2]
+    use = (out["warp_mask"] & node_ok.all(dim=-1) & result.valid.detach()[:, None, None]
+           & torch.isfinite(points).all(dim=-1) & (z > 1e-6))
+    fx, fy, cx, cy = [batch["intrinsics"][:, i, None, None].to(flow) for i in range(4)]
+    safe_z = torch.where(use, z, torch.ones_like(z))
+    grid = pixel_grid(H, W, flow.device, flow.dtype)
+    projected = torch.stack((fx * points[..., 0] / safe_z + cx - grid[..., 0],
+                             fy * points[..., 1] / safe_z + cy - grid[..., 1]), dim=1)
+    return torch.where(use[:, None], torch.nan_to_num(projected), flow)

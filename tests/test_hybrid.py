@@ -1,9 +1,11 @@
 """The hybrid front-end (DIS + PWC-Net blended and weighted by a learned head): features and
 priors, gradients, checkpoints, the photo textures of its training data, and a tiny training run
 of stage 4_hybrid that resumes."""
+import dataclasses
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,7 +15,8 @@ from dataset.deepdeform import DeepDeformDataset, collate
 from dataset.synthetic import generate
 from dataset.synthetic.textures import object_texture, photo_texture, procedural_texture
 from model.hybrid import FEATURE_CHANNELS, HybridHead, blend, hybrid_features
-from model.tracker import Tracker
+from model.correspondences import pixel_grid
+from model.tracker import Tracker, solved_flow
 from options import SolverOptions, SyntheticOptions, TrackerOptions
 from tests.conftest import REPO, small_synthetic_split
 from utils.checkpoints import load_tracker, save_checkpoint
@@ -121,6 +124,78 @@ def test_tracker_trains_the_head_through_the_solver(split, tmp_path):
     assert all(float(p.abs().sum()) == 0 for p in rule.hybrid_head.layers[-1].parameters())
 
 
+def test_solved_flow_projects_the_solve():
+    """Where every anchor of a pixel was solved, the flow is the warped point's projection minus
+    the pixel; elsewhere (an unsolved anchor, no anchor, a failed sample) the front-end's flow."""
+    B, H, W = 2, 6, 8
+    fx, fy, cx, cy = 50.0, 60.0, 4.0, 3.0
+    grid = pixel_grid(H, W)
+    z = torch.full((B, H, W), 2.0)
+    points = torch.stack(((grid[..., 0] - cx) * z / fx, (grid[..., 1] - cy) * z / fy, z), dim=-1)
+    warped = points + torch.tensor([0.04, -0.02, 0.5])          # moved and pushed back
+    anchors = torch.zeros(B, H, W, 4, dtype=torch.int32)
+    anchors[:, 0, :, 1] = 2                                       # row 0 hangs on node 2 too
+    anchors[:, 1, :] = -1                                         # row 1 has no anchors
+    front = torch.full((B, 2, H, W), 7.0)
+    front[:, :, 2, 0] = float("nan")
+    solver = SimpleNamespace(node_valid=torch.tensor([[True, True, False], [True, True, True]]),
+                             valid=torch.tensor([True, False]))
+    out = {"flow": front, "solver": solver, "warped_points": warped,
+           "warp_mask": (anchors >= 0).all(dim=-1)}
+    batch = {"pixel_anchors": anchors, "intrinsics": torch.tensor([[fx, fy, cx, cy]] * B)}
+    flow = solved_flow(batch, out)
+    assert flow.shape == (B, 2, H, W) and torch.isfinite(flow).all()
+    expected_u = fx * warped[0, ..., 0] / warped[0, ..., 2] + cx - grid[..., 0]
+    expected_v = fy * warped[0, ..., 1] / warped[0, ..., 2] + cy - grid[..., 1]
+    assert torch.allclose(flow[0, 0, 2:], expected_u[2:], atol=1e-5)
+    assert torch.allclose(flow[0, 1, 2:], expected_v[2:], atol=1e-5)
+    assert (flow[0, :, :2] == 7).all()                            # node 2 unsolved; no anchors
+    front_read = torch.nan_to_num(front[1], nan=0.0)
+    assert torch.equal(flow[1], front_read)                       # the failed sample
+
+
+def test_second_pass_is_left_a_small_motion(split):
+    """The two-pass hybrid: the target resampled by the first solve leaves a residual flow much
+    smaller than the motion; the composed flow is what the second solve used; the head gets a
+    gradient from the second solve; the option travels with the checkpoint, and a checkpoint
+    from before it (no such key) runs one pass."""
+    options = TrackerOptions(flow="network", network_flow="hybrid", use_mask=False,
+                             network_width=160, network_input="pad", hybrid_passes=2)
+    tracker = Tracker(options, SolverOptions(robust_loss="cauchy", max_matches=4000))
+    for p in tracker.flow_net.parameters():
+        p.requires_grad_(False)
+    torch.nn.init.normal_(tracker.hybrid_head.layers[-1].weight, std=0.01)
+    batch = collate([DeepDeformDataset(split, "test")[1]])
+    out = tracker(batch)
+    first = out["first_pass"]
+    assert first["solver"].valid.all() and out["solver"].valid.all()
+    for key in ("flow", "residual_flow", "prior_flow"):
+        assert out[key].shape == (1, 2, 240, 320)
+    on = out["match_mask"][0]
+    motion = torch.linalg.vector_norm(out["prior_flow"][0], dim=0)[on].mean()
+    residual = torch.linalg.vector_norm(out["residual_flow"][0], dim=0)[on].mean()
+    assert motion > 2 and residual < 0.5 * motion, (float(motion), float(residual))
+    gt = batch["optical_flow"][0]
+    error = [torch.linalg.vector_norm(f[0] - gt, dim=0)[on].nanmean() for f in (first["flow"], out["flow"])]
+    assert error[1] < error[0] + 0.5, error
+    (out["translations"] ** 2).sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in tracker.hybrid_head.parameters())
+    assert sum(float(p.grad.abs().sum()) for p in tracker.hybrid_head.parameters()) > 0
+
+
+def test_hybrid_passes_travel_with_checkpoints(tmp_path):
+    path = str(tmp_path / "two.pt")
+    options = TrackerOptions(flow="network", network_flow="hybrid", use_mask=False, network_width=128,
+                             network_input="pad", hybrid_passes=2)
+    save_checkpoint(path, Tracker(options))
+    assert load_tracker(path).options.hybrid_passes == 2
+    assert load_tracker(path, dataclasses.replace(options, hybrid_passes=1)).options.hybrid_passes == 1
+    state = torch.load(path, weights_only=True)
+    del state["tracker_options"]["hybrid_passes"]                # a checkpoint of before the option
+    torch.save(state, path)
+    assert load_tracker(path).options.hybrid_passes == 1
+
+
 def test_photo_textures():
     # procedural draws what it always did: earlier data stays byte-identical.
     a = object_texture(np.random.default_rng(3), 32, 48, 1.0, "procedural")
@@ -139,7 +214,8 @@ def test_photo_textures():
         assert texture.min() >= 0 and texture.max() <= 255 and texture.std() > 1
 
 
-def test_stage_4_hybrid_trains_and_resumes(tmp_path):
+@pytest.mark.parametrize("passes", [1, 2])
+def test_stage_4_hybrid_trains_and_resumes(tmp_path, passes):
 
     root = str(tmp_path / "data")
     generate(root, "train", 2, 31, SyntheticOptions(width=160, height=120), progress=False)
@@ -148,13 +224,14 @@ def test_stage_4_hybrid_trains_and_resumes(tmp_path):
     common = [sys.executable, os.path.join(REPO, "train.py"), "--stage", "4_hybrid", "--dataset-dir", root,
               "--workspace", ws, "--experiment", "h", "--network-width", "128", "--network-input", "pad",
               "--batch-size", "2", "--num-workers", "0", "--val-pairs", "1", "--threads", "1",
-              "--optimizer", "adam", "--learning-rate", "1e-3"]
+              "--optimizer", "adam", "--learning-rate", "1e-3", "--hybrid-passes", str(passes)]
     result = subprocess.run(common + ["--max-iterations", "2", "--val-every", "2"], capture_output=True,
                             text=True, cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     last = os.path.join(ws, "h", "checkpoints", "last.pt")
     state = torch.load(last, weights_only=True)
     assert state["iteration"] == 2 and state["tracker_options"]["network_flow"] == "hybrid"
+    assert state["tracker_options"]["hybrid_passes"] == passes
     head = {k: v for k, v in state["model"].items() if k.startswith("hybrid_head.")}
     assert head and float(head["hybrid_head.layers.6.weight"].abs().sum()) > 0   # it learned
     frozen = Tracker(TrackerOptions(flow="network", network_width=128, network_input="pad")).flow_net

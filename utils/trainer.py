@@ -283,18 +283,25 @@ class Trainer:
                                         o.flow_loss_type)
             terms.append((o.flow_loss_weight, value))
             values["flow"] = value
-        if "solver" in out:
-            result = out["solver"]
+        # The hybrid front-end's two passes (hybrid_passes 2): each solve is scored, with half
+        # the weight, so that the shared head keeps serving the first pass (whose solve the
+        # second starts from) as well as the second; the logged values are the final pass's.
+        passes = [out] + ([out["first_pass"]] if "first_pass" in out else [])
+        share = 1.0 / len(passes)
+        for index, one in enumerate(passes if "solver" in out else []):
+            result = one["solver"]
             valid = result.valid
             if o.use_graph_loss:
-                value, _ = losses.graph_loss(out["translations"], batch["node_deformations"], result.node_valid, valid)
-                terms.append((o.graph_loss_weight, value))
-                values["graph"] = value
+                value, _ = losses.graph_loss(one["translations"], batch["node_deformations"], result.node_valid, valid)
+                terms.append((share * o.graph_loss_weight, value))
+                if index == 0:
+                    values["graph"] = value
             if o.use_warp_loss:
-                value, _ = losses.warp_loss(out["warped_points"], batch["source_points"], batch["scene_flow"],
-                                            out["warp_mask"], valid)
-                terms.append((o.warp_loss_weight, value))
-                values["warp"] = value
+                value, _ = losses.warp_loss(one["warped_points"], batch["source_points"], batch["scene_flow"],
+                                            one["warp_mask"], valid)
+                terms.append((share * o.warp_loss_weight, value))
+                if index == 0:
+                    values["warp"] = value
         if o.use_mask_loss and out["weights"] is not None:
             labels, labelled = self._mask_labels(batch, out)
             value, _ = losses.mask_loss(out["weights"], labels, labelled)

@@ -104,6 +104,34 @@ at::Tensor BlocksToDenseCpu(const at::Tensor& blocks, const at::Tensor& block_ro
   return A;
 }
 
+namespace {
+
+// at::parallel_for hands each thread an equal count of items; the rows of the dense assembly
+// differ in cost (a node's slot count; the mirror's row length), so they are split into
+// `parts` runs of consecutive rows of about equal cost instead: bounds (parts + 1), where
+// cost_before(n) is the (non-decreasing) cost of rows [0, n). Each row still has one owner.
+template <typename F>
+std::vector<int64_t> BalancedRows(int64_t T, int64_t parts, F cost_before) {
+  std::vector<int64_t> bounds(parts + 1, T);
+  bounds[0] = 0;
+  const double total = static_cast<double>(cost_before(T));
+  for (int64_t k = 1, n = 0; k < parts; ++k) {
+    while (n < T && cost_before(n) < total * k / parts) ++n;
+    bounds[k] = n;
+  }
+  return bounds;
+}
+
+template <typename Body>
+void ForBalancedRows(const std::vector<int64_t>& bounds, Body body) {
+  at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k)
+      for (int64_t n = bounds[k]; n < bounds[k + 1]; ++n) body(n);
+  });
+}
+
+}  // namespace
+
 void AssembleDenseCpu(const at::Tensor& J, const at::Tensor& r, const at::Tensor& nodes,
                       const at::Tensor& slot_order, const at::Tensor& slot_start, at::Tensor A,
                       at::Tensor b, bool accumulate, bool finish) {
@@ -117,11 +145,13 @@ void AssembleDenseCpu(const at::Tensor& J, const at::Tensor& r, const at::Tensor
     const scalar_t* rp = r.data_ptr<scalar_t>();
     scalar_t* Ap = A.data_ptr<scalar_t>();
     scalar_t* bp = b.data_ptr<scalar_t>();
+    const int64_t parts = 4 * static_cast<int64_t>(at::get_num_threads());
+    // A row's cost: its slots (each adds up to S products).
+    const std::vector<int64_t> rows_by_slots = BalancedRows(T, parts, [&](int64_t n) { return ss[n]; });
     auto run = [&](auto rows, auto slots) {
       constexpr int kR = decltype(rows)::value, kS = decltype(slots)::value;
-      at::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
-        for (int64_t n = begin; n < end; ++n)
-          AssembleDenseRowBody<scalar_t, kR, kS>(n, Jp, rp, R, S, idx, so, ss, N, accumulate, Ap, bp);
+      ForBalancedRows(rows_by_slots, [&](int64_t n) {
+        AssembleDenseRowBody<scalar_t, kR, kS>(n, Jp, rp, R, S, idx, so, ss, N, accumulate, Ap, bp);
       });
     };
     // The solver's two shapes at compile time (see AssembleBlocksCpu).
@@ -134,10 +164,14 @@ void AssembleDenseCpu(const at::Tensor& J, const at::Tensor& r, const at::Tensor
     } else {
       run(Any{}, Any{});
     }
-    if (finish)
-      at::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
-        for (int64_t n = begin; n < end; ++n) MirrorDenseRowBody<scalar_t>(n, N, Ap);
-      });
+    if (finish) {
+      // Row n of a sample copies its n + 1 blocks: the cost of rows [0, n) grows as n^2.
+      const auto before = [&](int64_t n) {
+        const int64_t full = n / N, rest = n % N;
+        return full * N * (N + 1) / 2 + rest * (rest + 1) / 2;
+      };
+      ForBalancedRows(BalancedRows(T, parts, before), [&](int64_t n) { MirrorDenseRowBody<scalar_t>(n, N, Ap); });
+    }
   });
 }
 

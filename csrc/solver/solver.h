@@ -126,10 +126,12 @@ HOST_DEVICE inline void ApplyTermGradient(const scalar_t* J, const scalar_t* res
 // with u_m, x_m the entries of u and x at the term's 6S unknowns (0 for unused slots): 4 small
 // products per term instead of a 6S x 6S block, and no dense grad_A at all.
 // u, x: (B, 6N) flattened; nodes: flat sample * N + node indices as above.
-template <typename scalar_t>
+// kR, kS > 0 fix the row and slot counts at compile time (the CPU launcher's common shapes).
+template <typename scalar_t, int kR = 0, int kS = 0>
 HOST_DEVICE inline void StepTermBackward(const scalar_t* J, const scalar_t* res, const int64_t* nodes,
-                                         int R, int S, const scalar_t* u, const scalar_t* x,
+                                         int R_, int S_, const scalar_t* u, const scalar_t* x,
                                          scalar_t* grad_J, scalar_t* grad_r) {
+  const int R = kR > 0 ? kR : R_, S = kS > 0 ? kS : S_;
   const int cols = 6 * S;
   scalar_t um[6 * kMaxSlots], xm[6 * kMaxSlots];
   for (int a = 0; a < cols; ++a) {
@@ -540,6 +542,27 @@ HOST_DEVICE inline void AssembleRhsBody(int64_t n, const scalar_t* J, const scal
   for (int p = 0; p < 6; ++p) b[6 * n + p] = accumulate ? b[6 * n + p] + acc[p] : acc[p];
 }
 
+// out[p * ld + q] += (J_s^T J_t)[p][q], as AddJtJBlock; with the row count kR known at compile
+// time written out row by row of the output (a 6-vector sum of kR scaled rows of J_t), which
+// the compiler vectorises where AddJtJBlock's 36 scalar sums it does not.
+template <typename scalar_t, int kR>
+HOST_DEVICE inline void AddRowPairBlock(const scalar_t* Jm, int R, int S, int s, int t, scalar_t* out,
+                                        int64_t ld) {
+  if (kR == 0) {
+    AddJtJBlock<scalar_t, scalar_t>(Jm, R, S, s, t, out, ld);
+    return;
+  }
+  for (int p = 0; p < 6; ++p) {
+    scalar_t v[6] = {0, 0, 0, 0, 0, 0};
+    for (int row = 0; row < kR; ++row) {
+      const scalar_t a = Jm[row * 6 * S + 6 * s + p];
+      const scalar_t* jt = Jm + row * 6 * S + 6 * t;
+      for (int q = 0; q < 6; ++q) v[q] += a * jt[q];
+    }
+    for (int q = 0; q < 6; ++q) out[p * ld + q] += v[q];
+  }
+}
+
 // The dense solver's assembly (graphs up to --sparse-min-nodes), without the block pattern:
 // node n (flat, sample * N + local) owns rows 6 local .. 6 local + 5 of its sample's A (B, 6N, 6N)
 // and sums, over its used slots (term m, slot s; slot lists by node, ascending ids), J_s^T J_t
@@ -558,6 +581,8 @@ HOST_DEVICE inline void AssembleDenseRowBody(int64_t n, const scalar_t* J, const
   const int64_t sample = n / N, D = 6 * N;
   scalar_t* strip = A + sample * D * D + 6 * (n - sample * N) * D;  // row 6 local, column 0
   scalar_t rhs[6] = {0, 0, 0, 0, 0, 0};
+  scalar_t diagonal[36];  // the block (n, n), which every slot at n feeds: summed in registers
+  for (int e = 0; e < 36; ++e) diagonal[e] = 0;
   for (int64_t e = slot_start[n]; e < slot_start[n + 1]; ++e) {
     const int64_t id = slot_order[e], m = id / SS;
     const int s = static_cast<int>(id % SS);
@@ -565,25 +590,15 @@ HOST_DEVICE inline void AssembleDenseRowBody(int64_t n, const scalar_t* J, const
     AddJtrBlock<scalar_t, scalar_t>(Jm, r + m * RR, RR, SS, s, rhs);
     for (int t = 0; t < SS; ++t) {
       const int64_t nt = nodes[m * SS + t];
-      if (nt < n) continue;
-      scalar_t* out = strip + 6 * (nt - sample * N);
-      if (kR > 0) {
-        // Written out for the compiler: each output row p is a 6-vector sum of kR scaled rows
-        // of J_t, added to A in place (vectorises; the generic loop below does not).
-        for (int p = 0; p < 6; ++p) {
-          scalar_t v[6] = {0, 0, 0, 0, 0, 0};
-          for (int row = 0; row < kR; ++row) {
-            const scalar_t a = Jm[row * 6 * SS + 6 * s + p];
-            const scalar_t* jt = Jm + row * 6 * SS + 6 * t;
-            for (int q = 0; q < 6; ++q) v[q] += a * jt[q];
-          }
-          for (int q = 0; q < 6; ++q) out[p * D + q] += v[q];
-        }
-      } else {
-        AddJtJBlock<scalar_t, scalar_t>(Jm, RR, SS, s, t, out, D);
-      }
+      if (nt == n)
+        AddRowPairBlock<scalar_t, kR>(Jm, RR, SS, s, t, diagonal, 6);
+      else if (nt > n)
+        AddRowPairBlock<scalar_t, kR>(Jm, RR, SS, s, t, strip + 6 * (nt - sample * N), D);
     }
   }
+  scalar_t* own = strip + 6 * (n - sample * N);
+  for (int p = 0; p < 6; ++p)
+    for (int q = 0; q < 6; ++q) own[p * D + q] += diagonal[6 * p + q];
   for (int p = 0; p < 6; ++p) b[6 * n + p] = accumulate ? b[6 * n + p] + rhs[p] : rhs[p];
 }
 
@@ -595,8 +610,14 @@ template <typename scalar_t>
 HOST_DEVICE inline void MirrorDenseRowBody(int64_t n, int64_t N, scalar_t* A) {
   const int64_t sample = n / N, local = n - sample * N, D = 6 * N;
   scalar_t* Ab = A + sample * D * D;
-  for (int64_t row = 6 * local; row < 6 * local + 6; ++row)
-    for (int64_t col = 0; col < row; ++col) Ab[row * D + col] = Ab[col * D + row];
+  // Block by block: row q of the upper block (c, n) holds 6 contiguous values, which become
+  // column q of the block (n, c); the 6 rows written stay in cache across the sweep over c.
+  for (int64_t c = 0; c <= local; ++c)
+    for (int q = 0; q < 6; ++q) {
+      const scalar_t* src = Ab + (6 * c + q) * D + 6 * local;
+      scalar_t* dst = Ab + 6 * local * D + 6 * c + q;
+      for (int p = c < local ? 0 : q + 1; p < 6; ++p) dst[p * D] = src[p];
+    }
 }
 
 // Backward of step 3 for term m. With H (6S x 6S) the gradient of the term's own contributions

@@ -96,11 +96,22 @@ std::vector<at::Tensor> StepBackwardCpu(const at::Tensor& J, const at::Tensor& r
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* gJ = grad_J.data_ptr<scalar_t>();
     scalar_t* gr = grad_r.data_ptr<scalar_t>();
-    at::parallel_for(0, M, 1024, [&](int64_t begin, int64_t end) {
-      for (int64_t m = begin; m < end; ++m)
-        StepTermBackward<scalar_t>(Jp + m * R * 6 * S, rp + m * R, idx + m * S, R, S, up, xp,
-                                   gJ + m * R * 6 * S, gr + m * R);
-    });
+    auto run = [&](auto rows, auto slots) {
+      constexpr int kR = decltype(rows)::value, kS = decltype(slots)::value;
+      at::parallel_for(0, M, 1024, [&](int64_t begin, int64_t end) {
+        for (int64_t m = begin; m < end; ++m)
+          StepTermBackward<scalar_t, kR, kS>(Jp + m * R * 6 * S, rp + m * R, idx + m * S, R, S, up, xp,
+                                             gJ + m * R * 6 * S, gr + m * R);
+      });
+    };
+    // The solver's two shapes at compile time (unrolled loops), as the assembly's launchers.
+    if (R == 3 && S == 4) {
+      run(std::integral_constant<int, 3>{}, std::integral_constant<int, 4>{});
+    } else if (R == 3 && S == 2) {
+      run(std::integral_constant<int, 3>{}, std::integral_constant<int, 2>{});
+    } else {
+      run(std::integral_constant<int, 0>{}, std::integral_constant<int, 0>{});
+    }
   });
   return {grad_J, grad_r};
 }
