@@ -33,7 +33,8 @@ from fusion.graph import warp_with_anchors
 from fusion.gt import GroundTruth
 from fusion.loop import Fusion
 from fusion.sequence import Sequence
-from model.tracker import Tracker, _to_u8
+from model import image_proc
+from model.tracker import Tracker
 from options import FusionOptions, SolverOptions, TrackerOptions
 from utils.fusion_run import SOLVER_DEFAULTS
 
@@ -99,7 +100,7 @@ class _Probe:
 
     def __call__(self, batch, run_solver=False):
         out = self.tracker(batch, run_solver=run_solver)
-        self.last = {"source": _to_u8(batch["source_color"][0]), "target": _to_u8(batch["target_color"][0]),
+        self.last = {"source": image_proc.to_u8(batch["source_color"][0]), "target": image_proc.to_u8(batch["target_color"][0]),
                      "flow": out["flow"][0].cpu().numpy(), "matched": out["match_mask"][0].cpu().numpy()}
         return out
 

@@ -37,7 +37,6 @@ from fusion.volume import TSDFVolume
 from model import image_proc
 from model.correspondences import build_matches
 from model.solver import SolverProblem, solve
-from model.tracker import _to_u8
 from options import FusionOptions, GraphOptions, SolverOptions
 
 STEPS = ("render", "flow", "solve", "integrate", "grow", "extract")
@@ -288,7 +287,7 @@ class Fusion:
         band = rendered & (silhouette <= self.options.refine_border)
         sub = np.zeros_like(band)
         sub[::2, ::2] = True
-        refined, _ = masked_lucas_kanade(_to_u8(batch["source_color"][0]), _to_u8(batch["target_color"][0]),
+        refined, _ = masked_lucas_kanade(image_proc.to_u8(batch["source_color"][0]), image_proc.to_u8(batch["target_color"][0]),
                                          rendered, flow, band & sub)
         refined[:, band & ~sub] = np.nan
         flow = torch.from_numpy(refined)[None].to(out["flow"])

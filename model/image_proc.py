@@ -75,3 +75,8 @@ def center_crop(image: ArrayLike, out_height: int, out_width: int, channels_firs
     height, width = image.shape[:2]
     top, left = center_crop_offsets(height, width, out_height, out_width)
     return image[top:top + out_height, left:left + out_width]
+
+
+def to_u8(image: torch.Tensor) -> np.ndarray:
+    """(3, H, W) colour in [0, 1] -> (H, W, 3) uint8, as OpenCV takes it."""
+    return (image.permute(1, 2, 0).detach().cpu().numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8)

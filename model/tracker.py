@@ -17,11 +17,11 @@ How frames map to the network input: model/network_frame.py; DIS flow: model/dis
 """
 from typing import Dict, Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model import image_proc
 from model.correspondences import bilinear_sample, build_matches, pixel_grid, sample_target_depth
 from model.dis_flow import dis_flow, dis_forward_backward
 from model.hybrid import HybridHead, blend, hybrid_features
@@ -98,7 +98,7 @@ class Tracker(nn.Module):
             pwc_backward = self._pwc_flow(target, source, frame)[0]
         dis_forward, dis_backward = [], []
         for s, t in zip(source, target):
-            forward, backward = dis_forward_backward(_to_u8(s), _to_u8(t), self.options.dis_preset)
+            forward, backward = dis_forward_backward(image_proc.to_u8(s), image_proc.to_u8(t), self.options.dis_preset)
             dis_forward.append(torch.from_numpy(forward))
             dis_backward.append(torch.from_numpy(backward))
         dis_forward = torch.stack(dis_forward).to(source)
@@ -145,7 +145,7 @@ class Tracker(nn.Module):
         flows, weights = [], []
         anchored = (batch["pixel_anchors"] >= 0).all(dim=-1).cpu().numpy()
         for source, target, mask in zip(batch["source_color"], batch["target_color"], anchored):
-            flow, weight = dis_flow(_to_u8(source), _to_u8(target), self.options, mask)
+            flow, weight = dis_flow(image_proc.to_u8(source), image_proc.to_u8(target), self.options, mask)
             flows.append(torch.from_numpy(flow))
             weights.append(torch.from_numpy(weight))
         device = batch["source_color"].device
@@ -213,11 +213,6 @@ class Tracker(nn.Module):
         out["rotations"], out["translations"] = result.rotations, result.translations
         out.update(dense_warp(batch, result.rotations, result.translations, self.solver_options.max_depth))
         return out
-
-
-def _to_u8(image: torch.Tensor) -> np.ndarray:
-    """(3, H, W) colour in [0, 1] -> (H, W, 3) uint8, as OpenCV takes it."""
-    return (image.permute(1, 2, 0).detach().cpu().numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8)
 
 
 def dense_warp(batch: Dict, rotations: torch.Tensor, translations: torch.Tensor,
