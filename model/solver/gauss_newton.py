@@ -26,7 +26,7 @@ from model.solver.linear_solvers import StepSetup, gauss_newton_step, memory_est
 from model.solver.normal_equations import build_block_pattern, build_slot_lists
 from model.solver.problem import SolveStatus, SolverProblem, SolverResult
 from model.solver.terms import edge_terms, icp_terms, match_terms, robust_icp_weights
-from model.warp import so3_exp
+from model.warp import left_rotate
 from options import SolverOptions
 
 
@@ -317,7 +317,7 @@ def solve(problem: SolverProblem, options: SolverOptions = SolverOptions(),
         delta = torch.where(updating[:, None], delta, torch.zeros_like(delta))
         setup.warm_start = delta.detach()
         delta = delta.reshape(B * N, 6)
-        rotations = so3_exp(delta[:, :3]) @ rotations
+        rotations = left_rotate(delta[:, :3], rotations)
         translations = translations + delta[:, 3:]
         with torch.no_grad():
             step = delta.detach().abs().reshape(B, N * 6).amax(dim=1)
