@@ -1,7 +1,6 @@
 // CPU launchers of the block-sparse assembly (csrc/solver/solver.h, "Launch logic"): parallel
 // loops over terms, blocks or nodes, each iteration one call of the header's loop body.
 #include <algorithm>
-#include <type_traits>
 #include <vector>
 
 #include "solver/solver.h"
@@ -49,17 +48,7 @@ at::Tensor AssembleBlocksCpu(const at::Tensor& J, const at::Tensor& r, const at:
           AssembleRhsBody<scalar_t, kR, kS>(n, Jp, rp, R, S, so, ss, accumulate, bp);
       });
     };
-    // Compile-time sizes for the solver's two shapes (matches: 3 rows x 4 anchors, edges: 3 rows
-    // x 2 nodes) let the compiler unroll the 6x6 products.
-    using Any = std::integral_constant<int, 0>;
-    using Three = std::integral_constant<int, 3>;
-    if (R == 3 && S == 4) {
-      run(Three{}, std::integral_constant<int, 4>{});
-    } else if (R == 3 && S == 2) {
-      run(Three{}, std::integral_constant<int, 2>{});
-    } else {
-      run(Any{}, Any{});
-    }
+    DispatchTermShape(R, S, run);  // unrolled 6x6 products for the solver's two shapes
   });
   return blocks;
 }
@@ -154,16 +143,7 @@ void AssembleDenseCpu(const at::Tensor& J, const at::Tensor& r, const at::Tensor
         AssembleDenseRowBody<scalar_t, kR, kS>(n, Jp, rp, R, S, idx, so, ss, N, accumulate, Ap, bp);
       });
     };
-    // The solver's two shapes at compile time (see AssembleBlocksCpu).
-    using Any = std::integral_constant<int, 0>;
-    using Three = std::integral_constant<int, 3>;
-    if (R == 3 && S == 4) {
-      run(Three{}, std::integral_constant<int, 4>{});
-    } else if (R == 3 && S == 2) {
-      run(Three{}, std::integral_constant<int, 2>{});
-    } else {
-      run(Any{}, Any{});
-    }
+    DispatchTermShape(R, S, run);
     if (finish) {
       // Row n of a sample copies its n + 1 blocks: the cost of rows [0, n) grows as n^2.
       const auto before = [&](int64_t n) {

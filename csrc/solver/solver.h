@@ -32,6 +32,7 @@
 
 #include <cmath>
 #include <sstream>
+#include <type_traits>
 
 #include "common.h"
 
@@ -700,6 +701,21 @@ HOST_DEVICE inline void BlockMatvecBody(int64_t n, const scalar_t* blocks, const
       for (int a = 0; a < 6; ++a) acc[a] += blk[6 * c + a] * xr[c];
   }
   for (int a = 0; a < 6; ++a) y[6 * n + a] = acc[a];
+}
+
+// CPU launchers: calls run(rows, slots) with the term shape as std::integral_constant when it is
+// one of the solver's two (matches: 3 rows x 4 anchors; edges: 3 rows x 2 nodes), so that the
+// loop bodies unroll their small products; with 0, 0 (sizes read at run time) otherwise.
+template <typename Run>
+inline void DispatchTermShape(int R, int S, Run run) {
+  using Three = std::integral_constant<int, 3>;
+  if (R == 3 && S == 4) {
+    run(Three{}, std::integral_constant<int, 4>{});
+  } else if (R == 3 && S == 2) {
+    run(Three{}, std::integral_constant<int, 2>{});
+  } else {
+    run(std::integral_constant<int, 0>{}, std::integral_constant<int, 0>{});
+  }
 }
 
 // Launchers (block_sparse_cpu.cpp, block_sparse_cuda.cu); the dispatching wrappers follow.

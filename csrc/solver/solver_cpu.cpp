@@ -1,5 +1,4 @@
 #include <algorithm>
-#include <type_traits>
 #include <vector>
 
 #include "solver/solver.h"
@@ -104,14 +103,7 @@ std::vector<at::Tensor> StepBackwardCpu(const at::Tensor& J, const at::Tensor& r
                                              gJ + m * R * 6 * S, gr + m * R);
       });
     };
-    // The solver's two shapes at compile time (unrolled loops), as the assembly's launchers.
-    if (R == 3 && S == 4) {
-      run(std::integral_constant<int, 3>{}, std::integral_constant<int, 4>{});
-    } else if (R == 3 && S == 2) {
-      run(std::integral_constant<int, 3>{}, std::integral_constant<int, 2>{});
-    } else {
-      run(std::integral_constant<int, 0>{}, std::integral_constant<int, 0>{});
-    }
+    DispatchTermShape(R, S, run);
   });
   return {grad_J, grad_r};
 }
