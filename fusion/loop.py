@@ -9,8 +9,8 @@ first frame's masked depth. Every later frame:
      over the model's own pixels (fusion/refine.py, --refine-border; not for gt), where the
      flow's patches mix in the static background; matches whose target point is far from
      the rendered point, or whose normals disagree, are dropped; the Gauss-Newton solver
-     finds the increment of every node's motion on top of the previous one (the warm start: the rendering already sits at
-     the previous motion). A failed solve is reported, keeps the last good motion and the
+     finds the increment of every node's motion on top of the previous one (the warm start:
+     the rendering already sits at the previous motion). A failed solve is reported, keeps the last good motion and the
      frame is not integrated;
   3. integrate: the frame is fused warped (csrc/fusion) where it belongs to the object: where
      the model explains it, or near a warped node (new surface); the background stays out;
@@ -287,8 +287,8 @@ class Fusion:
         band = rendered & (silhouette <= self.options.refine_border)
         sub = np.zeros_like(band)
         sub[::2, ::2] = True
-        refined, _ = masked_lucas_kanade(image_proc.to_u8(batch["source_color"][0]), image_proc.to_u8(batch["target_color"][0]),
-                                         rendered, flow, band & sub)
+        refined, _ = masked_lucas_kanade(image_proc.to_u8(batch["source_color"][0]),
+                                         image_proc.to_u8(batch["target_color"][0]), rendered, flow, band & sub)
         refined[:, band & ~sub] = np.nan
         flow = torch.from_numpy(refined)[None].to(out["flow"])
         valid = torch.isfinite(flow).all(dim=1)

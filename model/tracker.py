@@ -98,7 +98,8 @@ class Tracker(nn.Module):
             pwc_backward = self._pwc_flow(target, source, frame)[0]
         dis_forward, dis_backward = [], []
         for s, t in zip(source, target):
-            forward, backward = dis_forward_backward(image_proc.to_u8(s), image_proc.to_u8(t), self.options.dis_preset)
+            forward, backward = dis_forward_backward(image_proc.to_u8(s), image_proc.to_u8(t),
+                                                     self.options.dis_preset)
             dis_forward.append(torch.from_numpy(forward))
             dis_backward.append(torch.from_numpy(backward))
         dis_forward = torch.stack(dis_forward).to(source)

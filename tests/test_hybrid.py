@@ -91,14 +91,20 @@ def test_blend_gradients():
     assert torch.autograd.gradcheck(run, (features, dis, pwc), eps=1e-6, atol=1e-5)
 
 
-def test_tracker_trains_the_head_through_the_solver(split, tmp_path):
-    torch.manual_seed(0)
-    options = TrackerOptions(flow="network", network_flow="hybrid", use_mask=False,
-                             network_width=160, network_input="pad")
-    tracker = Tracker(options, SolverOptions(robust_loss="none", max_matches=2000))
+def _small_hybrid(solver_options: SolverOptions, **options) -> Tracker:
+    """A hybrid tracker at 160 px with PWC-Net frozen and the head's last layer nudged off its
+    rule (zero-initialised, it would pass no gradient to the layers before it)."""
+    tracker = Tracker(TrackerOptions(flow="network", network_flow="hybrid", use_mask=False,
+                                     network_width=160, network_input="pad", **options), solver_options)
     for p in tracker.flow_net.parameters():
         p.requires_grad_(False)
     torch.nn.init.normal_(tracker.hybrid_head.layers[-1].weight, std=0.01)
+    return tracker
+
+
+def test_tracker_trains_the_head_through_the_solver(split, tmp_path):
+    torch.manual_seed(0)
+    tracker = _small_hybrid(SolverOptions(robust_loss="none", max_matches=2000))
     batch = collate([DeepDeformDataset(split, "test")[0]])
     out = tracker(batch)
     assert out["flow"].shape == (1, 2, 240, 320) and out["weights"].shape == (1, 240, 320)
@@ -159,12 +165,7 @@ def test_second_pass_is_left_a_small_motion(split):
     smaller than the motion; the composed flow is what the second solve used; the head gets a
     gradient from the second solve; the option travels with the checkpoint, and a checkpoint
     from before it (no such key) runs one pass."""
-    options = TrackerOptions(flow="network", network_flow="hybrid", use_mask=False,
-                             network_width=160, network_input="pad", hybrid_passes=2)
-    tracker = Tracker(options, SolverOptions(robust_loss="cauchy", max_matches=4000))
-    for p in tracker.flow_net.parameters():
-        p.requires_grad_(False)
-    torch.nn.init.normal_(tracker.hybrid_head.layers[-1].weight, std=0.01)
+    tracker = _small_hybrid(SolverOptions(robust_loss="cauchy", max_matches=4000), hybrid_passes=2)
     batch = collate([DeepDeformDataset(split, "test")[1]])
     out = tracker(batch)
     first = out["first_pass"]
