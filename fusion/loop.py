@@ -83,6 +83,7 @@ class Fusion:
         self.previous: Optional[Frame] = None
         self._mesh: Optional[Mesh] = None
         self._tracking: Optional[tuple] = None   # (Mesh, Rendering or None) the next frame tracks against
+        self.keyframes: List[tuple] = []         # (history index, Frame)
 
     # ------------------------------------------------------------------------------------------
     # Motion state
@@ -136,6 +137,7 @@ class Fusion:
         self._integrate(frame, mask)
         self.previous = frame
         self._mesh = None
+        self.keyframes = [(0, frame)]
         entry = FrameLog(frame.frame_id, time.perf_counter() - start, 0, "first", 0.0, n, n)
         self.log.append(entry)
         return entry
@@ -232,12 +234,19 @@ class Fusion:
             context = (frame if later else self.previous).color.astype(np.float32) / 255
             source_color = np.where(rendering.mask[..., None], rendering.color, context)
         anchors, weights = self._pixel_anchors(rendering.canonical, rendering.mask)
+        import os
+        if int(os.environ.get("KF", "0")) > 0 and not o.tracking == "previous":
+            source_color = self._keyframe_color(rendering, anchors, weights, source_color)
         flow = None
         if self.tracker.options.flow == "gt":
             flow = self.gt.flow(rendering.canonical, rendering.mask, frame.frame_id, self.intrinsics,
                                 frame.depth)
         batch = self._batch(source_color, rendering.points, anchors, weights, frame,
                             target_points, flow, translations)
+        import os
+        fs = os.environ.get("FS", "rendering")
+        if fs == "previous" and not later:
+            batch["source_color"] = torch.from_numpy(self.previous.color.astype(np.float32) / 255).permute(2, 0, 1)[None]
         with torch.no_grad():
             out = self.tracker(batch, run_solver=False)
         if o.refine_border > 0 and self.tracker.options.flow != "gt":
@@ -245,6 +254,24 @@ class Fusion:
             out["matches"] = self._refine_border(batch, out, rendering.mask)
         # The filter and the solve run on the CPU (the front-end on the chosen device).
         matches = out["matches"]
+        if fs == "both" and not later:
+            b2 = dict(batch)
+            b2["source_color"] = torch.from_numpy(self.previous.color.astype(np.float32) / 255).permute(2, 0, 1)[None]
+            with torch.no_grad():
+                out2 = self.tracker(b2, run_solver=False)
+            m2 = out2["matches"]
+            if os.environ.get("FSI"):  # interior only from pair
+                H, W = rendering.mask.shape
+                sil = cv2.distanceTransform(rendering.mask.astype(np.uint8), cv2.DIST_L2, 5).reshape(-1)
+                k2 = torch.from_numpy(sil[m2.pixel.numpy()] > o.refine_border)
+                k1 = torch.from_numpy(sil[matches.pixel.numpy()] <= o.refine_border)
+                for name in ("sample", "pixel", "source_points", "anchors", "anchor_weights", "target_pixels",
+                             "target_depth", "weights"):
+                    setattr(m2, name, getattr(m2, name)[k2])
+                    setattr(matches, name, getattr(matches, name)[k1])
+            for name in ("sample", "pixel", "source_points", "anchors", "anchor_weights", "target_pixels",
+                         "target_depth", "weights"):
+                setattr(matches, name, torch.cat((getattr(matches, name), getattr(m2, name))))
         for name in ("sample", "pixel", "source_points", "anchors", "anchor_weights", "target_pixels",
                      "target_depth", "weights"):
             setattr(matches, name, getattr(matches, name).cpu())
@@ -277,6 +304,36 @@ class Fusion:
         if o.hidden_support > 0:
             dR, dt = self._follow_visible(dR, dt, batch["nodes"][0].float(), matches)
         return dR @ rotations, translations + dt, status, message, count, energy
+
+    def _keyframe_color(self, rendering, anchors, weights, source_color):
+        H, W = rendering.mask.shape
+        ys, xs = np.nonzero(rendering.mask & (anchors >= 0).all(axis=-1))
+        canonical = torch.from_numpy(rendering.canonical[ys, xs])
+        a = torch.from_numpy(anchors[ys, xs]).long()
+        w = torch.from_numpy(weights[ys, xs])
+        todo = np.ones(ys.size, bool)
+        out = source_color.copy()
+        i = self.intrinsics
+        import os
+        tol = float(os.environ.get("KFTOL", "0.01"))
+        for index, key in self.keyframes:
+            if not todo.any():
+                break
+            R, t = self.rotations_history[index], self.translations_history[index]
+            p = warp_with_anchors(canonical[todo], a[todo], w[todo], self.graph.positions, R, t).numpy()
+            z = p[:, 2]
+            u = i["fx"] * p[:, 0] / np.maximum(z, 1e-6) + i["cx"]
+            v = i["fy"] * p[:, 1] / np.maximum(z, 1e-6) + i["cy"]
+            inside = (z > 0) & (u >= 0) & (u <= W - 1) & (v >= 0) & (v <= H - 1)
+            ui = np.clip(np.round(u), 0, W - 1).astype(int)
+            vi = np.clip(np.round(v), 0, H - 1).astype(int)
+            seen = inside & (np.abs(key.depth[vi, ui] - z) <= tol)
+            colour = cv2.remap(key.color.astype(np.float32) / 255, u[seen, None].astype(np.float32),
+                               v[seen, None].astype(np.float32), cv2.INTER_LINEAR)[:, 0]
+            idx = np.flatnonzero(todo)[seen]
+            out[ys[idx], xs[idx]] = colour
+            todo[idx] = False
+        return out
 
     def _refine_border(self, batch: Dict, out: Dict, rendered: np.ndarray):
         """Matches rebuilt, as the tracker builds them, from its flow refined within
@@ -444,6 +501,10 @@ class Fusion:
             self._record(frame.frame_id, self.rotations, self.translations)
         else:
             self._record(frame.frame_id, rotations, translations)
+            import os
+            kf = int(os.environ.get("KF", "0"))
+            if kf > 0 and (len(self.frame_ids) - 1) % kf == 0:
+                self.keyframes.append((len(self.frame_ids) - 1, frame))
             tick = time.perf_counter()
             mesh = self.mesh()
             timings["extract"] += time.perf_counter() - tick
