@@ -770,6 +770,15 @@ class FusionOptions:
                                  "flow's patches mix in the static background and measure the motion "
                                  "short); every 2nd pixel, the others there are dropped; not with "
                                  "--flow gt; 0 = off", ge=0)
+    texture_keyframes: int = opt(10, "colour the rendered model, which the flow tracks, from input "
+                                     "frames kept as keyframes (the first and every this many frames "
+                                     "after; the earliest that saw each point, warped by that frame's "
+                                     "node motions) instead of the model's voxel colours, blurred by "
+                                     "the mesh's vertex spacing, from which the flow measures the "
+                                     "motion short; 0 = off (only with --tracking model)", ge=0)
+    texture_tolerance: float = opt(0.01, "--texture-keyframes: a keyframe saw a point when its depth "
+                                         "there is within this many metres of the point warped into it",
+                                   gt=0)
     passes: int = opt(1, "tracking passes per frame: each later pass renders the model at the motion "
                          "the previous pass solved, matches it to the frame again and solves the "
                          "remaining motion on top (only with --tracking model)", ge=1, le=5)

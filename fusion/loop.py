@@ -5,7 +5,8 @@ first frame's masked depth. Every later frame:
   1. render: the canonical mesh (marching cubes of the TSDF), warped by the previous frame's
      node motions, is ray cast into the camera: depth, colour, canonical point per pixel;
   2. flow + solve: the existing tracker's front-end (network, dis, gt) matches the rendering to
-     the new frame; near the rendered silhouette the flow is refined by a Lucas-Kanade search
+     the new frame (coloured from keyframes' input images, sharp, where they saw the surface:
+     fusion/texture.py, --texture-keyframes); near the rendered silhouette the flow is refined by a Lucas-Kanade search
      over the model's own pixels (fusion/refine.py, --refine-border; not for gt), where the
      flow's patches mix in the static background; matches whose target point is far from
      the rendered point, or whose normals disagree, are dropped; the Gauss-Newton solver
@@ -33,6 +34,7 @@ from fusion.gt import GroundTruth
 from fusion.refine import masked_lucas_kanade
 from fusion.render import Rendering, render
 from fusion.sequence import Frame, Sequence
+from fusion.texture import keyframe_colors
 from fusion.volume import TSDFVolume
 from model import image_proc
 from model.correspondences import build_matches
@@ -83,7 +85,7 @@ class Fusion:
         self.previous: Optional[Frame] = None
         self._mesh: Optional[Mesh] = None
         self._tracking: Optional[tuple] = None   # (Mesh, Rendering or None) the next frame tracks against
-        self.keyframes: List[tuple] = []         # (history index, Frame)
+        self.keyframes: List[tuple] = []         # (history index, Frame): --texture-keyframes
 
     # ------------------------------------------------------------------------------------------
     # Motion state
@@ -137,7 +139,7 @@ class Fusion:
         self._integrate(frame, mask)
         self.previous = frame
         self._mesh = None
-        self.keyframes = [(0, frame)]
+        self.keyframes = [(0, frame)] if o.texture_keyframes > 0 else []
         entry = FrameLog(frame.frame_id, time.perf_counter() - start, 0, "first", 0.0, n, n)
         self.log.append(entry)
         return entry
@@ -234,19 +236,14 @@ class Fusion:
             context = (frame if later else self.previous).color.astype(np.float32) / 255
             source_color = np.where(rendering.mask[..., None], rendering.color, context)
         anchors, weights = self._pixel_anchors(rendering.canonical, rendering.mask)
-        import os
-        if int(os.environ.get("KF", "0")) > 0 and not o.tracking == "previous":
-            source_color = self._keyframe_color(rendering, anchors, weights, source_color)
+        if self.keyframes and o.tracking == "model":
+            source_color = self._keyframe_texture(rendering, anchors, weights, source_color)
         flow = None
         if self.tracker.options.flow == "gt":
             flow = self.gt.flow(rendering.canonical, rendering.mask, frame.frame_id, self.intrinsics,
                                 frame.depth)
         batch = self._batch(source_color, rendering.points, anchors, weights, frame,
                             target_points, flow, translations)
-        import os
-        fs = os.environ.get("FS", "rendering")
-        if fs == "previous" and not later:
-            batch["source_color"] = torch.from_numpy(self.previous.color.astype(np.float32) / 255).permute(2, 0, 1)[None]
         with torch.no_grad():
             out = self.tracker(batch, run_solver=False)
         if o.refine_border > 0 and self.tracker.options.flow != "gt":
@@ -254,24 +251,6 @@ class Fusion:
             out["matches"] = self._refine_border(batch, out, rendering.mask)
         # The filter and the solve run on the CPU (the front-end on the chosen device).
         matches = out["matches"]
-        if fs == "both" and not later:
-            b2 = dict(batch)
-            b2["source_color"] = torch.from_numpy(self.previous.color.astype(np.float32) / 255).permute(2, 0, 1)[None]
-            with torch.no_grad():
-                out2 = self.tracker(b2, run_solver=False)
-            m2 = out2["matches"]
-            if os.environ.get("FSI"):  # interior only from pair
-                H, W = rendering.mask.shape
-                sil = cv2.distanceTransform(rendering.mask.astype(np.uint8), cv2.DIST_L2, 5).reshape(-1)
-                k2 = torch.from_numpy(sil[m2.pixel.numpy()] > o.refine_border)
-                k1 = torch.from_numpy(sil[matches.pixel.numpy()] <= o.refine_border)
-                for name in ("sample", "pixel", "source_points", "anchors", "anchor_weights", "target_pixels",
-                             "target_depth", "weights"):
-                    setattr(m2, name, getattr(m2, name)[k2])
-                    setattr(matches, name, getattr(matches, name)[k1])
-            for name in ("sample", "pixel", "source_points", "anchors", "anchor_weights", "target_pixels",
-                         "target_depth", "weights"):
-                setattr(matches, name, torch.cat((getattr(matches, name), getattr(m2, name))))
         for name in ("sample", "pixel", "source_points", "anchors", "anchor_weights", "target_pixels",
                      "target_depth", "weights"):
             setattr(matches, name, getattr(matches, name).cpu())
@@ -305,35 +284,16 @@ class Fusion:
             dR, dt = self._follow_visible(dR, dt, batch["nodes"][0].float(), matches)
         return dR @ rotations, translations + dt, status, message, count, energy
 
-    def _keyframe_color(self, rendering, anchors, weights, source_color):
-        H, W = rendering.mask.shape
-        ys, xs = np.nonzero(rendering.mask & (anchors >= 0).all(axis=-1))
-        canonical = torch.from_numpy(rendering.canonical[ys, xs])
-        a = torch.from_numpy(anchors[ys, xs]).long()
-        w = torch.from_numpy(weights[ys, xs])
-        todo = np.ones(ys.size, bool)
-        out = source_color.copy()
-        i = self.intrinsics
-        import os
-        tol = float(os.environ.get("KFTOL", "0.01"))
-        for index, key in self.keyframes:
-            if not todo.any():
-                break
-            R, t = self.rotations_history[index], self.translations_history[index]
-            p = warp_with_anchors(canonical[todo], a[todo], w[todo], self.graph.positions, R, t).numpy()
-            z = p[:, 2]
-            u = i["fx"] * p[:, 0] / np.maximum(z, 1e-6) + i["cx"]
-            v = i["fy"] * p[:, 1] / np.maximum(z, 1e-6) + i["cy"]
-            inside = (z > 0) & (u >= 0) & (u <= W - 1) & (v >= 0) & (v <= H - 1)
-            ui = np.clip(np.round(u), 0, W - 1).astype(int)
-            vi = np.clip(np.round(v), 0, H - 1).astype(int)
-            seen = inside & (np.abs(key.depth[vi, ui] - z) <= tol)
-            colour = cv2.remap(key.color.astype(np.float32) / 255, u[seen, None].astype(np.float32),
-                               v[seen, None].astype(np.float32), cv2.INTER_LINEAR)[:, 0]
-            idx = np.flatnonzero(todo)[seen]
-            out[ys[idx], xs[idx]] = colour
-            todo[idx] = False
-        return out
+    def _keyframe_texture(self, rendering: Rendering, anchors: np.ndarray, weights: np.ndarray,
+                          source_color: np.ndarray) -> np.ndarray:
+        """The flow's source image with the rendered model's pixels coloured from the keyframes
+        that saw their canonical points (fusion/texture.py), at the node motions of each
+        keyframe's frame; the model's own colour where none did."""
+        keys = [(key.color, key.depth, self.rotations_history[index], self.translations_history[index])
+                for index, key in self.keyframes]
+        colored, _ = keyframe_colors(rendering.canonical, anchors, weights, rendering.mask, source_color, keys,
+                                     self.graph.positions, self.intrinsics, self.options.texture_tolerance)
+        return colored
 
     def _refine_border(self, batch: Dict, out: Dict, rendered: np.ndarray):
         """Matches rebuilt, as the tracker builds them, from its flow refined within
@@ -501,9 +461,7 @@ class Fusion:
             self._record(frame.frame_id, self.rotations, self.translations)
         else:
             self._record(frame.frame_id, rotations, translations)
-            import os
-            kf = int(os.environ.get("KF", "0"))
-            if kf > 0 and (len(self.frame_ids) - 1) % kf == 0:
+            if o.texture_keyframes > 0 and (len(self.frame_ids) - 1) % o.texture_keyframes == 0:
                 self.keyframes.append((len(self.frame_ids) - 1, frame))
             tick = time.perf_counter()
             mesh = self.mesh()
@@ -571,6 +529,7 @@ class Fusion:
                 "rotations": R, "translations": t, "frame_ids": list(self.frame_ids),
                 "log": [entry.__dict__ for entry in self.log],
                 "previous_index": self.previous.index,
+                "keyframes": [(index, key.index) for index, key in self.keyframes],
                 "tracking_mesh": None if self._tracking is None else self._tracking[0].__dict__}
 
     def load_state_dict(self, state: dict) -> None:
@@ -581,6 +540,7 @@ class Fusion:
         self.frame_ids = list(state["frame_ids"])
         self.log = [FrameLog(**entry) for entry in state["log"]]
         self.previous = self.sequence.read(int(state["previous_index"]))
+        self.keyframes = [(int(index), self.sequence.read(int(key))) for index, key in state.get("keyframes", [])]
         self._mesh = None
         mesh = state.get("tracking_mesh")
         self._tracking = None if mesh is None else (Mesh(**mesh), None)
