@@ -801,6 +801,11 @@ class FusionOptions:
                                      "increment their nearest supported nodes predict (hidden "
                                      "surface follows the seen one rigidly; 0 = off: ARAP alone)",
                                 ge=0)
+    hidden_arap_iterations: int = opt(10, "--hidden-support's nodes then take the increments that "
+                                          "the as-rigid-as-possible energy alone gives them with the "
+                                          "seen nodes' increments fixed (this many local-global "
+                                          "iterations from the blended start; 0 = the blend alone)",
+                                      ge=0)
     grow_nodes: bool = opt(True, "insert nodes where the canonical surface outgrows node coverage")
     max_new_nodes: int = opt(20, "most nodes inserted per frame (never beyond the solver's --max-nodes)", ge=0)
     object_distance: float = opt(1.0, "a live pixel not explained by the model is new object "

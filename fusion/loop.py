@@ -31,6 +31,7 @@ import torch
 from dataset.graph import GraphError, build_graph
 from fusion.graph import NodeGraph, blend_motions, inverse_warp, knn, warp_with_anchors
 from fusion.gt import GroundTruth
+from fusion.hidden import arap_extension
 from fusion.refine import masked_lucas_kanade
 from fusion.render import Rendering, render
 from fusion.sequence import Frame, Sequence
@@ -361,6 +362,11 @@ class Fusion:
                                      dt[visible][None])
         dR, dt = dR.clone(), dt.clone()
         dR[hidden], dt[hidden] = R_new[0], t_new[0]
+        if o.hidden_arap_iterations > 0:
+            # From that start, the motion ARAP alone gives them with the seen nodes fixed
+            # (fusion/hidden.py): the whole seen boundary's motion, not four neighbours'.
+            dR, dt = arap_extension(live_nodes, self.graph.edges, self.graph.edge_weights, dR, dt, ~seen,
+                                    o.hidden_arap_iterations)
         return dR, dt
 
     def _icp_terms(self, rendering: Rendering, anchors: np.ndarray, weights: np.ndarray,

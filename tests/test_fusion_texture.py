@@ -65,6 +65,24 @@ def test_earliest_keyframe_that_saw_the_point_colours_it():
     assert (source[right & (ys >= 10) & (xs > W - 3)] == 2).all()
 
 
+def test_many_points_are_sampled_like_few():
+    """Over 32767 points (OpenCV's remap limit on a map's side): each gets its own pixel's colour."""
+    rng = np.random.default_rng(1)
+    size = 200
+    fx = 150.0
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
+    intrinsics = {"fx": fx, "fy": fx, "cx": 99.5, "cy": 99.5}
+    canonical = np.stack(((xs - 99.5) / fx * DEPTH, (ys - 99.5) / fx * DEPTH, np.full_like(xs, DEPTH)), axis=-1)
+    image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    keys = [(image, np.full((size, size), DEPTH, np.float32), torch.eye(3).repeat(4, 1, 1), torch.zeros(4, 3))]
+    colour, source = keyframe_colors(canonical, np.tile(np.arange(4, dtype=np.int32), (size, size, 1)),
+                                     np.full((size, size, 4), 0.25, np.float32), np.ones((size, size), bool),
+                                     np.zeros((size, size, 3), np.float32), keys, torch.zeros(4, 3), intrinsics, 0.01)
+    # (The outermost pixels may project a float error outside the image.)
+    assert (source[1:-1, 1:-1] == 0).all()
+    np.testing.assert_allclose(colour[1:-1, 1:-1], image[1:-1, 1:-1] / 255, atol=1e-4)
+
+
 def test_nobody_saw_it_keeps_the_fallback():
     canonical = plane_points()
     nodes = torch.zeros(4, 3)

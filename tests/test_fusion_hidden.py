@@ -1,0 +1,62 @@
+"""ARAP extension of the hidden nodes' motion (fusion/hidden.py): a rigid motion of the seen
+nodes extends to the hidden ones exactly whatever their start, the seen rows stay, and a hidden
+node without an edge path to a seen one keeps its start."""
+import torch
+
+from fusion.hidden import arap_extension
+from fusion.graph import knn
+
+
+def grid_graph(n=5, spacing=0.05):
+    ys, xs, zs = torch.meshgrid(torch.arange(n), torch.arange(n), torch.arange(2), indexing="ij")
+    positions = torch.stack((xs, ys, zs), dim=-1).reshape(-1, 3).double() * spacing
+    ids, distances = knn(positions.float(), positions.float(), 7)
+    edges = ids[:, 1:].long()
+    weights = torch.exp(-distances[:, 1:] ** 2 / (2 * spacing ** 2)).float()
+    return positions, edges, weights
+
+
+def rotation(axis, angle):
+    axis = torch.tensor(axis, dtype=torch.float64)
+    axis = axis / axis.norm()
+    K = torch.tensor([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return torch.eye(3, dtype=torch.float64) + torch.sin(torch.tensor(angle)) * K + (1 - torch.cos(torch.tensor(angle))) * K @ K
+
+
+def test_rigid_motion_of_the_seen_nodes_extends_exactly():
+    positions, edges, weights = grid_graph()
+    N = positions.shape[0]
+    R = rotation([0.2, 1.0, 0.1], 0.3)
+    shift = torch.tensor([0.01, -0.02, 0.005], dtype=torch.float64)
+    centre = positions.mean(dim=0)
+    # Increment of node i about its own position: p_i -> R (p_i - c) + c + shift.
+    truth_dt = (positions - centre) @ R.T + centre + shift - positions
+    hidden = positions[:, 0] > 0.12                     # the far columns are not seen
+    dR = R.repeat(N, 1, 1)
+    dt = truth_dt.clone()
+    dR[hidden] = torch.eye(3, dtype=torch.float64)      # a poor start: no motion at all
+    dt[hidden] = 0
+    out_R, out_t = arap_extension(positions, edges, weights, dR, dt, hidden, iterations=100)
+    assert torch.allclose(out_t, truth_dt, atol=1e-5), (out_t - truth_dt).norm(dim=1).max()
+    assert torch.allclose(out_R, R.expand(N, 3, 3), atol=1e-4)
+    assert torch.equal(out_R[~hidden], dR[~hidden]) and torch.equal(out_t[~hidden], dt[~hidden])
+
+
+def test_a_hidden_part_without_a_path_keeps_its_start():
+    positions, edges, weights = grid_graph(3)
+    N = positions.shape[0]
+    far = torch.tensor([[1.0, 1.0, 1.0]], dtype=torch.float64)
+    positions = torch.cat((positions, far))
+    edges = torch.cat((edges, torch.full((1, edges.shape[1]), -1)))
+    weights = torch.cat((weights, torch.zeros(1, weights.shape[1])))
+    hidden = torch.zeros(N + 1, dtype=torch.bool)
+    hidden[-1] = True
+    hidden[0] = True
+    dR = torch.eye(3, dtype=torch.float64).repeat(N + 1, 1, 1)
+    dt = torch.zeros(N + 1, 3, dtype=torch.float64)
+    dt[-1] = torch.tensor([0.0, 0.0, 0.01])
+    dt[1:N] = torch.tensor([0.02, 0.0, 0.0])
+    out_R, out_t = arap_extension(positions, edges, weights, dR, dt, hidden)
+    assert torch.allclose(out_t[-1], dt[-1]) and torch.allclose(out_R[-1], dR[-1])
+    # Node 0 has seen neighbours that all moved by 0.02 in x: it follows them.
+    assert torch.allclose(out_t[0], torch.tensor([0.02, 0.0, 0.0], dtype=torch.float64), atol=1e-5)
