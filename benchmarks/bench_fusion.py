@@ -44,6 +44,10 @@ def parse_args():
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads value")
     parser.add_argument("--refine-border", type=int, default=FusionOptions.refine_border,
                         help="fuse.py's --refine-border for the loop (0: the flow unrefined)")
+    parser.add_argument("--texture-keyframes", type=int, default=FusionOptions.texture_keyframes,
+                        help="fuse.py's --texture-keyframes for the loop (0: the model's own colours)")
+    parser.add_argument("--hidden-arap-iterations", type=int, default=FusionOptions.hidden_arap_iterations,
+                        help="fuse.py's --hidden-arap-iterations for the loop (0: the blend alone)")
     return parser.parse_args()
 
 
@@ -55,9 +59,9 @@ def tracker_for(flow, checkpoint):
     return Tracker(TrackerOptions(flow=flow), solver)
 
 
-def run_loop(root, flow, frames, checkpoint, refine_border=FusionOptions.refine_border):
+def run_loop(root, flow, frames, checkpoint, refine_border=FusionOptions.refine_border, **fusion_options):
     options = FusionOptions(sequence=root, out="unused", frames=f"0:{frames}", video=False,
-                            refine_border=refine_border)
+                            refine_border=refine_border, **fusion_options)
     sequence = Sequence(root, options.frames)
     mask, _ = sequence.first_mask()
     gt = GroundTruth(root, 0) if flow == "gt" else None
@@ -81,7 +85,9 @@ def main():
           f"(mean seconds)")
     print(f"{'flow':8s} " + " ".join(f"{s:>9s}" for s in STEPS) + f" {'total':>9s} {'nodes':>6s} {'blocks':>7s}")
     for flow in args.flows.split(","):
-        fusion = run_loop(root, flow, args.frames, args.checkpoint, args.refine_border)
+        fusion = run_loop(root, flow, args.frames, args.checkpoint, args.refine_border,
+                          texture_keyframes=args.texture_keyframes,
+                          hidden_arap_iterations=args.hidden_arap_iterations)
         logs = fusion.log[1:]
         means = [statistics.mean(e.steps.get(s, 0.0) for e in logs) for s in STEPS]
         total = statistics.mean(e.seconds for e in logs)

@@ -289,11 +289,17 @@ def test_hidden_nodes_follow_the_seen_ones_rigidly():
     anchors = seen[torch.randint(0, seen.numel(), (400, 4), generator=gen)]
     matches = SimpleNamespace(anchors=anchors, anchor_weights=torch.full((400, 4), 0.25),
                               weights=torch.ones(400))
-    fusion = SimpleNamespace(options=FusionOptions(hidden_support=2.0, node_coverage=0.05))
-    R_out, t_out = Fusion._follow_visible(fusion, dR, dt, nodes, matches)
+    from fusion.graph import knn
+    ids, _ = knn(nodes, nodes, 5)
+    graph = SimpleNamespace(edges=ids[:, 1:].long(), edge_weights=torch.ones(30, 4))
     expected_t = (nodes - centre) @ R.T + centre + t - nodes
-    assert torch.allclose(R_out, R.expand(30, 3, 3), atol=1e-5)
-    assert torch.allclose(t_out, expected_t, atol=1e-6)
+    # The blend alone, and with the ARAP extension after it (fusion/hidden.py): both exact.
+    for iterations in (0, 10):
+        fusion = SimpleNamespace(options=FusionOptions(hidden_support=2.0, node_coverage=0.05,
+                                                       hidden_arap_iterations=iterations), graph=graph)
+        R_out, t_out = Fusion._follow_visible(fusion, dR, dt, nodes, matches)
+        assert torch.allclose(R_out, R.expand(30, 3, 3), atol=1e-5)
+        assert torch.allclose(t_out, expected_t, atol=1e-6)
     # Off below the threshold: nothing changes when every node is supported.
     fusion.options = FusionOptions(hidden_support=1e-9)
     dR2, dt2 = Fusion._follow_visible(fusion, dR, dt, nodes, SimpleNamespace(
