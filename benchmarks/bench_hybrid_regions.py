@@ -7,13 +7,16 @@ give with oracle weights or oracle flow in that region.
         [--checkpoint checkpoints/nnrt_hybrid.pt] [--bad-px 10] [--png out.png] [--threads 1]
 
 The pair needs ground truth (optical and scene flow). The tracker runs as generate.py runs it
-(the checkpoint's options, the generator seeded with the pair index). "Bad" matches: those whose
+(the checkpoint's options, the generator seeded with the pair index), one pass (of a two-pass
+checkpoint, the first). "Bad" matches: those whose
 2D flow is more than --bad-px from the ground truth. Printed:
   regions   EPE 3D (mm) over the bad matches' pixels and over the rest, the mean weight of each;
   oracles   the same solve re-run with the front-end's weights zeroed on matches more than
             T px off (oracle weights: the best any weighting of these matches could do), with
             the true flow substituted on the bad matches only (oracle flow there), and
-            everywhere (the solver's own limit with these weights);
+            everywhere (the solver's own limit with these weights); with DIS's or PWC-Net's flow
+            alone, and with the better of the two at every pixel (the best the head's blend
+            could pick), without and with oracle weights;
   signals   for each per-pixel signal a weighting could use, its mean on the bad and on the
             other matches and its AUC at telling them apart (0.5: blind, 1: perfect; the
             weight is read inverted, a low weight flagging a bad match);
@@ -24,6 +27,7 @@ The pair needs ground truth (optical and scene flow). The tracker runs as genera
 first solve's residual and the two forward-backward errors, side by side.
 """
 import argparse
+import dataclasses
 import sys
 from typing import Dict
 
@@ -95,20 +99,27 @@ def photometric(source: torch.Tensor, target: torch.Tensor, flow: torch.Tensor, 
     return (bilinear_sample(target, pixels) - source).abs().mean(dim=1)
 
 
-def signals(tracker: Tracker, batch: Dict, out: Dict) -> Dict[str, torch.Tensor]:
-    """Per-pixel signals (B, H, W) a weighting could use, each larger where a match is worse."""
+def raw_flows(tracker: Tracker, batch: Dict) -> Dict[str, torch.Tensor]:
+    """The hybrid's two flows, both directions, (B, 2, H, W) each, as _hybrid_pass makes them
+    (DIS where PWC-Net's crop has no flow)."""
     source, target = batch["source_color"], batch["target_color"]
-    source_depth, target_depth = batch["source_points"][:, 2], batch["target_points"][:, 2]
     forward, backward = dis_forward_backward(image_proc.to_u8(source[0]), image_proc.to_u8(target[0]),
                                              tracker.options.dis_preset)
     dis_forward, dis_backward = torch.from_numpy(forward)[None], torch.from_numpy(backward)[None]
     frame = tracker.network_frame(batch)
     pwc_forward = tracker._pwc_flow(source, target, frame)[0]
     pwc_backward = tracker._pwc_flow(target, source, frame)[0]
-    pwc_forward = torch.where(torch.isfinite(pwc_forward), pwc_forward, dis_forward)
-    pwc_backward = torch.where(torch.isfinite(pwc_backward), pwc_backward, dis_backward)
-    dis = flow_features(dis_forward, dis_backward, source, target, source_depth, target_depth)
-    pwc = flow_features(pwc_forward, pwc_backward, source, target, source_depth, target_depth)
+    return {"dis": dis_forward, "dis_backward": dis_backward,
+            "pwc": torch.where(torch.isfinite(pwc_forward), pwc_forward, dis_forward),
+            "pwc_backward": torch.where(torch.isfinite(pwc_backward), pwc_backward, dis_backward)}
+
+
+def signals(tracker: Tracker, batch: Dict, out: Dict, flows: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Per-pixel signals (B, H, W) a weighting could use, each larger where a match is worse."""
+    source, target = batch["source_color"], batch["target_color"]
+    source_depth, target_depth = batch["source_points"][:, 2], batch["target_points"][:, 2]
+    dis = flow_features(flows["dis"], flows["dis_backward"], source, target, source_depth, target_depth)
+    pwc = flow_features(flows["pwc"], flows["pwc_backward"], source, target, source_depth, target_depth)
     H, W = source.shape[-2:]
     projected = solved_flow(batch, out)
     pixels = pixel_grid(H, W, source.device, source.dtype)[None] + projected.permute(0, 2, 3, 1)
@@ -118,7 +129,7 @@ def signals(tracker: Tracker, batch: Dict, out: Dict) -> Dict[str, torch.Tensor]
                                  torch.full_like(depth, float("nan")))
     return {"1 - weight": 1 - out["weights"],
             "DIS forward-backward (px)": dis["fb"], "PWC-Net forward-backward (px)": pwc["fb"],
-            "DIS - PWC-Net (px)": torch.linalg.vector_norm(dis_forward - pwc_forward, dim=1),
+            "DIS - PWC-Net (px)": torch.linalg.vector_norm(flows["dis"] - flows["pwc"], dim=1),
             "photometric error of the flow": photometric(source, target, out["flow"], 0),
             "first solve's residual (px)": torch.linalg.vector_norm(projected - torch.nan_to_num(out["flow"]), dim=1),
             "depth residual after the solve (m)": depth_residual}
@@ -158,6 +169,7 @@ def main() -> int:
         print(f"error: {args.checkpoint} is not a hybrid checkpoint (network_flow "
               f"'{tracker.options.network_flow}')", file=sys.stderr)
         return 1
+    tracker.options = dataclasses.replace(tracker.options, hybrid_passes=1)
     tracker.eval()
     batch = collate([DeepDeformDataset(args.dataset_dir, args.split)[args.index]])
     if "optical_flow" not in batch:
@@ -165,8 +177,6 @@ def main() -> int:
         return 1
     with torch.no_grad():
         out = tracker(batch, generator=torch.Generator().manual_seed(args.index))
-        if "first_pass" in out:
-            print("(two passes: the figures below are the second pass's)")
         gt = batch["optical_flow"]
         error = torch.linalg.vector_norm(out["flow"] - gt, dim=1)
         matched = (out["match_mask"] & torch.isfinite(error))[0].numpy()
@@ -187,7 +197,23 @@ def main() -> int:
         r = epe_regions(batch, resolve(tracker, batch, torch.where(gt_known, gt, out["flow"]), out["weights"],
                                        args.index), bad)
         print(f"oracle flow everywhere, same weights: EPE 3D {r['all']:.2f} mm")
-        values = {name: value[0].numpy() for name, value in signals(tracker, batch, out).items()}
+        flows = raw_flows(tracker, batch)
+        dis_error, pwc_error = (torch.linalg.vector_norm(flows[k] - gt, dim=1) for k in ("dis", "pwc"))
+        for name, flow in (("DIS", flows["dis"]), ("PWC-Net", flows["pwc"])):
+            r = epe_regions(batch, resolve(tracker, batch, flow, out["weights"], args.index), bad)
+            print(f"{name} flow alone, same weights: EPE 3D {r['all']:.2f} mm (bad {r['bad']:.2f}, rest {r['rest']:.2f})")
+        # The best a per-pixel choice between the two flows could do (the head's blend at its
+        # sharpest), with the front-end's weights and with oracle weights on top.
+        choice = torch.where((pwc_error < dis_error)[:, None], flows["pwc"], flows["dis"])
+        choice_error = torch.minimum(dis_error, pwc_error)
+        r = epe_regions(batch, resolve(tracker, batch, choice, out["weights"], args.index), bad)
+        print(f"oracle choice of DIS or PWC-Net per pixel, same weights: EPE 3D {r['all']:.2f} mm "
+              f"(bad {r['bad']:.2f}, rest {r['rest']:.2f}; its flow error on the bad matches "
+              f"{choice_error[0].numpy()[bad].mean():.2f} px)")
+        keep = torch.where(choice_error < 5.0, out["weights"], torch.zeros_like(out["weights"]))
+        r = epe_regions(batch, resolve(tracker, batch, choice, keep, args.index), bad)
+        print(f"oracle choice and oracle weights (0 beyond 5 px): EPE 3D {r['all']:.2f} mm")
+        values = {name: value[0].numpy() for name, value in signals(tracker, batch, out, flows).items()}
         print(f"{'signal':36s} {'bad':>10s} {'rest':>10s} {'AUC':>6s}")
         for name, value in values.items():
             ok = matched & np.isfinite(value)
