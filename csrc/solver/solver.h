@@ -736,6 +736,8 @@ at::Tensor BlocksToDenseCpu(const at::Tensor& blocks, const at::Tensor& block_ro
 void AssembleDenseCpu(const at::Tensor& J, const at::Tensor& r, const at::Tensor& nodes,
                       const at::Tensor& slot_order, const at::Tensor& slot_start, at::Tensor A,
                       at::Tensor b, bool accumulate, bool finish);
+bool HasLapackFactor();
+at::Tensor FactorUpperInPlaceCpu(at::Tensor A);
 at::Tensor BlockMatvecCpu(const at::Tensor& blocks, const at::Tensor& block_row,
                           const at::Tensor& block_col, const at::Tensor& row_start,
                           const at::Tensor& col_order, const at::Tensor& col_start, const at::Tensor& x);
@@ -1019,6 +1021,23 @@ inline at::Tensor AssembleDense(const at::Tensor& J, const at::Tensor& r, const 
                      slot_start.contiguous(), A, b, accumulate, finish);
   }
   return A;
+}
+
+// Cholesky factorisation in place of A (B, D, D) float32/float64, contiguous, on the CPU:
+// reads the upper triangle (row-major) of each sample's symmetric matrix and overwrites it with
+// U, A = U^T U; the strictly lower triangle is neither read nor written. Returns info (B,)
+// int64: 0, or k > 0 when the leading minor of order k is not positive definite (the factor is
+// then incomplete). Only where HasLapackFactor() (LAPACK's potrf found in the process; see
+// factor_cpu.cpp); elsewhere, and on a GPU, torch.linalg.cholesky_ex does the factorisation.
+inline at::Tensor FactorUpperInPlace(at::Tensor A) {
+  TORCH_CHECK(A.dim() == 3 && A.size(1) == A.size(2) && A.is_contiguous() &&
+                  (A.scalar_type() == at::kFloat || A.scalar_type() == at::kDouble),
+              "A must be a contiguous (B, D, D) float32/float64 tensor, found ", A.sizes(), " ",
+              A.scalar_type());
+  TORCH_CHECK(!A.is_cuda(), "factor_upper_ runs on the CPU only (a GPU uses torch.linalg.cholesky_ex)");
+  TORCH_CHECK(HasLapackFactor(), "factor_upper_: no LAPACK potrf in this process (check has_lapack_factor())");
+  TORCH_CHECK(A.size(1) <= INT32_MAX, "A is too large for LAPACK: ", A.size(1));
+  return FactorUpperInPlaceCpu(A);
 }
 
 // Backward of AssembleBlocks: (grad_J, grad_r) from grad_blocks (P, 6, 6) and grad_b (T, 6).
