@@ -91,6 +91,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("target_depth"), py::arg("weights"), py::arg("intrinsics"), py::arg("rotations"),
         py::arg("translations"), py::arg("flow_weight"), py::arg("depth_weight"),
         py::arg("robust"), py::arg("robust_scale"));
+  m.def("left_rotate", &nnrt::LeftRotate, py::arg("w"), py::arg("R"));
+  m.def("left_rotate_backward", &nnrt::LeftRotateBackward, py::arg("w"), py::arg("R"), py::arg("grad"));
   m.def("edge_terms", &nnrt::EdgeTerms, py::arg("edges"), py::arg("weights"), py::arg("nodes"),
         py::arg("rotations"), py::arg("translations"));
   m.def("edge_terms_backward", &nnrt::EdgeTermsBackward, py::arg("edges"), py::arg("weights"),

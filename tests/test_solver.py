@@ -491,6 +491,12 @@ def test_left_rotate_equals_rodrigues_with_autograd(scale):
     probe = torch.randn(6, 3, 3, generator=g, dtype=torch.float64)
     ours = torch.autograd.grad((left_rotate(w, R) * probe).sum(), (w, R))
     reference = torch.autograd.grad(((so3_exp(w) @ R) * probe).sum(), (w, R))
+    assert_close(left_rotate(w, R), so3_exp(w) @ R, atol=1e-14, what="left_rotate")
     for a, b in zip(ours, reference):
         assert_close(a, b, atol=1e-12, what="left_rotate gradient")
+    # float32, any leading shape, and one-line shape errors (the fused op, csrc LeftRotateBody).
+    w32, R32 = w.detach().float().reshape(2, 3, 3), R.detach().float().reshape(2, 3, 3, 3)
+    assert_close(left_rotate(w32, R32), so3_exp(w32) @ R32, atol=1e-6, what="left_rotate float32")
+    with pytest.raises(ValueError, match="expected omega"):
+        left_rotate(w32, R32[:1])
     assert_close(left_rotate(w, R), so3_exp(w) @ R, atol=1e-14, what="left_rotate")
