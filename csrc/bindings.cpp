@@ -76,6 +76,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("assemble_dense", &nnrt::AssembleDense, py::arg("J"), py::arg("r"), py::arg("nodes"),
         py::arg("slot_order"), py::arg("slot_start"), py::arg("A"), py::arg("b"), py::arg("accumulate"),
         py::arg("finish"));
+  m.def("factor_upper_", &nnrt::FactorUpperInPlace, py::arg("A"));
+  m.def("has_lapack_factor", &nnrt::HasLapackFactor,
+        "Whether factor_upper_ can run (LAPACK's potrf found in this process).");
   m.def("blocks_to_dense", &nnrt::BlocksToDense, py::arg("blocks"), py::arg("block_row"),
         py::arg("block_col"), py::arg("num_samples"), py::arg("num_nodes"));
   m.def("block_matvec", &nnrt::BlockMatvec, py::arg("blocks"), py::arg("block_row"),
@@ -88,6 +91,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("target_depth"), py::arg("weights"), py::arg("intrinsics"), py::arg("rotations"),
         py::arg("translations"), py::arg("flow_weight"), py::arg("depth_weight"),
         py::arg("robust"), py::arg("robust_scale"));
+  m.def("left_rotate", &nnrt::LeftRotate, py::arg("w"), py::arg("R"));
+  m.def("left_rotate_backward", &nnrt::LeftRotateBackward, py::arg("w"), py::arg("R"), py::arg("grad"));
   m.def("edge_terms", &nnrt::EdgeTerms, py::arg("edges"), py::arg("weights"), py::arg("nodes"),
         py::arg("rotations"), py::arg("translations"));
   m.def("edge_terms_backward", &nnrt::EdgeTermsBackward, py::arg("edges"), py::arg("weights"),

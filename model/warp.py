@@ -8,6 +8,8 @@ from typing import Tuple
 
 import torch
 
+from model.ext import C
+
 
 def anchor_terms(points: torch.Tensor, anchors: torch.Tensor, weights: torch.Tensor,
                  nodes: torch.Tensor, rotations: torch.Tensor, translations: torch.Tensor
@@ -57,39 +59,20 @@ def so3_exp(omega: torch.Tensor) -> torch.Tensor:
 
 
 class _LeftRotate(torch.autograd.Function):
-    """exp(omega) R with an analytic backward (the solver's rotation update, once per
-    Gauss-Newton iteration): autograd through Rodrigues' formula is some forty small nodes.
-
-    With R' = exp(omega) R and G = dL/dR': dL/dR = exp(omega)^T G, and, perturbing omega on the
-    left (exp(omega + d) = exp(J_l(omega) d) exp(omega), J_l the left Jacobian of SO(3)),
-    dL/domega = J_l(omega)^T m, where m = vee(M - M^T) of M = G R'^T, i.e. the axial vector
-    with <M, skew(v)> = m . v, and J_l = I + (1 - cos t) / t^2 K + (t - sin t) / t^3 K^2,
-    K = skew(omega), t = |omega| (Taylor series near 0).
-    """
+    """exp(omega) R with the analytic backward (the left Jacobian of SO(3)), one fused op each
+    way (csrc/solver/solver.h LeftRotateBody / LeftRotateBackwardBody, where the derivation
+    is): the solver's rotation update, once per Gauss-Newton iteration, which as tensor code is
+    some twenty small ops forward and forty through autograd."""
 
     @staticmethod
     def forward(ctx, omega, R):
-        E = so3_exp(omega)
-        out = E @ R
-        ctx.save_for_backward(omega, E, out)
-        return out
+        ctx.save_for_backward(omega, R)
+        return C.left_rotate(omega, R)
 
     @staticmethod
     def backward(ctx, grad):
-        omega, E, out = ctx.saved_tensors
-        grad_R = E.mT @ grad
-        M = grad @ out.mT
-        m = torch.stack((M[..., 2, 1] - M[..., 1, 2], M[..., 0, 2] - M[..., 2, 0],
-                         M[..., 1, 0] - M[..., 0, 1]), dim=-1)
-        theta2 = (omega * omega).sum(dim=-1)
-        small = theta2 < 1e-8
-        safe2 = torch.where(small, torch.ones_like(theta2), theta2)
-        theta = safe2.sqrt()
-        b = torch.where(small, 0.5 - theta2 / 24, (1 - torch.cos(theta)) / safe2)
-        c = torch.where(small, 1.0 / 6 - theta2 / 120, (theta - torch.sin(theta)) / (safe2 * theta))
-        # J_l^T m = m - b (omega x m) + c (omega x (omega x m))   (K^T = -K, (K^2)^T = K^2)
-        wxm = torch.cross(omega, m, dim=-1)
-        grad_omega = m - b[..., None] * wxm + c[..., None] * torch.cross(omega, wxm, dim=-1)
+        omega, R = ctx.saved_tensors
+        grad_omega, grad_R = C.left_rotate_backward(omega, R, grad)
         return grad_omega, grad_R
 
 
@@ -99,7 +82,8 @@ def left_rotate(omega: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     if omega.shape[-1] != 3 or R.shape[-2:] != (3, 3) or omega.shape[:-1] != R.shape[:-2]:
         raise ValueError(f"expected omega (..., 3) and R (..., 3, 3), found {tuple(omega.shape)}, "
                          f"{tuple(R.shape)}")
-    return _LeftRotate.apply(omega, R)
+    shape = R.shape
+    return _LeftRotate.apply(omega.reshape(-1, 3), R.reshape(-1, 3, 3)).reshape(shape)
 
 
 def skew(v: torch.Tensor) -> torch.Tensor:

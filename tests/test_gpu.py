@@ -23,7 +23,7 @@ from model import solver as gn
 from model.ext import C as nnrt_ext
 from model.ext import cuda_unavailable_reason
 from model.hashgrid import hash_encode
-from model.warp import so3_exp
+from model.warp import left_rotate, so3_exp
 from options import SolverOptions
 from tests.conftest import REPO, assert_close, small_synthetic_split
 from tests.test_fusion import INTRINSICS as FUSION_INTRINSICS
@@ -206,6 +206,15 @@ def test_edge_terms(dtype):
     w = 0.5 + torch.rand(E, generator=gen, dtype=dtype)
     fn = lambda edges, w, nodes, R, t: gn.edge_terms(edges[:, 0], edges[:, 1], w, nodes.detach(), R, t, 2.0)  # noqa: E731
     _compare(_both(fn, edges, w, nodes, R, t, grad=True), dtype, "edge_terms")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_left_rotate(dtype):
+    gen = torch.Generator().manual_seed(8)
+    w = torch.cat((1e-5 * torch.randn(20, 3, generator=gen, dtype=dtype),
+                   torch.randn(20, 3, generator=gen, dtype=dtype)))
+    R = so3_exp(torch.randn(40, 3, generator=gen, dtype=dtype))
+    _compare(_both(left_rotate, w, R, grad=True), dtype, "left_rotate")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -265,3 +265,48 @@ def test_training_curve_png(tmp_path):
     assert ((image[..., 0] > 150) & (image[..., 2] < 50)).sum() > 100
     assert ((image[..., 2] > 150) & (image[..., 0] < 50)).sum() > 50
     assert curves_main([str(tmp_path / "none"), "--out", out]) == 1
+
+
+def _bench_regions():
+    """benchmarks/bench_hybrid_regions.py as a module (benchmarks/ is a folder of scripts)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_hybrid_regions",
+                                                  os.path.join(REPO, "benchmarks", "bench_hybrid_regions.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_region_diagnosis_auc_counts_pairs_and_ties():
+    auc = _bench_regions().auc
+    rng = np.random.default_rng(0)
+    signal = rng.integers(0, 5, 200).astype(np.float64)       # many ties
+    positive = rng.random(200) < 0.3
+    pairs = signal[positive][:, None] - signal[~positive][None, :]
+    expected = ((pairs > 0) + 0.5 * (pairs == 0)).mean()
+    assert abs(auc(signal, positive) - expected) < 1e-12
+    assert auc(np.arange(6.0), np.array([0, 0, 0, 1, 1, 1], dtype=bool)) == 1.0
+    assert np.isnan(auc(np.arange(3.0), np.zeros(3, dtype=bool)))
+
+
+def test_region_diagnosis_runs_on_a_pair(split, tmp_path):
+    path = str(tmp_path / "hybrid.pt")
+    save_checkpoint(path, Tracker(TrackerOptions(flow="network", network_flow="hybrid", use_mask=False,
+                                                 network_width=128, network_input="pad", hybrid_passes=2)))
+    png = str(tmp_path / "regions.png")
+    result = subprocess.run([sys.executable, "benchmarks/bench_hybrid_regions.py", "--dataset-dir", split,
+                             "--split", "test", "--checkpoint", path, "--bad-px", "1", "--png", png],
+                            capture_output=True, text=True, cwd=REPO, timeout=600,
+                            env={**os.environ, "PYTHONPATH": REPO})
+    assert result.returncode == 0, result.stderr[-3000:]
+    for line in ("oracle weights (0 beyond 1 px)", "oracle flow everywhere", "oracle choice of DIS or PWC-Net",
+                 "first solve's residual (px)", "DIS (medium) started at the true flow"):
+        assert line in result.stdout, result.stdout
+    import cv2
+    assert cv2.imread(png).shape == (2 * 120, 3 * 160, 3)     # two rows of three half-size panels
+    not_hybrid = str(tmp_path / "pwc.pt")
+    save_checkpoint(not_hybrid, Tracker(TrackerOptions(flow="network", use_mask=False, network_width=128)))
+    result = subprocess.run([sys.executable, "benchmarks/bench_hybrid_regions.py", "--dataset-dir", split,
+                             "--split", "test", "--checkpoint", not_hybrid], capture_output=True, text=True,
+                            cwd=REPO, timeout=600, env={**os.environ, "PYTHONPATH": REPO})
+    assert result.returncode == 1 and "is not a hybrid checkpoint" in result.stderr

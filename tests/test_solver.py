@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from model import solver as gn
+from model.ext import C
+from model.solver import linear_solvers
 from model.warp import left_rotate, so3_exp
 from options import SolverOptions
 from tests.conftest import assert_close
@@ -188,6 +190,49 @@ def test_cholesky_solve_flags_bad_systems():
     assert torch.equal(x[1:], torch.zeros(2, 4, dtype=torch.float64))
     x.sum().backward()
     assert torch.isfinite(b.grad).all() and torch.equal(b.grad[1:], torch.zeros(2, 4, dtype=torch.float64))
+
+
+@pytest.mark.skipif(not C.has_lapack_factor(), reason="no LAPACK potrf reachable in this process")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_factor_upper_in_place_equals_torch_cholesky_and_leaves_the_lower_triangle(dtype):
+    gen = torch.Generator().manual_seed(2)
+    X = torch.randn(3, 12, 30, generator=gen, dtype=torch.float64)
+    A = (X @ X.mT / 30 + 0.1 * torch.eye(12, dtype=torch.float64)).to(dtype)
+    A[2] = -A[2]                                   # not positive definite
+    work = A.triu()
+    lower = torch.ones(12, 12, dtype=torch.bool).tril(-1)
+    work[:, lower] = float("nan")                  # never read, never written
+    info = C.factor_upper_(work)
+    assert info.dtype == torch.int64 and info[:2].tolist() == [0, 0] and info[2] > 0
+    assert torch.isnan(work[:, lower]).all()
+    U = torch.linalg.cholesky_ex(A[:2], upper=True)[0]
+    assert_close(work[:2].triu(), U, rtol=1e-5 if dtype == torch.float32 else 1e-12,
+                 atol=1e-5 if dtype == torch.float32 else 1e-12, what="U")
+    for bad in (A.mT, A[..., :6], A.int()):
+        with pytest.raises(RuntimeError, match="contiguous"):
+            C.factor_upper_(bad)
+
+
+def test_the_step_factored_in_place_equals_torch_cholesky(monkeypatch):
+    """The dense step with the in-place LAPACK factor of the upper triangle (the CPU default)
+    and with torch.linalg.cholesky_ex on the mirrored matrix (a GPU's path): the same step,
+    gradients and failure flags."""
+    J, r, nodes = _random_terms(M=40, S=4, N=4, seed=5)
+    diagonal = torch.full((2, 24), 0.1, dtype=torch.float64)
+    diagonal[1] = -1e3                             # sample 1 not positive definite: failed
+
+    def step():
+        leaves = [t.clone().requires_grad_(True) for t in (J, r)]
+        x, failed = gn.gauss_newton_step(diagonal, 2, 4, leaves[0], leaves[1], nodes)
+        return x, failed, torch.autograd.grad((x * torch.arange(48.0, dtype=x.dtype).reshape(2, 24)).sum(), leaves)
+
+    ours = step()
+    monkeypatch.setattr(linear_solvers, "_LAPACK_IN_PLACE", False)
+    theirs = step()
+    assert ours[1].tolist() == theirs[1].tolist() == [False, True]
+    assert_close(ours[0], theirs[0], atol=1e-12, what="step")
+    for a, b in zip(ours[2], theirs[2]):
+        assert_close(a, b, atol=1e-10, what="gradient")
 
 
 def _options(**changes):
@@ -446,6 +491,12 @@ def test_left_rotate_equals_rodrigues_with_autograd(scale):
     probe = torch.randn(6, 3, 3, generator=g, dtype=torch.float64)
     ours = torch.autograd.grad((left_rotate(w, R) * probe).sum(), (w, R))
     reference = torch.autograd.grad(((so3_exp(w) @ R) * probe).sum(), (w, R))
+    assert_close(left_rotate(w, R), so3_exp(w) @ R, atol=1e-14, what="left_rotate")
     for a, b in zip(ours, reference):
         assert_close(a, b, atol=1e-12, what="left_rotate gradient")
+    # float32, any leading shape, and one-line shape errors (the fused op, csrc LeftRotateBody).
+    w32, R32 = w.detach().float().reshape(2, 3, 3), R.detach().float().reshape(2, 3, 3, 3)
+    assert_close(left_rotate(w32, R32), so3_exp(w32) @ R32, atol=1e-6, what="left_rotate float32")
+    with pytest.raises(ValueError, match="expected omega"):
+        left_rotate(w32, R32[:1])
     assert_close(left_rotate(w, R), so3_exp(w) @ R, atol=1e-14, what="left_rotate")

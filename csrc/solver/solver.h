@@ -262,6 +262,83 @@ HOST_DEVICE inline void WarpMatch(const scalar_t* x, const int64_t* anchors, con
 HOST_DEVICE inline float ScalarSqrt(float x) { return sqrtf(x); }
 HOST_DEVICE inline double ScalarSqrt(double x) { return sqrt(x); }
 
+HOST_DEVICE inline float ScalarSin(float x) { return sinf(x); }
+HOST_DEVICE inline double ScalarSin(double x) { return sin(x); }
+HOST_DEVICE inline float ScalarCos(float x) { return cosf(x); }
+HOST_DEVICE inline double ScalarCos(double x) { return cos(x); }
+
+// The rotation update of one node (once per Gauss-Newton iteration): R' = exp(w) R with
+// Rodrigues' formula written as exp(w) = (1 - b t^2) I + a K + b w w^T (K = skew(w), t = |w|,
+// K^2 = w w^T - t^2 I), a = sin t / t, b = (1 - cos t) / t^2, Taylor series for t^2 < 1e-8
+// (values and gradients stay finite at 0). w (3), R (9) row-major; out (9) = exp(w) R, and E
+// (9) = exp(w) when E is not null.
+template <typename scalar_t>
+HOST_DEVICE inline void So3ExpCoefficients(const scalar_t* w, scalar_t* t2, scalar_t* a, scalar_t* b,
+                                           scalar_t* c) {
+  const scalar_t theta2 = w[0] * w[0] + w[1] * w[1] + w[2] * w[2];
+  *t2 = theta2;
+  if (theta2 < scalar_t(1e-8)) {
+    *a = scalar_t(1) - theta2 / 6;
+    *b = scalar_t(0.5) - theta2 / 24;
+    *c = scalar_t(1) / 6 - theta2 / 120;  // (t - sin t) / t^3, the left Jacobian's K^2 term
+  } else {
+    const scalar_t theta = ScalarSqrt(theta2), s = ScalarSin(theta);
+    *a = s / theta;
+    *b = (scalar_t(1) - ScalarCos(theta)) / theta2;
+    *c = (theta - s) / (theta2 * theta);
+  }
+}
+
+template <typename scalar_t>
+HOST_DEVICE inline void So3Exp(const scalar_t* w, scalar_t t2, scalar_t a, scalar_t b, scalar_t* E) {
+  const scalar_t d = scalar_t(1) - b * t2;
+  E[0] = d + b * w[0] * w[0];
+  E[1] = -a * w[2] + b * w[0] * w[1];
+  E[2] = a * w[1] + b * w[0] * w[2];
+  E[3] = a * w[2] + b * w[1] * w[0];
+  E[4] = d + b * w[1] * w[1];
+  E[5] = -a * w[0] + b * w[1] * w[2];
+  E[6] = -a * w[1] + b * w[2] * w[0];
+  E[7] = a * w[0] + b * w[2] * w[1];
+  E[8] = d + b * w[2] * w[2];
+}
+
+template <typename scalar_t>
+HOST_DEVICE inline void LeftRotateBody(const scalar_t* w, const scalar_t* R, scalar_t* out) {
+  scalar_t t2, a, b, c, E[9];
+  So3ExpCoefficients(w, &t2, &a, &b, &c);
+  So3Exp(w, t2, a, b, E);
+  for (int i = 0; i < 3; ++i)
+    for (int j = 0; j < 3; ++j)
+      out[3 * i + j] = E[3 * i] * R[j] + E[3 * i + 1] * R[3 + j] + E[3 * i + 2] * R[6 + j];
+}
+
+// Backward of LeftRotateBody from G (9) = dL/dR': dL/dR = E^T G, and, perturbing w on the left
+// (exp(w + d) = exp(J_l(w) d) exp(w), J_l the left Jacobian of SO(3)), dL/dw = J_l(w)^T m with
+// m = vee(M - M^T), M = G R'^T (the axial vector with <M, skew(v)> = m . v), where
+// J_l = I + b K + c K^2, c = (t - sin t) / t^3: J_l^T m = m - b (w x m) + c (w x (w x m)).
+template <typename scalar_t>
+HOST_DEVICE inline void LeftRotateBackwardBody(const scalar_t* w, const scalar_t* R, const scalar_t* G,
+                                               scalar_t* grad_w, scalar_t* grad_R) {
+  scalar_t t2, a, b, c, E[9], out[9];
+  So3ExpCoefficients(w, &t2, &a, &b, &c);
+  So3Exp(w, t2, a, b, E);
+  for (int i = 0; i < 3; ++i)
+    for (int j = 0; j < 3; ++j) {
+      out[3 * i + j] = E[3 * i] * R[j] + E[3 * i + 1] * R[3 + j] + E[3 * i + 2] * R[6 + j];
+      grad_R[3 * i + j] = E[i] * G[j] + E[3 + i] * G[3 + j] + E[6 + i] * G[6 + j];
+    }
+  scalar_t M[9];
+  for (int i = 0; i < 3; ++i)
+    for (int j = 0; j < 3; ++j)
+      M[3 * i + j] = G[3 * i] * out[3 * j] + G[3 * i + 1] * out[3 * j + 1] + G[3 * i + 2] * out[3 * j + 2];
+  const scalar_t m[3] = {M[7] - M[5], M[2] - M[6], M[3] - M[1]};
+  const scalar_t wm[3] = {w[1] * m[2] - w[2] * m[1], w[2] * m[0] - w[0] * m[2], w[0] * m[1] - w[1] * m[0]};
+  const scalar_t wwm[3] = {w[1] * wm[2] - w[2] * wm[1], w[2] * wm[0] - w[0] * wm[2],
+                           w[0] * wm[1] - w[1] * wm[0]};
+  for (int k = 0; k < 3; ++k) grad_w[k] = m[k] - b * wm[k] + c * wwm[k];
+}
+
 template <typename scalar_t>
 HOST_DEVICE inline scalar_t RobustRoot(scalar_t px, scalar_t py, int robust, scalar_t scale) {
   if (robust == kRobustNone) return scalar_t(1);
@@ -736,6 +813,8 @@ at::Tensor BlocksToDenseCpu(const at::Tensor& blocks, const at::Tensor& block_ro
 void AssembleDenseCpu(const at::Tensor& J, const at::Tensor& r, const at::Tensor& nodes,
                       const at::Tensor& slot_order, const at::Tensor& slot_start, at::Tensor A,
                       at::Tensor b, bool accumulate, bool finish);
+bool HasLapackFactor();
+at::Tensor FactorUpperInPlaceCpu(at::Tensor A);
 at::Tensor BlockMatvecCpu(const at::Tensor& blocks, const at::Tensor& block_row,
                           const at::Tensor& block_col, const at::Tensor& row_start,
                           const at::Tensor& col_order, const at::Tensor& col_start, const at::Tensor& x);
@@ -772,6 +851,8 @@ std::vector<at::Tensor> MatchTermsBackwardCpu(const MatchTermInputs& in, const M
                                               const at::Tensor& grad_J);
 // Edge terms: edges (E, 2) int64 flat (i, j), w (E), g (T, 3), R (T, 3, 3), t (T, 3) -> res (E, 3),
 // J (E, 3, 12); backward -> g_nodes (T, 12) (R 9, t 3 per node, summed over both slots), g_w (E).
+at::Tensor LeftRotateCpu(const at::Tensor& w, const at::Tensor& R);
+std::vector<at::Tensor> LeftRotateBackwardCpu(const at::Tensor& w, const at::Tensor& R, const at::Tensor& G);
 std::vector<at::Tensor> EdgeTermsCpu(const at::Tensor& edges, const at::Tensor& w, const at::Tensor& g,
                                      const at::Tensor& R, const at::Tensor& t);
 std::vector<at::Tensor> EdgeTermsBackwardCpu(const at::Tensor& edges, const at::Tensor& w,
@@ -779,6 +860,8 @@ std::vector<at::Tensor> EdgeTermsBackwardCpu(const at::Tensor& edges, const at::
                                              const at::Tensor& t, const at::Tensor& grad_res,
                                              const at::Tensor& grad_J);
 #ifdef WITH_CUDA
+at::Tensor LeftRotateCuda(const at::Tensor& w, const at::Tensor& R);
+std::vector<at::Tensor> LeftRotateBackwardCuda(const at::Tensor& w, const at::Tensor& R, const at::Tensor& G);
 std::vector<at::Tensor> EdgeTermsCuda(const at::Tensor& edges, const at::Tensor& w, const at::Tensor& g,
                                       const at::Tensor& R, const at::Tensor& t);
 std::vector<at::Tensor> EdgeTermsBackwardCuda(const at::Tensor& edges, const at::Tensor& w,
@@ -1019,6 +1102,23 @@ inline at::Tensor AssembleDense(const at::Tensor& J, const at::Tensor& r, const 
                      slot_start.contiguous(), A, b, accumulate, finish);
   }
   return A;
+}
+
+// Cholesky factorisation in place of A (B, D, D) float32/float64, contiguous, on the CPU:
+// reads the upper triangle (row-major) of each sample's symmetric matrix and overwrites it with
+// U, A = U^T U; the strictly lower triangle is neither read nor written. Returns info (B,)
+// int64: 0, or k > 0 when the leading minor of order k is not positive definite (the factor is
+// then incomplete). Only where HasLapackFactor() (LAPACK's potrf found in the process; see
+// factor_cpu.cpp); elsewhere, and on a GPU, torch.linalg.cholesky_ex does the factorisation.
+inline at::Tensor FactorUpperInPlace(at::Tensor A) {
+  TORCH_CHECK(A.dim() == 3 && A.size(1) == A.size(2) && A.is_contiguous() &&
+                  (A.scalar_type() == at::kFloat || A.scalar_type() == at::kDouble),
+              "A must be a contiguous (B, D, D) float32/float64 tensor, found ", A.sizes(), " ",
+              A.scalar_type());
+  TORCH_CHECK(!A.is_cuda(), "factor_upper_ runs on the CPU only (a GPU uses torch.linalg.cholesky_ex)");
+  TORCH_CHECK(HasLapackFactor(), "factor_upper_: no LAPACK potrf in this process (check has_lapack_factor())");
+  TORCH_CHECK(A.size(1) <= INT32_MAX, "A is too large for LAPACK: ", A.size(1));
+  return FactorUpperInPlaceCpu(A);
 }
 
 // Backward of AssembleBlocks: (grad_J, grad_r) from grad_blocks (P, 6, 6) and grad_b (T, 6).
@@ -1310,6 +1410,43 @@ inline std::vector<at::Tensor> EdgeTermsBackward(const at::Tensor& edges, const 
   }
   return EdgeTermsBackwardCpu(edges.contiguous(), w.contiguous(), g.contiguous(), R.contiguous(),
                               t.contiguous(), gr, gJ);
+}
+
+// exp(w) R of T rotations (LeftRotateBody): w (T, 3), R (T, 3, 3), one floating dtype. Returns
+// R' (T, 3, 3).
+inline void CheckLeftRotateInputs(const at::Tensor& w, const at::Tensor& R) {
+  TORCH_CHECK(w.dim() == 2 && w.size(1) == 3 && R.dim() == 3 && R.size(0) == w.size(0) && R.size(1) == 3 &&
+                  R.size(2) == 3,
+              "left_rotate: w (T, 3) and R (T, 3, 3) expected, found ", w.sizes(), " and ", R.sizes());
+  TORCH_CHECK(w.is_floating_point() && R.scalar_type() == w.scalar_type() && R.device() == w.device(),
+              "left_rotate: w and R must share one floating dtype and device");
+}
+
+inline at::Tensor LeftRotate(const at::Tensor& w, const at::Tensor& R) {
+  CheckLeftRotateInputs(w, R);
+  if (w.is_cuda()) {
+#ifdef WITH_CUDA
+    return LeftRotateCuda(w.contiguous(), R.contiguous());
+#else
+    NNRT_NO_CUDA("left_rotate");
+#endif
+  }
+  return LeftRotateCpu(w.contiguous(), R.contiguous());
+}
+
+// (grad_w (T, 3), grad_R (T, 3, 3)) of LeftRotate from G = dL/dR' (T, 3, 3) (LeftRotateBackwardBody).
+inline std::vector<at::Tensor> LeftRotateBackward(const at::Tensor& w, const at::Tensor& R, const at::Tensor& G) {
+  CheckLeftRotateInputs(w, R);
+  TORCH_CHECK(G.sizes() == R.sizes(), "left_rotate_backward: grad (T, 3, 3) expected, found ", G.sizes());
+  const at::Tensor g = G.to(w.scalar_type()).contiguous();
+  if (w.is_cuda()) {
+#ifdef WITH_CUDA
+    return LeftRotateBackwardCuda(w.contiguous(), R.contiguous(), g);
+#else
+    NNRT_NO_CUDA("left_rotate_backward");
+#endif
+  }
+  return LeftRotateBackwardCpu(w.contiguous(), R.contiguous(), g);
 }
 
 }  // namespace nnrt

@@ -239,4 +239,31 @@ std::vector<at::Tensor> EdgeTermsBackwardCpu(const at::Tensor& edges, const at::
   return {g_nodes, g_w};
 }
 
+at::Tensor LeftRotateCpu(const at::Tensor& w, const at::Tensor& R) {
+  const int64_t T = w.size(0);
+  at::Tensor out = at::empty_like(R);
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "left_rotate_cpu", [&] {
+    const scalar_t *wp = w.data_ptr<scalar_t>(), *Rp = R.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, T, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) LeftRotateBody<scalar_t>(wp + 3 * n, Rp + 9 * n, op + 9 * n);
+    });
+  });
+  return out;
+}
+
+std::vector<at::Tensor> LeftRotateBackwardCpu(const at::Tensor& w, const at::Tensor& R, const at::Tensor& G) {
+  const int64_t T = w.size(0);
+  at::Tensor grad_w = at::empty_like(w), grad_R = at::empty_like(R);
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "left_rotate_backward_cpu", [&] {
+    const scalar_t *wp = w.data_ptr<scalar_t>(), *Rp = R.data_ptr<scalar_t>(), *Gp = G.data_ptr<scalar_t>();
+    scalar_t *gw = grad_w.data_ptr<scalar_t>(), *gR = grad_R.data_ptr<scalar_t>();
+    at::parallel_for(0, T, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n)
+        LeftRotateBackwardBody<scalar_t>(wp + 3 * n, Rp + 9 * n, Gp + 9 * n, gw + 3 * n, gR + 9 * n);
+    });
+  });
+  return {grad_w, grad_R};
+}
+
 }  // namespace nnrt

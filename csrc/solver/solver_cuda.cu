@@ -111,6 +111,25 @@ __global__ void EdgeTermsBackwardKernel(const int64_t* __restrict__ edges, const
 }
 
 template <typename scalar_t>
+__global__ void LeftRotateKernel(const scalar_t* __restrict__ w, const scalar_t* __restrict__ R, int64_t T,
+                                 scalar_t* __restrict__ out) {
+  for (int64_t n = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; n < T;
+       n += int64_t(blockDim.x) * gridDim.x) {
+    LeftRotateBody<scalar_t>(w + 3 * n, R + 9 * n, out + 9 * n);
+  }
+}
+
+template <typename scalar_t>
+__global__ void LeftRotateBackwardKernel(const scalar_t* __restrict__ w, const scalar_t* __restrict__ R,
+                                         const scalar_t* __restrict__ G, int64_t T,
+                                         scalar_t* __restrict__ grad_w, scalar_t* __restrict__ grad_R) {
+  for (int64_t n = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; n < T;
+       n += int64_t(blockDim.x) * gridDim.x) {
+    LeftRotateBackwardBody<scalar_t>(w + 3 * n, R + 9 * n, G + 9 * n, grad_w + 3 * n, grad_R + 9 * n);
+  }
+}
+
+template <typename scalar_t>
 MatchTermParams<scalar_t> CastParams(const MatchTermParams<double>& prm) {
   return {static_cast<scalar_t>(prm.sqrt_flow_weight), static_cast<scalar_t>(prm.sqrt_depth_weight),
           static_cast<scalar_t>(prm.robust_scale), prm.robust, prm.A};
@@ -245,6 +264,33 @@ std::vector<at::Tensor> AssembleNormalEquationsBackwardCuda(const at::Tensor& gr
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {grad_J, grad_r};
+}
+
+at::Tensor LeftRotateCuda(const at::Tensor& w, const at::Tensor& R) {
+  at::cuda::CUDAGuard guard(w.device());
+  const int64_t T = w.size(0);
+  at::Tensor out = at::empty_like(R);
+  if (T == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "left_rotate_cuda", [&] {
+    LeftRotateKernel<scalar_t><<<NumBlocks(T, 256), 256, 0, at::cuda::getCurrentCUDAStream()>>>(
+        w.data_ptr<scalar_t>(), R.data_ptr<scalar_t>(), T, out.data_ptr<scalar_t>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+std::vector<at::Tensor> LeftRotateBackwardCuda(const at::Tensor& w, const at::Tensor& R, const at::Tensor& G) {
+  at::cuda::CUDAGuard guard(w.device());
+  const int64_t T = w.size(0);
+  at::Tensor grad_w = at::empty_like(w), grad_R = at::empty_like(R);
+  if (T == 0) return {grad_w, grad_R};
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "left_rotate_backward_cuda", [&] {
+    LeftRotateBackwardKernel<scalar_t><<<NumBlocks(T, 256), 256, 0, at::cuda::getCurrentCUDAStream()>>>(
+        w.data_ptr<scalar_t>(), R.data_ptr<scalar_t>(), G.data_ptr<scalar_t>(), T, grad_w.data_ptr<scalar_t>(),
+        grad_R.data_ptr<scalar_t>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {grad_w, grad_R};
 }
 
 }  // namespace nnrt

@@ -246,9 +246,7 @@ def _linearise(prep: _Prepared, rotations, translations, options: SolverOptions,
                            robust, options.robust_scale)
     r_e, J_e = edge_terms(prep.sources, prep.targets, prep.edge_w, prep.nodes_flat, rotations,
                           translations, options.arap_weight)
-    with torch.no_grad():
-        data = torch.zeros(prep.B, dtype=torch.float64, device=r_m.device)
-        data.index_add_(0, prep.sample, (r_m.detach().double() ** 2).sum(dim=1))
+    data = _sum_of_squares(r_m, prep.sample, prep.B)
     extra = []
     if prep.icp is not None:
         t = prep.icp
@@ -260,12 +258,20 @@ def _linearise(prep: _Prepared, rotations, translations, options: SolverOptions,
             r_i = r_i * root[:, None]
             J_i = J_i * root[:, None, None]
         extra.append((J_i, r_i, t.flat_anchors))
-        with torch.no_grad():
-            data.index_add_(0, t.sample, (r_i.detach().double() ** 2).sum(dim=1))
+        data = data + _sum_of_squares(r_i, t.sample, prep.B)
+    return (J_m, r_m, J_e, r_e, extra), data, _sum_of_squares(r_e, prep.edge_sample, prep.B)
+
+
+def _sum_of_squares(residuals: torch.Tensor, sample: torch.Tensor, B: int) -> torch.Tensor:
+    """(B,) float64: each sample's sum of squared residuals (R terms (R, k) of samples (R,)),
+    without gradient. One sample (the common case) in one reduction: a tenth of the scatter's
+    time at 10k terms."""
     with torch.no_grad():
-        arap = torch.zeros(prep.B, dtype=torch.float64, device=r_m.device)
-        arap.index_add_(0, prep.edge_sample, (r_e.detach().double() ** 2).sum(dim=1))
-    return (J_m, r_m, J_e, r_e, extra), data, arap
+        r = residuals.detach()
+        if B == 1:
+            return (torch.linalg.vector_norm(r, dtype=torch.float64) ** 2).reshape(1)
+        out = torch.zeros(B, dtype=torch.float64, device=r.device)
+        return out.index_add_(0, sample, (r.double() ** 2).sum(dim=1))
 
 
 def solve(problem: SolverProblem, options: SolverOptions = SolverOptions(),

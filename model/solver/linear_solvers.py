@@ -21,35 +21,52 @@ from model.solver.normal_equations import (BlockPattern, SlotLists, assemble_blo
                                            assemble_dense, block_matvec, build_slot_lists)
 
 
-def _triangular_solve(L: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """x = (L L^T)^-1 b for L (B, D, D) lower triangular and b (B, D): two triangular solves
+# The dense CPU path factors the assembled upper triangle in place by LAPACK (csrc/solver
+# factor_cpu.cpp): no clone, no zeroing of the other triangle, no mirror. Elsewhere (a GPU, or a
+# torch whose LAPACK the extension cannot reach) torch.linalg.cholesky_ex does it.
+_LAPACK_IN_PLACE = bool(C.has_lapack_factor())
+
+
+def factors_in_place(device: torch.device) -> bool:
+    """Whether _factor_and_solve(..., overwrite=True) factors on `device` in place, reading the
+    upper triangle only (so that the assembly need not mirror it)."""
+    return device.type == "cpu" and _LAPACK_IN_PLACE
+
+
+def _triangular_solve(U: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x = (U^T U)^-1 b for U (B, D, D) upper triangular and b (B, D): two triangular solves
     (several times faster than torch.cholesky_solve for one right-hand side on the CPU)."""
-    y = torch.linalg.solve_triangular(L, b.unsqueeze(-1), upper=False)
-    return torch.linalg.solve_triangular(L.mT, y, upper=True).squeeze(-1)
+    y = torch.linalg.solve_triangular(U.mT, b.unsqueeze(-1), upper=False)
+    return torch.linalg.solve_triangular(U, y, upper=True).squeeze(-1)
 
 
-def _factor_and_solve(A: torch.Tensor, b: torch.Tensor):
-    """Cholesky factor L of A (B, D, D) and x = A^-1 b (B, D), with failed (B,) bool.
+def _factor_and_solve(A: torch.Tensor, b: torch.Tensor, overwrite: bool = False):
+    """Cholesky factor U of A (B, D, D), A = U^T U, and x = A^-1 b (B, D), with failed (B,) bool.
 
-    A sample whose factorisation fails (not positive definite) or whose solution is not finite
-    (a non-finite A or b ends here too) gets x = 0 and L = I, so that nothing downstream, the
-    backward included, sees garbage from it. On a GPU without host synchronisation; on the CPU,
-    where reading a flag back is free, the identity is only formed when a sample failed.
+    With overwrite (where factors_in_place(A.device)), A's upper triangle alone is read, its
+    strictly lower triangle must be zero, and A itself becomes U; otherwise A is symmetric and
+    kept. A sample whose factorisation fails (not positive definite) or whose solution is not
+    finite (a non-finite A or b ends here too) gets x = 0 and U = I, so that nothing downstream,
+    the backward included, sees garbage from it. On a GPU without host synchronisation; on the
+    CPU, where reading a flag back is free, the identity is only formed when a sample failed.
     """
-    L, info = torch.linalg.cholesky_ex(A)
-    failed = info != 0
+    if overwrite and factors_in_place(A.device):
+        U, failed = A, C.factor_upper_(A) != 0
+    else:
+        U, info = torch.linalg.cholesky_ex(A, upper=True)
+        failed = info != 0
     on_cpu = A.device.type == "cpu"
     if not on_cpu or bool(failed.any()):
         eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand_as(A)
-        L = torch.where(failed[:, None, None], eye, L)
+        U = torch.where(failed[:, None, None], eye, U)
         b = torch.where(failed[:, None], torch.zeros_like(b), b)
-    x = _triangular_solve(L, b)
+    x = _triangular_solve(U, b)
     bad = failed | ~torch.isfinite(x).all(dim=1)
     if not on_cpu or bool((bad & ~failed).any()):
         eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand_as(A)
-        L = torch.where((bad & ~failed)[:, None, None], eye, L)
+        U = torch.where((bad & ~failed)[:, None, None], eye, U)
     x = torch.where(bad[:, None], torch.zeros_like(x), x)
-    return x, bad, L
+    return x, bad, U
 
 
 class _CholeskySolve(torch.autograd.Function):
@@ -64,16 +81,16 @@ class _CholeskySolve(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, A, b):
-        x, failed, L = _factor_and_solve(A, b)
-        ctx.save_for_backward(L, x, failed)
+        x, failed, U = _factor_and_solve(A, b)
+        ctx.save_for_backward(U, x, failed)
         ctx.mark_non_differentiable(failed)
         return x, failed
 
     @staticmethod
     def backward(ctx, grad_x, _grad_failed):
-        L, x, failed = ctx.saved_tensors
+        U, x, failed = ctx.saved_tensors
         grad_x = torch.where(failed[:, None], torch.zeros_like(grad_x), grad_x)
-        grad_b = _triangular_solve(L, grad_x)
+        grad_b = _triangular_solve(U, grad_x)
         grad_A = -grad_b.unsqueeze(-1) * x.unsqueeze(-2)
         return grad_A, grad_b
 
@@ -198,10 +215,13 @@ class _GaussNewtonStep(torch.autograd.Function):
         triples = list(zip(groups[0::3], groups[1::3], groups[2::3]))
         ctx.setup = setup
         if setup.linear_solver == "dense":
-            A, b = assemble_dense(pattern, triples)  # straight into the matrix: no block list
+            # Straight into the matrix (no block list); its upper triangle only where the
+            # factorisation reads nothing else.
+            in_place = factors_in_place(diagonal.device)
+            A, b = assemble_dense(pattern, triples, mirror=not in_place)
             A.diagonal(dim1=1, dim2=2).add_(diagonal.to(A.dtype))
-            x, failed, L = _factor_and_solve(A, -b)
-            ctx.save_for_backward(x, failed, L, *groups)
+            x, failed, U = _factor_and_solve(A, -b, overwrite=in_place)
+            ctx.save_for_backward(x, failed, U, *groups)
         else:
             blocks, b = assemble_blocks(pattern, triples)
             blocks[pattern.diagonal] += torch.diag_embed(diagonal.reshape(B * N, 6).to(blocks.dtype))

@@ -77,17 +77,19 @@ def build_slot_lists(nodes_list: Sequence[torch.Tensor], num_samples: int, num_n
     return SlotLists(int(num_samples), int(num_nodes), out[0::2], out[1::2])
 
 
-def assemble_dense(layout, groups: Sequence[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
-    """A (B, 6N, 6N), both triangles, and b (B, 6N) summed over the (J, r, nodes) groups,
-    without autograd and without a block pattern (csrc AssembleDenseRowBody: row by row
-    straight into the dense matrix). layout: SlotLists or a BlockPattern of the groups."""
+def assemble_dense(layout, groups: Sequence[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                   mirror: bool = True):
+    """A (B, 6N, 6N) and b (B, 6N) summed over the (J, r, nodes) groups, without autograd and
+    without a block pattern (csrc AssembleDenseRowBody: row by row straight into the dense
+    matrix). layout: SlotLists or a BlockPattern of the groups. A holds both triangles, or with
+    mirror=False the upper one only (zeros below the diagonal: what factor_upper_ reads)."""
     J0 = groups[0][0]
     B, N = layout.num_samples, layout.num_nodes
     A = torch.zeros((B, 6 * N, 6 * N), dtype=J0.dtype, device=J0.device)
     b = torch.empty((B, 6 * N), dtype=J0.dtype, device=J0.device)
     for g, (J, r, nodes) in enumerate(groups):
         C.assemble_dense(J.detach(), r.detach(), nodes, layout.slot_order[g], layout.slot_start[g], A, b,
-                         g > 0, g == len(groups) - 1)
+                         g > 0, mirror and g == len(groups) - 1)
     return A, b
 
 
