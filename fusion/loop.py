@@ -6,9 +6,9 @@ first frame's masked depth. Every later frame:
      node motions, is ray cast into the camera: depth, colour, canonical point per pixel;
   2. flow + solve: the existing tracker's front-end (network, dis, gt) matches the rendering to
      the new frame (coloured from keyframes' input images, sharp, where they saw the surface:
-     fusion/texture.py, --texture-keyframes); near the rendered silhouette the flow is refined by a Lucas-Kanade search
-     over the model's own pixels (fusion/refine.py, --refine-border; not for gt), where the
-     flow's patches mix in the static background; matches whose target point is far from
+     fusion/texture.py, --texture-keyframes); near the rendered silhouette the flow is refined
+     by a Lucas-Kanade search over the model's own pixels (fusion/refine.py, --refine-border;
+     not for gt), where the flow's patches mix in the static background; matches whose target point is far from
      the rendered point, or whose normals disagree, are dropped; the Gauss-Newton solver
      finds the increment of every node's motion on top of the previous one (the warm start:
      the rendering already sits at the previous motion). A failed solve is reported, keeps the last good motion and the
