@@ -76,6 +76,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("assemble_dense", &nnrt::AssembleDense, py::arg("J"), py::arg("r"), py::arg("nodes"),
         py::arg("slot_order"), py::arg("slot_start"), py::arg("A"), py::arg("b"), py::arg("accumulate"),
         py::arg("finish"));
+  m.def("assemble_dense_match", &nnrt::AssembleDenseMatch, py::arg("structure"), py::arg("w"), py::arg("r"),
+        py::arg("nodes"), py::arg("slot_order"), py::arg("slot_start"), py::arg("A"), py::arg("b"),
+        py::arg("accumulate"), py::arg("finish"));
   m.def("factor_upper_", &nnrt::FactorUpperInPlace, py::arg("A"));
   m.def("has_lapack_factor", &nnrt::HasLapackFactor,
         "Whether factor_upper_ can run (LAPACK's potrf found in this process).");

@@ -14,6 +14,7 @@ from model.ext import C
 from options import SolverOptions
 from tests.conftest import assert_close
 from tests.solver_problems import make_problem, to_solver_problem
+from tests.test_solver import random_match_inputs
 
 
 def _random_terms(M=7, R=3, S=4, B=2, N=5, dtype=torch.float64, seed=0):
@@ -75,6 +76,28 @@ def test_dense_assembly_equals_dense_reference(S):
         assert_close(A, A_ref + A_ref2, atol=1e-12, what="A")
         assert_close(b, b_ref + b_ref2, atol=1e-12, what="b")
         assert torch.equal(A, A.transpose(1, 2)), "A must be exactly symmetric"
+
+
+@pytest.mark.parametrize("A", [4, 3])
+def test_dense_assembly_from_the_match_structure_equals_the_one_from_J(A):
+    """The match terms' dense assembly from their structure (dv, q and the skinning weights:
+    csrc AssembleDenseMatchRowBody) against the generic one from J, beside a generic group,
+    with and without the mirror; repeated anchors within a match included."""
+    inputs = random_match_inputs(M=300, A=A, T=10, seed=9)
+    r, J, structure = gn.match_terms(*inputs, 0.001, 1.0, "cauchy", 3.0, structure=True)
+    assert structure.shape == (300, 5 + 3 * A) and not structure.requires_grad
+    anchors, anchor_weights = inputs[1], inputs[2]
+    J2, r2, nodes2 = _random_terms(M=25, S=2, B=1, N=10, seed=3)
+    layout = gn.build_slot_lists([anchors, nodes2], 1, 10)
+    groups = [(J, r, anchors), (J2, r2, nodes2)]
+    for mirror in (True, False):
+        A_ref, b_ref = gn.assemble_dense(layout, groups, mirror=mirror)
+        A_op, b_op = gn.assemble_dense(layout, groups, mirror=mirror, structures=[(structure, anchor_weights), None])
+        scale = float(A_ref.abs().max())
+        assert_close(A_op, A_ref, atol=1e-12 * scale, what="A")
+        assert_close(b_op, b_ref, atol=1e-12 * float(b_ref.abs().max()), what="b")
+    with pytest.raises(RuntimeError, match="structure .M, 5 . 3A."):
+        gn.assemble_dense(layout, groups, structures=[(structure[:, :-1], anchor_weights), None])
 
 
 def test_dense_assembly_checks_terms_and_is_deterministic_across_thread_counts():

@@ -133,6 +133,7 @@ std::vector<at::Tensor> MatchTermsCpu(const MatchTermInputs& in, const MatchTerm
   at::Tensor res = at::empty({M, 3}, in.x.options());
   at::Tensor J = at::empty({M, 3, 6 * A}, in.x.options());
   at::Tensor root = at::empty({M}, in.x.options());
+  at::Tensor structure = at::empty({M, 5 + 3 * A}, in.x.options());
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "match_terms_cpu", [&] {
     const auto p = CastParams<scalar_t>(prm);
     const int64_t* an = in.anchors.data_ptr<int64_t>();
@@ -141,16 +142,18 @@ std::vector<at::Tensor> MatchTermsCpu(const MatchTermInputs& in, const MatchTerm
                    *td = in.td.data_ptr<scalar_t>(), *c = in.c.data_ptr<scalar_t>(),
                    *K = in.K.data_ptr<scalar_t>(), *R = in.R.data_ptr<scalar_t>(),
                    *t = in.t.data_ptr<scalar_t>();
-    scalar_t *rp = res.data_ptr<scalar_t>(), *Jp = J.data_ptr<scalar_t>(), *rootp = root.data_ptr<scalar_t>();
+    scalar_t *rp = res.data_ptr<scalar_t>(), *Jp = J.data_ptr<scalar_t>(), *rootp = root.data_ptr<scalar_t>(),
+             *sp = structure.data_ptr<scalar_t>();
     at::parallel_for(0, M, 1024, [&](int64_t begin, int64_t end) {
       for (int64_t m = begin; m < end; ++m) {
         CheckAnchors(an + m * A, m, A, T);
         MatchTermForward<scalar_t>(x + m * 3, an + m * A, aw + m * A, g, tp + m * 2, td[m], c[m],
-                                   K + m * 4, R, t, p, rp + m * 3, Jp + m * 18 * A, rootp + m);
+                                   K + m * 4, R, t, p, rp + m * 3, Jp + m * 18 * A, rootp + m,
+                                   sp + m * (5 + 3 * A));
       }
     });
   });
-  return {res, J, root};
+  return {res, J, root, structure};
 }
 
 std::vector<at::Tensor> MatchTermsBackwardCpu(const MatchTermInputs& in, const MatchTermParams<double>& prm,

@@ -59,12 +59,14 @@ __global__ void MatchTermsKernel(const int64_t* __restrict__ anchors, const scal
                                  const scalar_t* __restrict__ c, const scalar_t* __restrict__ K,
                                  const scalar_t* __restrict__ R, const scalar_t* __restrict__ t,
                                  MatchTermParams<scalar_t> p, int64_t M, scalar_t* __restrict__ res,
-                                 scalar_t* __restrict__ J, scalar_t* __restrict__ root) {
+                                 scalar_t* __restrict__ J, scalar_t* __restrict__ root,
+                                 scalar_t* __restrict__ structure) {
   const int A = p.A;
   for (int64_t m = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; m < M;
        m += int64_t(blockDim.x) * gridDim.x) {
     MatchTermForward<scalar_t>(x + m * 3, anchors + m * A, aw + m * A, g, tp + m * 2, td[m], c[m],
-                               K + m * 4, R, t, p, res + m * 3, J + m * 18 * A, root + m);
+                               K + m * 4, R, t, p, res + m * 3, J + m * 18 * A, root + m,
+                               structure + m * (5 + 3 * A));
   }
 }
 
@@ -144,7 +146,8 @@ std::vector<at::Tensor> MatchTermsCuda(const MatchTermInputs& in, const MatchTer
   at::Tensor res = at::empty({M, 3}, in.x.options());
   at::Tensor J = at::empty({M, 3, 6 * A}, in.x.options());
   at::Tensor root = at::empty({M}, in.x.options());
-  if (M == 0) return {res, J, root};
+  at::Tensor structure = at::empty({M, 5 + 3 * A}, in.x.options());
+  if (M == 0) return {res, J, root, structure};
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "match_terms_cuda", [&] {
     MatchTermsKernel<scalar_t><<<NumBlocks(M, 256), 256, 0, stream>>>(
@@ -152,10 +155,10 @@ std::vector<at::Tensor> MatchTermsCuda(const MatchTermInputs& in, const MatchTer
         in.g.data_ptr<scalar_t>(), in.tp.data_ptr<scalar_t>(), in.td.data_ptr<scalar_t>(),
         in.c.data_ptr<scalar_t>(), in.K.data_ptr<scalar_t>(), in.R.data_ptr<scalar_t>(),
         in.t.data_ptr<scalar_t>(), CastParams<scalar_t>(prm), M, res.data_ptr<scalar_t>(),
-        J.data_ptr<scalar_t>(), root.data_ptr<scalar_t>());
+        J.data_ptr<scalar_t>(), root.data_ptr<scalar_t>(), structure.data_ptr<scalar_t>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {res, J, root};
+  return {res, J, root, structure};
 }
 
 std::vector<at::Tensor> MatchTermsBackwardCuda(const MatchTermInputs& in, const MatchTermParams<double>& prm,

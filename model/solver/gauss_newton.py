@@ -234,16 +234,17 @@ def _prepare(p: SolverProblem, options: SolverOptions, generator) -> _Prepared:
 
 def _linearise(prep: _Prepared, rotations, translations, options: SolverOptions, iteration: int):
     """Terms (J_m, r_m, J_e, r_e, extra) at the current motion, extra the further (J, r, nodes)
-    groups (the point-to-plane terms, when on), and the data and ARAP energies (B,) float64 of
-    each sample."""
+    groups (the point-to-plane terms, when on), the structure of the match terms' J (which the
+    dense assembly reads instead of J_m), and the data and ARAP energies (B,) float64 of each
+    sample."""
     # Iteratively reweighted least squares on the reprojection error of each match (inside the
     # op). Not at the first linearisation: at the identity motion every residual is as large as
     # the motion itself, and no match is an outlier yet.
     robust = options.robust_loss if iteration >= 1 else "none"
-    r_m, J_m = match_terms(prep.source_points, prep.flat_anchors, prep.anchor_weights, prep.nodes_flat,
-                           prep.target_pixels, prep.target_depth, prep.weights, prep.intrinsics,
-                           rotations, translations, options.flow_weight, options.depth_weight,
-                           robust, options.robust_scale)
+    r_m, J_m, structure = match_terms(prep.source_points, prep.flat_anchors, prep.anchor_weights,
+                                      prep.nodes_flat, prep.target_pixels, prep.target_depth, prep.weights,
+                                      prep.intrinsics, rotations, translations, options.flow_weight,
+                                      options.depth_weight, robust, options.robust_scale, structure=True)
     r_e, J_e = edge_terms(prep.sources, prep.targets, prep.edge_w, prep.nodes_flat, rotations,
                           translations, options.arap_weight)
     data = _sum_of_squares(r_m, prep.sample, prep.B)
@@ -259,7 +260,7 @@ def _linearise(prep: _Prepared, rotations, translations, options: SolverOptions,
             J_i = J_i * root[:, None, None]
         extra.append((J_i, r_i, t.flat_anchors))
         data = data + _sum_of_squares(r_i, t.sample, prep.B)
-    return (J_m, r_m, J_e, r_e, extra), data, _sum_of_squares(r_e, prep.edge_sample, prep.B)
+    return (J_m, r_m, J_e, r_e, extra), structure, data, _sum_of_squares(r_e, prep.edge_sample, prep.B)
 
 
 def _sum_of_squares(residuals: torch.Tensor, sample: torch.Tensor, B: int) -> torch.Tensor:
@@ -307,10 +308,12 @@ def solve(problem: SolverProblem, options: SolverOptions = SolverOptions(),
     for iteration in range(options.iterations):
         if on_cpu and not bool(updating.any()):
             break  # on a GPU the remaining iterations run masked instead of syncing here
-        (J_m, r_m, J_e, r_e, extra), data, arap = _linearise(prep, rotations, translations, options, iteration)
+        (J_m, r_m, J_e, r_e, extra), structure, data, arap = _linearise(prep, rotations, translations, options,
+                                                                        iteration)
         energy_rows.append((data, arap, updating.any()))
         delta, failed = gauss_newton_step(prep.diagonal, B, N, J_m, r_m, prep.flat_anchors, J_e, r_e,
-                                          prep.edge_nodes, *[x for group in extra for x in group], setup=setup)
+                                          prep.edge_nodes, *[x for group in extra for x in group], setup=setup,
+                                          structures=[(structure, prep.anchor_weights)] + [None] * (1 + len(extra)))
         newly = failed & updating
         step_failed |= newly
         if setup.linear_solver == "sparse":
@@ -332,7 +335,7 @@ def solve(problem: SolverProblem, options: SolverOptions = SolverOptions(),
             converged |= small
             updating = updating & ~small
     with torch.no_grad():  # the energies of the result only: nothing to differentiate
-        _, data, arap = _linearise(prep, rotations, translations, options, options.iterations)
+        _, _, data, arap = _linearise(prep, rotations, translations, options, options.iterations)
     energy_rows.append((data, arap, torch.ones((), dtype=torch.bool, device=device)))
     return _result(prep, options, rotations, translations, running, step_failed, cg_failed,
                    cg_residual, converged, iterations, energy_rows, cg_rows, setup.linear_solver)

@@ -209,7 +209,7 @@ class _GaussNewtonStep(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, diagonal, setup, *groups):
+    def forward(ctx, diagonal, setup, structures, *groups):
         pattern = setup.pattern
         B, N = pattern.num_samples, pattern.num_nodes
         triples = list(zip(groups[0::3], groups[1::3], groups[2::3]))
@@ -218,7 +218,7 @@ class _GaussNewtonStep(torch.autograd.Function):
             # Straight into the matrix (no block list); its upper triangle only where the
             # factorisation reads nothing else.
             in_place = factors_in_place(diagonal.device)
-            A, b = assemble_dense(pattern, triples, mirror=not in_place)
+            A, b = assemble_dense(pattern, triples, mirror=not in_place, structures=structures)
             A.diagonal(dim1=1, dim2=2).add_(diagonal.to(A.dtype))
             x, failed, U = _factor_and_solve(A, -b, overwrite=in_place)
             ctx.save_for_backward(x, failed, U, *groups)
@@ -257,21 +257,24 @@ class _GaussNewtonStep(torch.autograd.Function):
             u = torch.where(cg.converged[:, None], cg.x, torch.zeros_like(cg.x))
         grads = []
         for J, r, nodes in zip(groups[0::3], groups[1::3], groups[2::3]):
-            if ctx.needs_input_grad[2 + len(grads)] or ctx.needs_input_grad[3 + len(grads)]:
+            if ctx.needs_input_grad[3 + len(grads)] or ctx.needs_input_grad[4 + len(grads)]:
                 grad_J, grad_r = C.solve_step_backward(J, r, nodes, u, x)
             else:
                 grad_J = grad_r = None
             grads += [grad_J, grad_r, None]
-        return (None, None, *grads)
+        return (None, None, None, *grads)
 
 
 def gauss_newton_step(diagonal: torch.Tensor, num_samples: int, num_nodes: int, *groups,
-                      setup: Optional[StepSetup] = None):
+                      setup: Optional[StepSetup] = None,
+                      structures: Optional[Sequence[Optional[Tuple[torch.Tensor, torch.Tensor]]]] = None):
     """x (B, 6N) = -(sum_g J_g^T J_g + diag(diagonal))^-1 sum_g J_g^T r_g and failed (B,) bool.
 
     diagonal (B, 6N); groups: (J, r, nodes) triples as for assemble_normal_equations. `setup`
     chooses the linear solver and carries the layout (slot lists built here, dense, when not
-    given).
+    given). structures: per group None or, for match terms, (structure, skinning weights) as
+    assemble_dense takes them: the dense assembly reads those instead of J (the same matrix;
+    gradients still flow through J).
     """
     if len(groups) % 3 or not groups:
         raise ValueError("groups must be (J, r, nodes) triples")
@@ -283,7 +286,9 @@ def gauss_newton_step(diagonal: torch.Tensor, num_samples: int, num_nodes: int, 
     if (setup.pattern.num_samples, setup.pattern.num_nodes) != (int(num_samples), int(num_nodes)):
         raise ValueError(f"the pattern is for {setup.pattern.num_samples} samples of "
                          f"{setup.pattern.num_nodes} nodes, not {num_samples} of {num_nodes}")
-    return _GaussNewtonStep.apply(diagonal, setup, *groups)
+    if structures is not None and len(structures) != len(groups) // 3:
+        raise ValueError(f"structures must have one entry per group ({len(groups) // 3}), found {len(structures)}")
+    return _GaussNewtonStep.apply(diagonal, setup, None if structures is None else tuple(structures), *groups)
 
 
 def memory_estimate_gb(linear_solver: str, num_nodes: int, num_terms: Sequence[Tuple[int, int]],

@@ -20,16 +20,17 @@ class _MatchTerms(torch.autograd.Function):
     @staticmethod
     def forward(ctx, source_points, target_pixels, target_depth, weights, rotations, translations, anchors,
                 anchor_weights, nodes, intrinsics, params):
-        residuals, J, root = C.match_terms(source_points, anchors, anchor_weights, nodes, target_pixels,
-                                           target_depth, weights, intrinsics, rotations, translations,
-                                           *params)
+        residuals, J, root, structure = C.match_terms(source_points, anchors, anchor_weights, nodes,
+                                                      target_pixels, target_depth, weights, intrinsics,
+                                                      rotations, translations, *params)
         ctx.save_for_backward(source_points, target_pixels, target_depth, weights, rotations, translations,
                               anchors, anchor_weights, nodes, intrinsics, root)
         ctx.params = params
-        return residuals, J
+        ctx.mark_non_differentiable(structure)
+        return residuals, J, structure
 
     @staticmethod
-    def backward(ctx, grad_residuals, grad_J):
+    def backward(ctx, grad_residuals, grad_J, _grad_structure):
         (source_points, target_pixels, target_depth, weights, rotations, translations, anchors,
          anchor_weights, nodes, intrinsics, root) = ctx.saved_tensors
         g_x, g_tp, g_td, g_c, g_nodes = C.match_terms_backward(
@@ -42,8 +43,11 @@ class _MatchTerms(torch.autograd.Function):
 
 def match_terms(source_points, anchors, anchor_weights, nodes, target_pixels, target_depth, weights,
                 intrinsics, rotations, translations, flow_weight, depth_weight,
-                robust_loss: str = "none", robust_scale: float = 1.0):
-    """Residuals (M, 3) and Jacobian blocks (M, 3, 6A) of the data terms.
+                robust_loss: str = "none", robust_scale: float = 1.0, structure: bool = False):
+    """Residuals (M, 3) and Jacobian blocks (M, 3, 6A) of the data terms, and with structure
+    the (M, 5 + 3A) numbers that with the skinning weights define the blocks (the derivative
+    of the residuals w.r.t. the warped point, 5 values, and the rotated offsets q_k; no
+    gradient): what the dense assembly reads (normal_equations.assemble_dense).
 
     source_points (M, 3); anchors (M, A) int64 flat node indices; anchor_weights (M, A);
     nodes (T, 3) node positions; target_pixels (M, 2); target_depth (M,); weights (M,)
@@ -62,8 +66,10 @@ def match_terms(source_points, anchors, anchor_weights, nodes, target_pixels, ta
     if anchor_weights.requires_grad or nodes.requires_grad or intrinsics.requires_grad:
         raise ValueError("match_terms: anchor_weights, nodes and intrinsics get no gradient; detach them")
     params = (float(flow_weight), float(depth_weight), ROBUST_LOSSES[robust_loss], float(robust_scale))
-    return _MatchTerms.apply(source_points, target_pixels, target_depth, weights, rotations, translations,
-                             anchors, anchor_weights, nodes, intrinsics, params)
+    residuals, J, blocks_structure = _MatchTerms.apply(source_points, target_pixels, target_depth, weights,
+                                                       rotations, translations, anchors, anchor_weights, nodes,
+                                                       intrinsics, params)
+    return (residuals, J, blocks_structure) if structure else (residuals, J)
 
 
 def icp_terms(source_points, anchors, anchor_weights, nodes, target_points, target_normals, weights,
