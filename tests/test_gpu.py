@@ -247,6 +247,24 @@ def test_gauss_newton_step(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_gauss_newton_step_from_the_match_structure(dtype):
+    """The structure's dense assembly and step backward (csrc AssembleDenseMatchRowBody,
+    MatchStepBackwardBody) on both devices, with gradients through match_terms."""
+    inputs = [x.to(dtype) if torch.is_tensor(x) and x.is_floating_point() else x
+              for x in random_match_inputs(M=1500, A=4, T=30, seed=12)]
+
+    def step(x, tp, td, c, R, t):
+        d = x.device
+        anchors, aw, nodes, K = (inputs[i].to(d) for i in (1, 2, 3, 7))
+        r, _, structure = gn.match_terms(x, anchors, aw, nodes, tp, td, c, K, R, t, 0.001, 1.0,
+                                         structure=True, jacobian=False)
+        diagonal = torch.full((1, 180), 0.5, dtype=x.dtype, device=d)
+        return gn.gauss_newton_step(diagonal, 1, 30, structure, r, anchors, skinning=[aw])[0]
+
+    _compare(_both(step, *(inputs[i] for i in (0, 4, 5, 6, 8, 9)), grad=True), dtype, "structured step")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_whole_solve(dtype):
     problem = to_solver_problem([make_problem(points_side=16, seed=s, dtype=dtype) for s in (8, 9)])
     options = SolverOptions(iterations=5, robust_loss="cauchy")

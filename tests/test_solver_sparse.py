@@ -100,6 +100,45 @@ def test_dense_assembly_from_the_match_structure_equals_the_one_from_J(A):
         gn.assemble_dense(layout, groups, structures=[(structure[:, :-1], anchor_weights), None])
 
 
+def test_step_from_the_match_structure_equals_the_step_from_J():
+    """The dense step with the match terms given by their structure (assembly and backward from
+    dv, q and the skinning weights) against the step from J: the same step and the same
+    gradients of every differentiable input of match_terms and of the generic group beside it;
+    gradcheck in float64 through both ops."""
+    inputs = list(random_match_inputs(M=200, A=4, T=8, seed=10))
+    J2, r2, nodes2 = _random_terms(M=20, S=2, B=1, N=8, seed=4)
+    diagonal = torch.full((1, 48), 0.3, dtype=torch.float64)
+
+    def run(structured, x, tp, td, c, R, t, J2, r2, robust="cauchy"):
+        args = (x, inputs[1], inputs[2], inputs[3], tp, td, c, inputs[7], R, t, 0.001, 1.0, robust, 3.0)
+        if structured:
+            r, _, first = gn.match_terms(*args, structure=True, jacobian=False)
+        else:
+            r, first = gn.match_terms(*args)
+        return gn.gauss_newton_step(diagonal, 1, 8, first, r, inputs[1], J2, r2, nodes2,
+                                    skinning=[inputs[2] if structured else None, None])[0]
+
+    leaves = [inputs[i] for i in (0, 4, 5, 6, 8, 9)] + [J2, r2]
+    probe = torch.randn(1, 48, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    results = []
+    for structured in (False, True):
+        copies = [t.clone().requires_grad_(True) for t in leaves]
+        x = run(structured, *copies)
+        results.append((x, torch.autograd.grad((x * probe).sum(), copies)))
+    assert_close(results[1][0], results[0][0], atol=1e-12, what="step")
+    for i, (a, b) in enumerate(zip(results[1][1], results[0][1])):
+        assert_close(a, b, atol=1e-9 * max(1.0, float(b.abs().max())), what=f"gradient {i}")
+    small = [t[:3].clone() if t.dim() and t.shape[0] == 200 else t.clone() for t in leaves]
+    inputs[1], inputs[2], inputs[7] = inputs[1][:3], inputs[2][:3], inputs[7][:3]
+    small = [t.requires_grad_(True) for t in small]
+    # (without a robust loss: its weights are constants of the linearisation, which finite
+    # differences would not hold constant)
+    assert torch.autograd.gradcheck(lambda *a: run(True, *a, robust="none"), small, eps=1e-6, atol=1e-5)
+    with pytest.raises(ValueError, match="sparse linear solve needs J"):
+        gn.gauss_newton_step(diagonal, 1, 8, small[0], small[0], inputs[1], skinning=[inputs[2]],
+                             setup=gn.StepSetup(gn.build_block_pattern([inputs[1]], 1, 8), linear_solver="sparse"))
+
+
 def test_dense_assembly_checks_terms_and_is_deterministic_across_thread_counts():
     J, r, nodes = _random_terms(M=3000, S=4, B=2, N=40, dtype=torch.float32, seed=5)
     layout = gn.build_slot_lists([nodes], 2, 40)

@@ -232,35 +232,42 @@ def _prepare(p: SolverProblem, options: SolverOptions, generator) -> _Prepared:
         icp=None if icp_index is None else _icp_terms(p, icp_index, running))
 
 
-def _linearise(prep: _Prepared, rotations, translations, options: SolverOptions, iteration: int):
-    """Terms (J_m, r_m, J_e, r_e, extra) at the current motion, extra the further (J, r, nodes)
-    groups (the point-to-plane terms, when on), the structure of the match terms' J (which the
-    dense assembly reads instead of J_m), and the data and ARAP energies (B,) float64 of each
-    sample."""
+def _linearise(prep: _Prepared, rotations, translations, options: SolverOptions, iteration: int,
+               jacobians: bool = True):
+    """The term groups at the current motion as gauss_newton_step takes them (flat (J, r, nodes)
+    triples: matches, edges, then the point-to-plane terms when on) with their skinning list,
+    and the data and ARAP energies (B,) float64 of each sample. The dense solve gets the match
+    terms as their structure instead of J (what its assembly and backward read; J is not formed);
+    without jacobians (energies only) neither."""
     # Iteratively reweighted least squares on the reprojection error of each match (inside the
     # op). Not at the first linearisation: at the identity motion every residual is as large as
     # the motion itself, and no match is an outlier yet.
     robust = options.robust_loss if iteration >= 1 else "none"
+    structured = prep.linear_solver == "dense"
     r_m, J_m, structure = match_terms(prep.source_points, prep.flat_anchors, prep.anchor_weights,
                                       prep.nodes_flat, prep.target_pixels, prep.target_depth, prep.weights,
                                       prep.intrinsics, rotations, translations, options.flow_weight,
-                                      options.depth_weight, robust, options.robust_scale, structure=True)
+                                      options.depth_weight, robust, options.robust_scale, structure=True,
+                                      jacobian=jacobians and not structured)
     r_e, J_e = edge_terms(prep.sources, prep.targets, prep.edge_w, prep.nodes_flat, rotations,
                           translations, options.arap_weight)
     data = _sum_of_squares(r_m, prep.sample, prep.B)
-    extra = []
+    groups = [structure if structured else J_m, r_m, prep.flat_anchors, J_e, r_e, prep.edge_nodes]
+    skinning = [prep.anchor_weights if structured else None, None]
     if prep.icp is not None:
         t = prep.icp
         r_i, J_i = icp_terms(t.source_points, t.flat_anchors, t.anchor_weights, prep.nodes_flat, t.target_points,
-                             t.target_normals, t.weights, rotations, translations, options.icp_weight)
+                             t.target_normals, t.weights, rotations, translations, options.icp_weight,
+                             jacobians=jacobians)
         if options.robust_loss != "none" and iteration >= 1:
             root = robust_icp_weights(r_i, t.weights, options.icp_weight, options.robust_loss,
                                       options.icp_robust_scale)
             r_i = r_i * root[:, None]
-            J_i = J_i * root[:, None, None]
-        extra.append((J_i, r_i, t.flat_anchors))
+            J_i = J_i * root[:, None, None] if jacobians else None
+        groups += [J_i, r_i, t.flat_anchors]
+        skinning.append(None)
         data = data + _sum_of_squares(r_i, t.sample, prep.B)
-    return (J_m, r_m, J_e, r_e, extra), structure, data, _sum_of_squares(r_e, prep.edge_sample, prep.B)
+    return (groups, skinning), data, _sum_of_squares(r_e, prep.edge_sample, prep.B)
 
 
 def _sum_of_squares(residuals: torch.Tensor, sample: torch.Tensor, B: int) -> torch.Tensor:
@@ -308,12 +315,9 @@ def solve(problem: SolverProblem, options: SolverOptions = SolverOptions(),
     for iteration in range(options.iterations):
         if on_cpu and not bool(updating.any()):
             break  # on a GPU the remaining iterations run masked instead of syncing here
-        (J_m, r_m, J_e, r_e, extra), structure, data, arap = _linearise(prep, rotations, translations, options,
-                                                                        iteration)
+        (groups, skinning), data, arap = _linearise(prep, rotations, translations, options, iteration)
         energy_rows.append((data, arap, updating.any()))
-        delta, failed = gauss_newton_step(prep.diagonal, B, N, J_m, r_m, prep.flat_anchors, J_e, r_e,
-                                          prep.edge_nodes, *[x for group in extra for x in group], setup=setup,
-                                          structures=[(structure, prep.anchor_weights)] + [None] * (1 + len(extra)))
+        delta, failed = gauss_newton_step(prep.diagonal, B, N, *groups, setup=setup, skinning=skinning)
         newly = failed & updating
         step_failed |= newly
         if setup.linear_solver == "sparse":
@@ -335,7 +339,7 @@ def solve(problem: SolverProblem, options: SolverOptions = SolverOptions(),
             converged |= small
             updating = updating & ~small
     with torch.no_grad():  # the energies of the result only: nothing to differentiate
-        _, _, data, arap = _linearise(prep, rotations, translations, options, options.iterations)
+        _, data, arap = _linearise(prep, rotations, translations, options, options.iterations, jacobians=False)
     energy_rows.append((data, arap, torch.ones((), dtype=torch.bool, device=device)))
     return _result(prep, options, rotations, translations, running, step_failed, cg_failed,
                    cg_residual, converged, iterations, energy_rows, cg_rows, setup.linear_solver)
