@@ -156,13 +156,17 @@ def _prepare(p: SolverProblem, options: SolverOptions, generator) -> _Prepared:
     device, dtype = p.nodes.device, p.nodes.dtype
     node_exists = torch.arange(N, device=device)[None, :] < p.num_nodes[:, None]
     index = _select_matches(p, options, generator)
-    sample = p.match_sample[index]
-    flat_anchors = sample[:, None] * N + p.anchors[index]
+    # Every match kept (the usual case with clean correspondences; index is increasing, so then
+    # the identity): no gathers.
+    every = index.shape[0] == p.match_sample.shape[0]
+    sample = p.match_sample if every else p.match_sample.index_select(0, index)
+    flat_anchors = sample[:, None] * N + (p.anchors if every else p.anchors.index_select(0, index))
     node_active = _active_nodes(p, options, node_exists, flat_anchors, index)
     active_flat = node_active.reshape(-1)
     if options.remove_clusters:  # without, every selected match has its anchors among the nodes
-        index = index[active_flat[flat_anchors].all(dim=1)]
-        sample = p.match_sample[index]
+        kept = active_flat[flat_anchors].all(dim=1)
+        index, flat_anchors = index[kept], flat_anchors[kept]
+        sample = p.match_sample.index_select(0, index)
     num_matches = torch.bincount(sample, minlength=B)
 
     # Edges i -> j between active nodes.
@@ -204,10 +208,8 @@ def _prepare(p: SolverProblem, options: SolverOptions, generator) -> _Prepared:
 
     if not all(running_list):
         keep = running[sample]
-        index, sample = index[keep], sample[keep]
-    # Every match kept (the usual case with clean correspondences): no gathers.
+        index, sample, flat_anchors = index[keep], sample[keep], flat_anchors[keep]
     take = (lambda t: t) if index.shape[0] == p.match_sample.shape[0] else (lambda t: t[index])  # noqa: E731
-    flat_anchors = sample[:, None] * N + take(p.anchors)
     anchor_weights = take(p.anchor_weights)
     edge_ok &= running[edge_b]
     sources, targets = sources[edge_ok], targets[edge_ok]
