@@ -76,6 +76,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("assemble_dense", &nnrt::AssembleDense, py::arg("J"), py::arg("r"), py::arg("nodes"),
         py::arg("slot_order"), py::arg("slot_start"), py::arg("A"), py::arg("b"), py::arg("accumulate"),
         py::arg("finish"));
+  m.def("assemble_dense_match", &nnrt::AssembleDenseMatch, py::arg("structure"), py::arg("w"), py::arg("r"),
+        py::arg("nodes"), py::arg("slot_order"), py::arg("slot_start"), py::arg("A"), py::arg("b"),
+        py::arg("accumulate"), py::arg("finish"));
   m.def("factor_upper_", &nnrt::FactorUpperInPlace, py::arg("A"));
   m.def("has_lapack_factor", &nnrt::HasLapackFactor,
         "Whether factor_upper_ can run (LAPACK's potrf found in this process).");
@@ -90,7 +93,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("anchor_weights"), py::arg("nodes"), py::arg("target_pixels"),
         py::arg("target_depth"), py::arg("weights"), py::arg("intrinsics"), py::arg("rotations"),
         py::arg("translations"), py::arg("flow_weight"), py::arg("depth_weight"),
-        py::arg("robust"), py::arg("robust_scale"));
+        py::arg("robust"), py::arg("robust_scale"), py::arg("jacobian") = true);
+  m.def("match_step_backward", &nnrt::MatchStepBackward, py::arg("structure"), py::arg("w"), py::arg("r"),
+        py::arg("nodes"), py::arg("u"), py::arg("x"));
   m.def("left_rotate", &nnrt::LeftRotate, py::arg("w"), py::arg("R"));
   m.def("left_rotate_backward", &nnrt::LeftRotateBackward, py::arg("w"), py::arg("R"), py::arg("grad"));
   m.def("edge_terms", &nnrt::EdgeTerms, py::arg("edges"), py::arg("weights"), py::arg("nodes"),
@@ -103,7 +108,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("target_depth"), py::arg("weights"), py::arg("intrinsics"), py::arg("rotations"),
         py::arg("translations"), py::arg("flow_weight"), py::arg("depth_weight"),
         py::arg("robust"), py::arg("robust_scale"), py::arg("root"), py::arg("grad_res"),
-        py::arg("grad_J"));
+        py::arg("grad_J"), py::arg("grad_structure"));
 
   // hashgrid
   m.def("hashgrid_forward", &nnrt::HashGridForward, py::arg("x"), py::arg("table"),

@@ -170,6 +170,21 @@ def test_dense_assembly_kernel(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_dense_assembly_from_the_match_structure(dtype):
+    inputs = [x.to(dtype) if torch.is_tensor(x) and x.is_floating_point() else x
+              for x in random_match_inputs(M=3000, A=4, T=40, seed=11)]
+    r, _, structure = gn.match_terms(*inputs, 0.001, 1.0, structure=True)
+    anchors, anchor_weights = inputs[1], inputs[2]
+
+    def dense(structure, r):
+        lists = gn.build_slot_lists([anchors.to(r.device)], 1, 40)
+        return gn.assemble_dense(lists, [(None, r, anchors.to(r.device))], mirror=r.device.type != "cpu",
+                                 structures=[(structure, anchor_weights.to(r.device))])
+
+    _compare(_both(dense, structure, r), dtype, "dense assembly from the structure")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_sparse_solve(dtype):
     problem = to_solver_problem([make_problem(points_side=16, seed=s, dtype=dtype) for s in (8, 9)])
     options = SolverOptions(iterations=4, robust_loss="cauchy", linear_solver="sparse", cg_tolerance=1e-10)
@@ -229,6 +244,24 @@ def test_gauss_newton_step(dtype):
 
     results = _both(step, J1, r1, J2, r2, grad=True)
     _compare(results, dtype, "gauss_newton_step")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gauss_newton_step_from_the_match_structure(dtype):
+    """The structure's dense assembly and step backward (csrc AssembleDenseMatchRowBody,
+    MatchStepBackwardBody) on both devices, with gradients through match_terms."""
+    inputs = [x.to(dtype) if torch.is_tensor(x) and x.is_floating_point() else x
+              for x in random_match_inputs(M=1500, A=4, T=30, seed=12)]
+
+    def step(x, tp, td, c, R, t):
+        d = x.device
+        anchors, aw, nodes, K = (inputs[i].to(d) for i in (1, 2, 3, 7))
+        r, _, structure = gn.match_terms(x, anchors, aw, nodes, tp, td, c, K, R, t, 0.001, 1.0,
+                                         structure=True, jacobian=False)
+        diagonal = torch.full((1, 180), 0.5, dtype=x.dtype, device=d)
+        return gn.gauss_newton_step(diagonal, 1, 30, structure, r, anchors, skinning=[aw])[0]
+
+    _compare(_both(step, *(inputs[i] for i in (0, 4, 5, 6, 8, 9)), grad=True), dtype, "structured step")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

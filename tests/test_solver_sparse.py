@@ -14,6 +14,7 @@ from model.ext import C
 from options import SolverOptions
 from tests.conftest import assert_close
 from tests.solver_problems import make_problem, to_solver_problem
+from tests.test_solver import random_match_inputs
 
 
 def _random_terms(M=7, R=3, S=4, B=2, N=5, dtype=torch.float64, seed=0):
@@ -75,6 +76,67 @@ def test_dense_assembly_equals_dense_reference(S):
         assert_close(A, A_ref + A_ref2, atol=1e-12, what="A")
         assert_close(b, b_ref + b_ref2, atol=1e-12, what="b")
         assert torch.equal(A, A.transpose(1, 2)), "A must be exactly symmetric"
+
+
+@pytest.mark.parametrize("A", [4, 3])
+def test_dense_assembly_from_the_match_structure_equals_the_one_from_J(A):
+    """The match terms' dense assembly from their structure (dv, q and the skinning weights:
+    csrc AssembleDenseMatchRowBody) against the generic one from J, beside a generic group,
+    with and without the mirror; repeated anchors within a match included."""
+    inputs = random_match_inputs(M=300, A=A, T=10, seed=9)
+    r, J, structure = gn.match_terms(*inputs, 0.001, 1.0, "cauchy", 3.0, structure=True)
+    assert structure.shape == (300, 5 + 3 * A) and not structure.requires_grad
+    anchors, anchor_weights = inputs[1], inputs[2]
+    J2, r2, nodes2 = _random_terms(M=25, S=2, B=1, N=10, seed=3)
+    layout = gn.build_slot_lists([anchors, nodes2], 1, 10)
+    groups = [(J, r, anchors), (J2, r2, nodes2)]
+    for mirror in (True, False):
+        A_ref, b_ref = gn.assemble_dense(layout, groups, mirror=mirror)
+        A_op, b_op = gn.assemble_dense(layout, groups, mirror=mirror, structures=[(structure, anchor_weights), None])
+        scale = float(A_ref.abs().max())
+        assert_close(A_op, A_ref, atol=1e-12 * scale, what="A")
+        assert_close(b_op, b_ref, atol=1e-12 * float(b_ref.abs().max()), what="b")
+    with pytest.raises(RuntimeError, match="structure .M, 5 . 3A."):
+        gn.assemble_dense(layout, groups, structures=[(structure[:, :-1], anchor_weights), None])
+
+
+def test_step_from_the_match_structure_equals_the_step_from_J():
+    """The dense step with the match terms given by their structure (assembly and backward from
+    dv, q and the skinning weights) against the step from J: the same step and the same
+    gradients of every differentiable input of match_terms and of the generic group beside it;
+    gradcheck in float64 through both ops."""
+    inputs = list(random_match_inputs(M=200, A=4, T=8, seed=10))
+    J2, r2, nodes2 = _random_terms(M=20, S=2, B=1, N=8, seed=4)
+    diagonal = torch.full((1, 48), 0.3, dtype=torch.float64)
+
+    def run(structured, x, tp, td, c, R, t, J2, r2, robust="cauchy"):
+        args = (x, inputs[1], inputs[2], inputs[3], tp, td, c, inputs[7], R, t, 0.001, 1.0, robust, 3.0)
+        if structured:
+            r, _, first = gn.match_terms(*args, structure=True, jacobian=False)
+        else:
+            r, first = gn.match_terms(*args)
+        return gn.gauss_newton_step(diagonal, 1, 8, first, r, inputs[1], J2, r2, nodes2,
+                                    skinning=[inputs[2] if structured else None, None])[0]
+
+    leaves = [inputs[i] for i in (0, 4, 5, 6, 8, 9)] + [J2, r2]
+    probe = torch.randn(1, 48, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    results = []
+    for structured in (False, True):
+        copies = [t.clone().requires_grad_(True) for t in leaves]
+        x = run(structured, *copies)
+        results.append((x, torch.autograd.grad((x * probe).sum(), copies)))
+    assert_close(results[1][0], results[0][0], atol=1e-12, what="step")
+    for i, (a, b) in enumerate(zip(results[1][1], results[0][1])):
+        assert_close(a, b, atol=1e-9 * max(1.0, float(b.abs().max())), what=f"gradient {i}")
+    small = [t[:3].clone() if t.dim() and t.shape[0] == 200 else t.clone() for t in leaves]
+    inputs[1], inputs[2], inputs[7] = inputs[1][:3], inputs[2][:3], inputs[7][:3]
+    small = [t.requires_grad_(True) for t in small]
+    # (without a robust loss: its weights are constants of the linearisation, which finite
+    # differences would not hold constant)
+    assert torch.autograd.gradcheck(lambda *a: run(True, *a, robust="none"), small, eps=1e-6, atol=1e-5)
+    with pytest.raises(ValueError, match="sparse linear solve needs J"):
+        gn.gauss_newton_step(diagonal, 1, 8, small[0], small[0], inputs[1], skinning=[inputs[2]],
+                             setup=gn.StepSetup(gn.build_block_pattern([inputs[1]], 1, 8), linear_solver="sparse"))
 
 
 def test_dense_assembly_checks_terms_and_is_deterministic_across_thread_counts():

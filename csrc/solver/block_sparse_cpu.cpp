@@ -119,6 +119,38 @@ void ForBalancedRows(const std::vector<int64_t>& bounds, Body body) {
   });
 }
 
+// Rows of the dense assembly split among the threads by their cost: the 6x6 products a row
+// sums, one per slot at its node and slot of the same term at a node >= its own. Counting by
+// slots alone would hand the low node ids (which own most of their pairs) to the first thread:
+// with 4 anchors they cost up to 4x the high ones.
+std::vector<int64_t> RowsByProducts(const int64_t* idx, int S, const int64_t* so, const int64_t* ss, int64_t T,
+                                    int64_t parts) {
+  std::vector<int64_t> products_before(T + 1, 0);
+  at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      int64_t count = 0;
+      for (int64_t e = ss[n]; e < ss[n + 1]; ++e) {
+        const int64_t m = so[e] / S;
+        for (int t = 0; t < S; ++t) count += idx[m * S + t] >= n;
+      }
+      products_before[n + 1] = count + 1;  // + 1: the row's own bookkeeping
+    }
+  });
+  for (int64_t n = 0; n < T; ++n) products_before[n + 1] += products_before[n];
+  return BalancedRows(T, parts, [&](int64_t n) { return products_before[n]; });
+}
+
+// The lower triangle from the upper one (MirrorDenseRowBody) after a sample's last group. Row n
+// of a sample copies its n + 1 blocks: the cost of rows [0, n) grows as n^2.
+template <typename scalar_t>
+void MirrorDense(int64_t N, int64_t T, int64_t parts, scalar_t* Ap) {
+  const auto before = [&](int64_t n) {
+    const int64_t full = n / N, rest = n % N;
+    return full * N * (N + 1) / 2 + rest * (rest + 1) / 2;
+  };
+  ForBalancedRows(BalancedRows(T, parts, before), [&](int64_t n) { MirrorDenseRowBody<scalar_t>(n, N, Ap); });
+}
+
 }  // namespace
 
 void AssembleDenseCpu(const at::Tensor& J, const at::Tensor& r, const at::Tensor& nodes,
@@ -129,29 +161,50 @@ void AssembleDenseCpu(const at::Tensor& J, const at::Tensor& r, const at::Tensor
   const int64_t* idx = nodes.data_ptr<int64_t>();
   const int64_t* so = slot_order.data_ptr<int64_t>();
   const int64_t* ss = slot_start.data_ptr<int64_t>();
+  const int64_t parts = 4 * static_cast<int64_t>(at::get_num_threads());
+  const std::vector<int64_t> rows = RowsByProducts(idx, S, so, ss, T, parts);
   AT_DISPATCH_FLOATING_TYPES(J.scalar_type(), "assemble_dense_cpu", [&] {
     const scalar_t* Jp = J.data_ptr<scalar_t>();
     const scalar_t* rp = r.data_ptr<scalar_t>();
     scalar_t* Ap = A.data_ptr<scalar_t>();
     scalar_t* bp = b.data_ptr<scalar_t>();
-    const int64_t parts = 4 * static_cast<int64_t>(at::get_num_threads());
-    // A row's cost: its slots (each adds up to S products).
-    const std::vector<int64_t> rows_by_slots = BalancedRows(T, parts, [&](int64_t n) { return ss[n]; });
-    auto run = [&](auto rows, auto slots) {
-      constexpr int kR = decltype(rows)::value, kS = decltype(slots)::value;
-      ForBalancedRows(rows_by_slots, [&](int64_t n) {
+    auto run = [&](auto row_count, auto slots) {
+      constexpr int kR = decltype(row_count)::value, kS = decltype(slots)::value;
+      ForBalancedRows(rows, [&](int64_t n) {
         AssembleDenseRowBody<scalar_t, kR, kS>(n, Jp, rp, R, S, idx, so, ss, N, accumulate, Ap, bp);
       });
     };
     DispatchTermShape(R, S, run);
-    if (finish) {
-      // Row n of a sample copies its n + 1 blocks: the cost of rows [0, n) grows as n^2.
-      const auto before = [&](int64_t n) {
-        const int64_t full = n / N, rest = n % N;
-        return full * N * (N + 1) / 2 + rest * (rest + 1) / 2;
-      };
-      ForBalancedRows(BalancedRows(T, parts, before), [&](int64_t n) { MirrorDenseRowBody<scalar_t>(n, N, Ap); });
+    if (finish) MirrorDense<scalar_t>(N, T, parts, Ap);
+  });
+}
+
+void AssembleDenseMatchCpu(const at::Tensor& structure, const at::Tensor& w, const at::Tensor& r,
+                           const at::Tensor& nodes, const at::Tensor& slot_order, const at::Tensor& slot_start,
+                           at::Tensor A, at::Tensor b, bool accumulate, bool finish) {
+  const int S = static_cast<int>(nodes.size(1));
+  const int64_t N = A.size(1) / 6, T = A.size(0) * N;
+  const int64_t* idx = nodes.data_ptr<int64_t>();
+  const int64_t* so = slot_order.data_ptr<int64_t>();
+  const int64_t* ss = slot_start.data_ptr<int64_t>();
+  const int64_t parts = 4 * static_cast<int64_t>(at::get_num_threads());
+  const std::vector<int64_t> rows = RowsByProducts(idx, S, so, ss, T, parts);
+  AT_DISPATCH_FLOATING_TYPES(structure.scalar_type(), "assemble_dense_match_cpu", [&] {
+    const scalar_t* sp = structure.data_ptr<scalar_t>();
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    const scalar_t* rp = r.data_ptr<scalar_t>();
+    scalar_t* Ap = A.data_ptr<scalar_t>();
+    scalar_t* bp = b.data_ptr<scalar_t>();
+    if (S == 4) {  // the solver's anchors: the slot loop unrolled
+      ForBalancedRows(rows, [&](int64_t n) {
+        AssembleDenseMatchRowBody<scalar_t, 4>(n, sp, wp, rp, S, idx, so, ss, N, accumulate, Ap, bp);
+      });
+    } else {
+      ForBalancedRows(rows, [&](int64_t n) {
+        AssembleDenseMatchRowBody<scalar_t>(n, sp, wp, rp, S, idx, so, ss, N, accumulate, Ap, bp);
+      });
     }
+    if (finish) MirrorDense<scalar_t>(N, T, parts, Ap);
   });
 }
 

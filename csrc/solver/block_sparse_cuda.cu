@@ -74,6 +74,17 @@ __global__ void AssembleDenseKernel(const scalar_t* __restrict__ J, const scalar
 }
 
 template <typename scalar_t>
+__global__ void AssembleDenseMatchKernel(const scalar_t* __restrict__ structure, const scalar_t* __restrict__ w,
+                                         const scalar_t* __restrict__ r, int A_, const int64_t* __restrict__ nodes,
+                                         const int64_t* __restrict__ slot_order,
+                                         const int64_t* __restrict__ slot_start, int64_t N, int64_t T,
+                                         bool accumulate, scalar_t* __restrict__ A, scalar_t* __restrict__ b) {
+  NNRT_GRID_LOOP(n, T) {
+    AssembleDenseMatchRowBody<scalar_t>(n, structure, w, r, A_, nodes, slot_order, slot_start, N, accumulate, A, b);
+  }
+}
+
+template <typename scalar_t>
 __global__ void MirrorDenseKernel(int64_t N, int64_t T, scalar_t* __restrict__ A) {
   NNRT_GRID_LOOP(n, T) { MirrorDenseRowBody<scalar_t>(n, N, A); }
 }
@@ -172,6 +183,25 @@ void AssembleDenseCuda(const at::Tensor& J, const at::Tensor& r, const at::Tenso
         J.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(), R, S, nodes.data_ptr<int64_t>(),
         slot_order.data_ptr<int64_t>(), slot_start.data_ptr<int64_t>(), N, T, accumulate,
         A.data_ptr<scalar_t>(), b.data_ptr<scalar_t>());
+    if (finish)
+      MirrorDenseKernel<scalar_t><<<Blocks(T, 64), 64, 0, at::cuda::getCurrentCUDAStream()>>>(
+          N, T, A.data_ptr<scalar_t>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void AssembleDenseMatchCuda(const at::Tensor& structure, const at::Tensor& w, const at::Tensor& r,
+                            const at::Tensor& nodes, const at::Tensor& slot_order, const at::Tensor& slot_start,
+                            at::Tensor A, at::Tensor b, bool accumulate, bool finish) {
+  at::cuda::CUDAGuard guard(structure.device());
+  const int S = static_cast<int>(nodes.size(1));
+  const int64_t N = A.size(1) / 6, T = A.size(0) * N;
+  if (T == 0) return;
+  AT_DISPATCH_FLOATING_TYPES(structure.scalar_type(), "assemble_dense_match_cuda", [&] {
+    AssembleDenseMatchKernel<scalar_t><<<Blocks(T, 64), 64, 0, at::cuda::getCurrentCUDAStream()>>>(
+        structure.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(), S,
+        nodes.data_ptr<int64_t>(), slot_order.data_ptr<int64_t>(), slot_start.data_ptr<int64_t>(), N, T,
+        accumulate, A.data_ptr<scalar_t>(), b.data_ptr<scalar_t>());
     if (finish)
       MirrorDenseKernel<scalar_t><<<Blocks(T, 64), 64, 0, at::cuda::getCurrentCUDAStream()>>>(
           N, T, A.data_ptr<scalar_t>());

@@ -348,13 +348,15 @@ HOST_DEVICE inline scalar_t RobustRoot(scalar_t px, scalar_t py, int robust, sca
   return ScalarSqrt(h < scalar_t(1) ? h : scalar_t(1));
 }
 
-// Forward of one match: res (3), J (3, 6A), root (the robust root rho, saved for the backward).
+// Forward of one match: res (3), J (3, 6A), root (the robust root rho, saved for the backward),
+// and structure (5 + 3A): dv then q, the numbers that with the skinning weights define J (what
+// the dense assembly of match terms reads: AssembleDenseMatchRowBody).
 template <typename scalar_t>
 HOST_DEVICE inline void MatchTermForward(const scalar_t* x, const int64_t* anchors, const scalar_t* aw,
                                          const scalar_t* g, const scalar_t* tp, scalar_t td, scalar_t c,
                                          const scalar_t* K, const scalar_t* R, const scalar_t* t,
                                          const MatchTermParams<scalar_t>& prm, scalar_t* res,
-                                         scalar_t* J, scalar_t* root) {
+                                         scalar_t* J, scalar_t* root, scalar_t* structure) {
   scalar_t o[3 * kMaxSlots], q[3 * kMaxSlots], X[3];
   WarpMatch(x, anchors, aw, g, R, t, prm.A, o, q, X);
   const scalar_t iz = scalar_t(1) / X[2];
@@ -366,11 +368,14 @@ HOST_DEVICE inline void MatchTermForward(const scalar_t* x, const int64_t* ancho
   res[2] = cd * (X[2] - td);
   const scalar_t dv[5] = {cf * K[0] * iz, -cf * K[0] * X[0] * iz * iz, cf * K[1] * iz,
                           -cf * K[1] * X[1] * iz * iz, cd};
-  MatchJacobianBlock<scalar_t>(q, aw, dv, prm.A, J);
+  if (J != nullptr) MatchJacobianBlock<scalar_t>(q, aw, dv, prm.A, J);  // null: the structure suffices
   *root = rho;
+  for (int k = 0; k < 5; ++k) structure[k] = dv[k];
+  for (int k = 0; k < 3 * prm.A; ++k) structure[5 + k] = q[k];
 }
 
-// Backward of one match from grad_res (3) and grad_J (3, 6A): gradients of x (3), tp (2), td, c,
+// Backward of one match from grad_res (3), grad_J (3, 6A) and grad of the structure (5 + 3A)
+// (either of the last two may be null: no gradient): gradients of x (3), tp (2), td, c,
 // and per anchor slot (A, 12) the gradient of R_k (9, row-major) and t_k (3), which the
 // launchers sum over the anchors of each node. By the chain rule through
 // MatchJacobianBlockBackward (grad of q and dv), then dv and res -> (cf, cd, X, tp, td), then
@@ -381,7 +386,8 @@ HOST_DEVICE inline void MatchTermBackward(const scalar_t* x, const int64_t* anch
                                           const scalar_t* g, const scalar_t* tp, scalar_t td, scalar_t c,
                                           const scalar_t* K, const scalar_t* R, const scalar_t* t,
                                           const MatchTermParams<scalar_t>& prm, scalar_t rho,
-                                          const scalar_t* gres, const scalar_t* gJ, scalar_t* g_x,
+                                          const scalar_t* gres, const scalar_t* gJ, const scalar_t* gS,
+                                          scalar_t* g_x,
                                           scalar_t* g_tp, scalar_t* g_td, scalar_t* g_c,
                                           scalar_t* g_slots) {
   const int A = prm.A;
@@ -393,7 +399,16 @@ HOST_DEVICE inline void MatchTermBackward(const scalar_t* x, const int64_t* anch
   const scalar_t cf = prm.sqrt_flow_weight * c * rho, cd = prm.sqrt_depth_weight * c * rho;
   const scalar_t dv[5] = {cf * fx * iz, -cf * fx * X[0] * iz2, cf * fy * iz, -cf * fy * X[1] * iz2, cd};
   scalar_t gq[3 * kMaxSlots], gw[kMaxSlots], gdv[5];
-  MatchJacobianBlockBackward<scalar_t>(gJ, q, aw, dv, A, gq, gw, gdv);
+  if (gJ != nullptr) {
+    MatchJacobianBlockBackward<scalar_t>(gJ, q, aw, dv, A, gq, gw, gdv);
+  } else {
+    for (int k = 0; k < 3 * A; ++k) gq[k] = 0;
+    for (int k = 0; k < 5; ++k) gdv[k] = 0;
+  }
+  if (gS != nullptr) {  // the gradient of the structure output (dv, q) adds directly
+    for (int k = 0; k < 5; ++k) gdv[k] += gS[k];
+    for (int k = 0; k < 3 * A; ++k) gq[k] += gS[5 + k];
+  }
   const scalar_t gcf = gres[0] * px + gres[1] * py + gdv[0] * fx * iz - gdv[1] * fx * X[0] * iz2 +
                        gdv[2] * fy * iz - gdv[3] * fy * X[1] * iz2;
   const scalar_t gcd = gres[2] * (X[2] - td) + gdv[4];
@@ -421,6 +436,63 @@ HOST_DEVICE inline void MatchTermBackward(const scalar_t* x, const int64_t* anch
       g_x[j] += Rk[j] * gqk[0] + Rk[3 + j] * gqk[1] + Rk[6 + j] * gqk[2];
       for (int i = 0; i < 3; ++i) gs[3 * i + j] = gqk[i] * ok[j];
     }
+  }
+}
+
+// The Gauss-Newton step's backward for one match term given by its structure (the
+// counterpart of StepTermBackward for J; see AssembleDenseMatchRowBody for the structure).
+// StepTermBackward's gradients are those of phi(J) = -(J u_m) . (J x_m + r); with
+// J_k = w_k D [Q_k | I], J v = D y(v) where y(v) = sum_k w_k (v_rot,k x q_k + v_trans,k), so
+//   grad_r = -D y_u;  with e = D y_x + r:  grad_D = -(e y_u^T + D y_u y_x^T),
+//   grad_q_k = w_k (g_u x u_rot,k + g_x x x_rot,k),  g_u = -D^T e,  g_x = -D^T D y_u,
+// and grad_dv the entries of grad_D at D's five (MatchJacobianBlock). u, x (B * N * 6) by flat
+// node; nodes (A) the match's flat node ids (unused, -1: no contribution). Outputs:
+// grad_structure (5 + 3A), grad_r (3).
+template <typename scalar_t>
+HOST_DEVICE inline void MatchStepBackwardBody(const scalar_t* structure, const scalar_t* w, const scalar_t* r,
+                                              const int64_t* nodes, int A, const scalar_t* u,
+                                              const scalar_t* x, scalar_t* grad_structure,
+                                              scalar_t* grad_r) {
+  const scalar_t* dv = structure;
+  const scalar_t* q = structure + 5;
+  scalar_t yu[3] = {0, 0, 0}, yx[3] = {0, 0, 0};
+  for (int k = 0; k < A; ++k) {
+    if (nodes[k] < 0) continue;
+    const scalar_t* uk = u + 6 * nodes[k];
+    const scalar_t* xk = x + 6 * nodes[k];
+    const scalar_t* qk = q + 3 * k;
+    yu[0] += w[k] * (uk[1] * qk[2] - uk[2] * qk[1] + uk[3]);
+    yu[1] += w[k] * (uk[2] * qk[0] - uk[0] * qk[2] + uk[4]);
+    yu[2] += w[k] * (uk[0] * qk[1] - uk[1] * qk[0] + uk[5]);
+    yx[0] += w[k] * (xk[1] * qk[2] - xk[2] * qk[1] + xk[3]);
+    yx[1] += w[k] * (xk[2] * qk[0] - xk[0] * qk[2] + xk[4]);
+    yx[2] += w[k] * (xk[0] * qk[1] - xk[1] * qk[0] + xk[5]);
+  }
+  // D = [[a, 0, b], [0, c, d], [0, 0, e]]
+  const scalar_t a = dv[0], b = dv[1], c = dv[2], d = dv[3], e = dv[4];
+  const scalar_t Ju[3] = {a * yu[0] + b * yu[2], c * yu[1] + d * yu[2], e * yu[2]};
+  const scalar_t ex[3] = {a * yx[0] + b * yx[2] + r[0], c * yx[1] + d * yx[2] + r[1], e * yx[2] + r[2]};
+  for (int i = 0; i < 3; ++i) grad_r[i] = -Ju[i];
+  // grad_D[i][j] = -(ex_i yu_j + Ju_i yx_j) at (0,0), (0,2), (1,1), (1,2), (2,2)
+  grad_structure[0] = -(ex[0] * yu[0] + Ju[0] * yx[0]);
+  grad_structure[1] = -(ex[0] * yu[2] + Ju[0] * yx[2]);
+  grad_structure[2] = -(ex[1] * yu[1] + Ju[1] * yx[1]);
+  grad_structure[3] = -(ex[1] * yu[2] + Ju[1] * yx[2]);
+  grad_structure[4] = -(ex[2] * yu[2] + Ju[2] * yx[2]);
+  // D^T v = (a v0, c v1, b v0 + d v1 + e v2)
+  const scalar_t gu[3] = {-a * ex[0], -c * ex[1], -(b * ex[0] + d * ex[1] + e * ex[2])};
+  const scalar_t gx[3] = {-a * Ju[0], -c * Ju[1], -(b * Ju[0] + d * Ju[1] + e * Ju[2])};
+  for (int k = 0; k < A; ++k) {
+    scalar_t* gq = grad_structure + 5 + 3 * k;
+    if (nodes[k] < 0) {
+      gq[0] = gq[1] = gq[2] = 0;
+      continue;
+    }
+    const scalar_t* uk = u + 6 * nodes[k];
+    const scalar_t* xk = x + 6 * nodes[k];
+    gq[0] = w[k] * (gu[1] * uk[2] - gu[2] * uk[1] + gx[1] * xk[2] - gx[2] * xk[1]);
+    gq[1] = w[k] * (gu[2] * uk[0] - gu[0] * uk[2] + gx[2] * xk[0] - gx[0] * xk[2]);
+    gq[2] = w[k] * (gu[0] * uk[1] - gu[1] * uk[0] + gx[0] * xk[1] - gx[1] * xk[0]);
   }
 }
 
@@ -680,6 +752,95 @@ HOST_DEVICE inline void AssembleDenseRowBody(int64_t n, const scalar_t* J, const
   for (int p = 0; p < 6; ++p) b[6 * n + p] = accumulate ? b[6 * n + p] + rhs[p] : rhs[p];
 }
 
+// The dense assembly of the match terms from their structure instead of J (AssembleDenseRowBody
+// with the same ownership, order and output): MatchTermForward's dv (5) and q (3A) per match and
+// the skinning weights w (A). With D from dv (MatchJacobianBlock), M = D^T D (symmetric) and
+// Q_k = [q_k]_x^T, the block of anchor k is J_k = w_k D [Q_k | I], so
+//   J_s^T J_t = w_s w_t [[Q_s^T M Q_t, Q_s^T M], [M Q_t, M]]
+//             = w_s w_t [[-[q_s]_x N_t, -N_s^T], [-N_t, M]],  N_k = M [q_k]_x (row i: M_i x q_k),
+//   J_s^T r   = w_s [q_s x D^T r; D^T r]:
+// about half the arithmetic of the product of two 3 x 6 blocks, and a quarter of J's reads.
+template <typename scalar_t>
+HOST_DEVICE inline void MatchNormalMatrix(const scalar_t* dv, scalar_t* M) {
+  const scalar_t a = dv[0], b = dv[1], c = dv[2], d = dv[3], e = dv[4];
+  M[0] = a * a;  M[1] = 0;      M[2] = a * b;
+  M[3] = 0;      M[4] = c * c;  M[5] = c * d;
+  M[6] = a * b;  M[7] = c * d;  M[8] = b * b + d * d + e * e;
+}
+
+template <typename scalar_t>
+HOST_DEVICE inline void MatrixCrossRows(const scalar_t* M, const scalar_t* q, scalar_t* Nq) {
+  for (int i = 0; i < 3; ++i) {
+    const scalar_t* m = M + 3 * i;
+    Nq[3 * i] = m[1] * q[2] - m[2] * q[1];
+    Nq[3 * i + 1] = m[2] * q[0] - m[0] * q[2];
+    Nq[3 * i + 2] = m[0] * q[1] - m[1] * q[0];
+  }
+}
+
+// out[p * ld + q] += (J_s^T J_t)[p][q] from the structure (see above); Ns = N_s.
+template <typename scalar_t>
+HOST_DEVICE inline void AddMatchPairBlock(const scalar_t* M, const scalar_t* qs, const scalar_t* Ns,
+                                          const scalar_t* qt, scalar_t wst, scalar_t* out, int64_t ld) {
+  scalar_t Nt[9];
+  MatrixCrossRows(M, qt, Nt);
+  for (int j = 0; j < 3; ++j) {  // column j of -[q_s]_x N_t is -(q_s x N_t[:, j])
+    const scalar_t c0 = Nt[j], c1 = Nt[3 + j], c2 = Nt[6 + j];
+    out[j] -= wst * (qs[1] * c2 - qs[2] * c1);
+    out[ld + j] -= wst * (qs[2] * c0 - qs[0] * c2);
+    out[2 * ld + j] -= wst * (qs[0] * c1 - qs[1] * c0);
+  }
+  for (int i = 0; i < 3; ++i)
+    for (int j = 0; j < 3; ++j) {
+      out[i * ld + 3 + j] -= wst * Ns[3 * j + i];
+      out[(3 + i) * ld + j] -= wst * Nt[3 * i + j];
+      out[(3 + i) * ld + 3 + j] += wst * M[3 * i + j];
+    }
+}
+
+// structure (M, 5 + 3A), w (M, A), r (M, 3); nodes, slot lists, A and b as AssembleDenseRowBody's.
+template <typename scalar_t, int kA = 0>
+HOST_DEVICE inline void AssembleDenseMatchRowBody(int64_t n, const scalar_t* structure, const scalar_t* w,
+                                                  const scalar_t* r, int A_, const int64_t* nodes,
+                                                  const int64_t* slot_order, const int64_t* slot_start,
+                                                  int64_t N, bool accumulate, scalar_t* A, scalar_t* b) {
+  const int SA = kA > 0 ? kA : A_;
+  const int64_t sample = n / N, D = 6 * N;
+  scalar_t* strip = A + sample * D * D + 6 * (n - sample * N) * D;  // row 6 local, column 0
+  scalar_t rhs[6] = {0, 0, 0, 0, 0, 0};
+  scalar_t diagonal[36];
+  for (int e = 0; e < 36; ++e) diagonal[e] = 0;
+  for (int64_t e = slot_start[n]; e < slot_start[n + 1]; ++e) {
+    const int64_t id = slot_order[e], m = id / SA;
+    const int s = static_cast<int>(id % SA);
+    const scalar_t* st = structure + m * (5 + 3 * SA);
+    const scalar_t* q = st + 5;
+    const scalar_t* wm = w + m * SA;
+    const scalar_t* rm = r + 3 * m;
+    scalar_t M[9], Ns[9];
+    MatchNormalMatrix(st, M);
+    MatrixCrossRows(M, q + 3 * s, Ns);
+    const scalar_t Dr[3] = {st[0] * rm[0], st[2] * rm[1], st[1] * rm[0] + st[3] * rm[1] + st[4] * rm[2]};
+    const scalar_t* qs = q + 3 * s;
+    const scalar_t ws = wm[s];
+    rhs[0] += ws * (qs[1] * Dr[2] - qs[2] * Dr[1]);
+    rhs[1] += ws * (qs[2] * Dr[0] - qs[0] * Dr[2]);
+    rhs[2] += ws * (qs[0] * Dr[1] - qs[1] * Dr[0]);
+    for (int k = 0; k < 3; ++k) rhs[3 + k] += ws * Dr[k];
+    for (int t = 0; t < SA; ++t) {
+      const int64_t nt = nodes[m * SA + t];
+      if (nt == n)
+        AddMatchPairBlock(M, qs, Ns, q + 3 * t, ws * wm[t], diagonal, 6);
+      else if (nt > n)
+        AddMatchPairBlock(M, qs, Ns, q + 3 * t, ws * wm[t], strip + 6 * (nt - sample * N), D);
+    }
+  }
+  scalar_t* own = strip + 6 * (n - sample * N);
+  for (int p = 0; p < 6; ++p)
+    for (int q = 0; q < 6; ++q) own[p * D + q] += diagonal[6 * p + q];
+  for (int p = 0; p < 6; ++p) b[6 * n + p] = accumulate ? b[6 * n + p] + rhs[p] : rhs[p];
+}
+
 // The lower triangle of the rows of node n from the upper blocks of the rows above (after the
 // last group's AssembleDenseRowBody, in a separate pass: those rows belong to other nodes):
 // A[6n + p][6c + q] = A[6c + q][6n + p] for every column of the sample left of row 6n + p's
@@ -815,6 +976,9 @@ void AssembleDenseCpu(const at::Tensor& J, const at::Tensor& r, const at::Tensor
                       at::Tensor b, bool accumulate, bool finish);
 bool HasLapackFactor();
 at::Tensor FactorUpperInPlaceCpu(at::Tensor A);
+void AssembleDenseMatchCpu(const at::Tensor& structure, const at::Tensor& w, const at::Tensor& r,
+                           const at::Tensor& nodes, const at::Tensor& slot_order, const at::Tensor& slot_start,
+                           at::Tensor A, at::Tensor b, bool accumulate, bool finish);
 at::Tensor BlockMatvecCpu(const at::Tensor& blocks, const at::Tensor& block_row,
                           const at::Tensor& block_col, const at::Tensor& row_start,
                           const at::Tensor& col_order, const at::Tensor& col_start, const at::Tensor& x);
@@ -832,6 +996,9 @@ at::Tensor BlocksToDenseCuda(const at::Tensor& blocks, const at::Tensor& block_r
 void AssembleDenseCuda(const at::Tensor& J, const at::Tensor& r, const at::Tensor& nodes,
                        const at::Tensor& slot_order, const at::Tensor& slot_start, at::Tensor A,
                        at::Tensor b, bool accumulate, bool finish);
+void AssembleDenseMatchCuda(const at::Tensor& structure, const at::Tensor& w, const at::Tensor& r,
+                            const at::Tensor& nodes, const at::Tensor& slot_order, const at::Tensor& slot_start,
+                            at::Tensor A, at::Tensor b, bool accumulate, bool finish);
 at::Tensor BlockMatvecCuda(const at::Tensor& blocks, const at::Tensor& block_row,
                            const at::Tensor& block_col, const at::Tensor& row_start,
                            const at::Tensor& col_order, const at::Tensor& col_start, const at::Tensor& x);
@@ -845,10 +1012,14 @@ at::Tensor BlockMatvecCuda(const at::Tensor& blocks, const at::Tensor& block_row
 struct MatchTermInputs {
   at::Tensor x, anchors, aw, g, tp, td, c, K, R, t;
 };
-std::vector<at::Tensor> MatchTermsCpu(const MatchTermInputs& in, const MatchTermParams<double>& prm);
+std::vector<at::Tensor> MatchTermsCpu(const MatchTermInputs& in, const MatchTermParams<double>& prm,
+                                      bool jacobian);
 std::vector<at::Tensor> MatchTermsBackwardCpu(const MatchTermInputs& in, const MatchTermParams<double>& prm,
                                               const at::Tensor& root, const at::Tensor& grad_res,
-                                              const at::Tensor& grad_J);
+                                              const at::Tensor& grad_J, const at::Tensor& grad_structure);
+std::vector<at::Tensor> MatchStepBackwardCpu(const at::Tensor& structure, const at::Tensor& w,
+                                             const at::Tensor& r, const at::Tensor& nodes, const at::Tensor& u,
+                                             const at::Tensor& x);
 // Edge terms: edges (E, 2) int64 flat (i, j), w (E), g (T, 3), R (T, 3, 3), t (T, 3) -> res (E, 3),
 // J (E, 3, 12); backward -> g_nodes (T, 12) (R 9, t 3 per node, summed over both slots), g_w (E).
 at::Tensor LeftRotateCpu(const at::Tensor& w, const at::Tensor& R);
@@ -868,10 +1039,14 @@ std::vector<at::Tensor> EdgeTermsBackwardCuda(const at::Tensor& edges, const at:
                                               const at::Tensor& g, const at::Tensor& R,
                                               const at::Tensor& t, const at::Tensor& grad_res,
                                               const at::Tensor& grad_J);
-std::vector<at::Tensor> MatchTermsCuda(const MatchTermInputs& in, const MatchTermParams<double>& prm);
+std::vector<at::Tensor> MatchTermsCuda(const MatchTermInputs& in, const MatchTermParams<double>& prm,
+                                       bool jacobian);
 std::vector<at::Tensor> MatchTermsBackwardCuda(const MatchTermInputs& in, const MatchTermParams<double>& prm,
                                                const at::Tensor& root, const at::Tensor& grad_res,
-                                               const at::Tensor& grad_J);
+                                               const at::Tensor& grad_J, const at::Tensor& grad_structure);
+std::vector<at::Tensor> MatchStepBackwardCuda(const at::Tensor& structure, const at::Tensor& w,
+                                              const at::Tensor& r, const at::Tensor& nodes, const at::Tensor& u,
+                                              const at::Tensor& x);
 #endif
 
 std::vector<at::Tensor> StepBackwardCpu(const at::Tensor& J, const at::Tensor& r,
@@ -1104,6 +1279,45 @@ inline at::Tensor AssembleDense(const at::Tensor& J, const at::Tensor& r, const 
   return A;
 }
 
+// AssembleDense for a group of match terms given by their structure (AssembleDenseMatchRowBody):
+// structure (M, 5 + 3A) from match_terms, w (M, A) the skinning weights, r (M, 3) the
+// residuals, nodes (M, A) flat node ids (all used); the rest as AssembleDense.
+inline at::Tensor AssembleDenseMatch(const at::Tensor& structure, const at::Tensor& w, const at::Tensor& r,
+                                     const at::Tensor& nodes, const at::Tensor& slot_order,
+                                     const at::Tensor& slot_start, at::Tensor A, at::Tensor b, bool accumulate,
+                                     bool finish) {
+  TORCH_CHECK(nodes.dim() == 2 && nodes.size(1) >= 1 && nodes.size(1) <= kMaxSlots &&
+                  nodes.scalar_type() == at::kLong,
+              "nodes must be (M, A) int64 with 1 <= A <= ", kMaxSlots, ", found ", nodes.sizes());
+  const int64_t M = nodes.size(0), An = nodes.size(1);
+  TORCH_CHECK(structure.sizes() == at::IntArrayRef({M, 5 + 3 * An}) && w.sizes() == nodes.sizes() &&
+                  r.sizes() == at::IntArrayRef({M, 3}),
+              "structure (M, 5 + 3A), weights (M, A) and residuals (M, 3) expected for nodes ", nodes.sizes(),
+              ", found ", structure.sizes(), ", ", w.sizes(), ", ", r.sizes());
+  TORCH_CHECK(structure.is_floating_point() && w.scalar_type() == structure.scalar_type() &&
+                  r.scalar_type() == structure.scalar_type() && A.scalar_type() == structure.scalar_type(),
+              "structure, weights, residuals and A must share one floating dtype");
+  TORCH_CHECK(A.dim() == 3 && A.size(1) == A.size(2) && A.size(1) % 6 == 0 && A.is_contiguous(),
+              "A must be contiguous (B, 6N, 6N), found ", A.sizes());
+  TORCH_CHECK(b.dim() == 2 && b.size(0) == A.size(0) && b.size(1) == A.size(1) && b.is_contiguous() &&
+                  b.scalar_type() == A.scalar_type(),
+              "b must be contiguous (B, 6N) of A's dtype, found ", b.sizes(), " for A ", A.sizes());
+  TORCH_CHECK(slot_start.numel() == A.size(0) * (A.size(1) / 6) + 1, "slot_start must have B N + 1 = ",
+              A.size(0) * (A.size(1) / 6) + 1, " entries, found ", slot_start.numel());
+  if (structure.is_cuda()) {
+#ifdef WITH_CUDA
+    AssembleDenseMatchCuda(structure.contiguous(), w.contiguous(), r.contiguous(), nodes.contiguous(),
+                           slot_order.contiguous(), slot_start.contiguous(), A, b, accumulate, finish);
+#else
+    NNRT_NO_CUDA("assemble_dense_match");
+#endif
+  } else {
+    AssembleDenseMatchCpu(structure.contiguous(), w.contiguous(), r.contiguous(), nodes.contiguous(),
+                          slot_order.contiguous(), slot_start.contiguous(), A, b, accumulate, finish);
+  }
+  return A;
+}
+
 // Cholesky factorisation in place of A (B, D, D) float32/float64, contiguous, on the CPU:
 // reads the upper triangle (row-major) of each sample's symmetric matrix and overwrites it with
 // U, A = U^T U; the strictly lower triangle is neither read nor written. Returns info (B,)
@@ -1314,49 +1528,92 @@ inline MatchTermParams<double> MakeMatchTermParams(double flow_weight, double de
           static_cast<int>(A)};
 }
 
-// (res (M, 3), J (M, 3, 6A), root (M)) of the data terms; inputs as MatchTermInputs.
+// (res (M, 3), J (M, 3, 6A), root (M), structure (M, 5 + 3A)) of the data terms; inputs as
+// MatchTermInputs. Without jacobian, J is empty (0, 3, 6A): the structure defines it.
 inline std::vector<at::Tensor> MatchTerms(const at::Tensor& x, const at::Tensor& anchors,
                                           const at::Tensor& aw, const at::Tensor& g,
                                           const at::Tensor& tp, const at::Tensor& td,
                                           const at::Tensor& c, const at::Tensor& K,
                                           const at::Tensor& R, const at::Tensor& t, double flow_weight,
-                                          double depth_weight, int64_t robust, double robust_scale) {
+                                          double depth_weight, int64_t robust, double robust_scale,
+                                          bool jacobian) {
   const MatchTermInputs in = CheckMatchTermInputs(x, anchors, aw, g, tp, td, c, K, R, t);
   const auto prm = MakeMatchTermParams(flow_weight, depth_weight, robust, robust_scale, anchors.size(1));
   if (x.is_cuda()) {
 #ifdef WITH_CUDA
-    return MatchTermsCuda(in, prm);
+    return MatchTermsCuda(in, prm, jacobian);
 #else
     NNRT_NO_CUDA("match_terms");
 #endif
   }
-  return MatchTermsCpu(in, prm);
+  return MatchTermsCpu(in, prm, jacobian);
 }
 
-// (g_x, g_tp, g_td, g_c, g_nodes (T, 12)) from grad_res (M, 3), grad_J (M, 3, 6A).
+// (g_x, g_tp, g_td, g_c, g_nodes (T, 12)) from grad_res (M, 3), grad_J (M, 3, 6A) and
+// grad_structure (M, 5 + 3A); either of the last two may be empty (numel 0: no gradient).
 inline std::vector<at::Tensor> MatchTermsBackward(
     const at::Tensor& x, const at::Tensor& anchors, const at::Tensor& aw, const at::Tensor& g,
     const at::Tensor& tp, const at::Tensor& td, const at::Tensor& c, const at::Tensor& K,
     const at::Tensor& R, const at::Tensor& t, double flow_weight, double depth_weight, int64_t robust,
-    double robust_scale, const at::Tensor& root, const at::Tensor& grad_res, const at::Tensor& grad_J) {
+    double robust_scale, const at::Tensor& root, const at::Tensor& grad_res, const at::Tensor& grad_J,
+    const at::Tensor& grad_structure) {
   const MatchTermInputs in = CheckMatchTermInputs(x, anchors, aw, g, tp, td, c, K, R, t);
   const auto prm = MakeMatchTermParams(flow_weight, depth_weight, robust, robust_scale, anchors.size(1));
   const int64_t M = x.size(0), A = anchors.size(1);
   TORCH_CHECK(root.sizes() == at::IntArrayRef({M}) && grad_res.sizes() == at::IntArrayRef({M, 3}) &&
-                  grad_J.sizes() == at::IntArrayRef({M, 3, 6 * A}),
-              "root (M), grad_res (M, 3), grad_J (M, 3, 6A) expected, found ", root.sizes(), ", ",
-              grad_res.sizes(), ", ", grad_J.sizes());
+                  (grad_J.numel() == 0 || grad_J.sizes() == at::IntArrayRef({M, 3, 6 * A})) &&
+                  (grad_structure.numel() == 0 || grad_structure.sizes() == at::IntArrayRef({M, 5 + 3 * A})),
+              "root (M), grad_res (M, 3), grad_J (M, 3, 6A) or empty, grad_structure (M, 5 + 3A) or empty "
+              "expected, found ", root.sizes(), ", ", grad_res.sizes(), ", ", grad_J.sizes(), ", ",
+              grad_structure.sizes());
   const auto dtype = x.scalar_type();
   const at::Tensor rr = root.to(dtype).contiguous(), gr = grad_res.to(dtype).contiguous(),
-                   gJ = grad_J.to(dtype).contiguous();
+                   gJ = grad_J.to(dtype).contiguous(), gS = grad_structure.to(dtype).contiguous();
   if (x.is_cuda()) {
 #ifdef WITH_CUDA
-    return MatchTermsBackwardCuda(in, prm, rr, gr, gJ);
+    return MatchTermsBackwardCuda(in, prm, rr, gr, gJ, gS);
 #else
     NNRT_NO_CUDA("match_terms_backward");
 #endif
   }
-  return MatchTermsBackwardCpu(in, prm, rr, gr, gJ);
+  return MatchTermsBackwardCpu(in, prm, rr, gr, gJ, gS);
+}
+
+// The step's backward for a group of match terms given by their structure (MatchStepBackwardBody):
+// structure (M, 5 + 3A), w (M, A), r (M, 3), nodes (M, A) flat node ids (-1: unused), u and x
+// (B, 6N). Returns (grad_structure (M, 5 + 3A), grad_r (M, 3)).
+inline std::vector<at::Tensor> MatchStepBackward(const at::Tensor& structure, const at::Tensor& w,
+                                                 const at::Tensor& r, const at::Tensor& nodes,
+                                                 const at::Tensor& u, const at::Tensor& x) {
+  TORCH_CHECK(nodes.dim() == 2 && nodes.size(1) >= 1 && nodes.size(1) <= kMaxSlots &&
+                  nodes.scalar_type() == at::kLong,
+              "nodes must be (M, A) int64 with 1 <= A <= ", kMaxSlots, ", found ", nodes.sizes());
+  const int64_t M = nodes.size(0), An = nodes.size(1);
+  TORCH_CHECK(structure.sizes() == at::IntArrayRef({M, 5 + 3 * An}) && w.sizes() == nodes.sizes() &&
+                  r.sizes() == at::IntArrayRef({M, 3}),
+              "structure (M, 5 + 3A), weights (M, A) and residuals (M, 3) expected for nodes ", nodes.sizes(),
+              ", found ", structure.sizes(), ", ", w.sizes(), ", ", r.sizes());
+  TORCH_CHECK(u.dim() == 2 && u.sizes() == x.sizes() && u.size(1) % 6 == 0,
+              "u and x must be (B, 6N) alike, found ", u.sizes(), " and ", x.sizes());
+  const auto dtype = structure.scalar_type();
+  TORCH_CHECK(structure.is_floating_point() && w.scalar_type() == dtype && r.scalar_type() == dtype,
+              "structure, weights and residuals must share one floating dtype");
+  const int64_t total = u.size(0) * (u.size(1) / 6);
+  if (M > 0) {
+    const at::Tensor lo = nodes.min(), hi = nodes.max();
+    TORCH_CHECK(lo.item<int64_t>() >= -1 && hi.item<int64_t>() < total, "match_step_backward: node ids must lie in [-1, ",
+                total, "), found [", lo.item<int64_t>(), ", ", hi.item<int64_t>(), "]");
+  }
+  const at::Tensor uu = u.to(dtype).contiguous(), xx = x.to(dtype).contiguous();
+  if (structure.is_cuda()) {
+#ifdef WITH_CUDA
+    return MatchStepBackwardCuda(structure.contiguous(), w.contiguous(), r.contiguous(), nodes.contiguous(), uu,
+                                 xx);
+#else
+    NNRT_NO_CUDA("match_step_backward");
+#endif
+  }
+  return MatchStepBackwardCpu(structure.contiguous(), w.contiguous(), r.contiguous(), nodes.contiguous(), uu, xx);
 }
 
 inline void CheckEdgeTermInputs(const at::Tensor& edges, const at::Tensor& w, const at::Tensor& g,

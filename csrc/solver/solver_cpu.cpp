@@ -127,12 +127,14 @@ inline void CheckAnchors(const int64_t* anchors, int64_t m, int A, int64_t T, co
 
 }  // namespace
 
-std::vector<at::Tensor> MatchTermsCpu(const MatchTermInputs& in, const MatchTermParams<double>& prm) {
+std::vector<at::Tensor> MatchTermsCpu(const MatchTermInputs& in, const MatchTermParams<double>& prm,
+                                      bool jacobian) {
   const int64_t M = in.x.size(0), T = in.R.size(0);
   const int A = prm.A;
   at::Tensor res = at::empty({M, 3}, in.x.options());
-  at::Tensor J = at::empty({M, 3, 6 * A}, in.x.options());
+  at::Tensor J = at::empty({jacobian ? M : 0, 3, 6 * A}, in.x.options());
   at::Tensor root = at::empty({M}, in.x.options());
+  at::Tensor structure = at::empty({M, 5 + 3 * A}, in.x.options());
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "match_terms_cpu", [&] {
     const auto p = CastParams<scalar_t>(prm);
     const int64_t* an = in.anchors.data_ptr<int64_t>();
@@ -141,21 +143,23 @@ std::vector<at::Tensor> MatchTermsCpu(const MatchTermInputs& in, const MatchTerm
                    *td = in.td.data_ptr<scalar_t>(), *c = in.c.data_ptr<scalar_t>(),
                    *K = in.K.data_ptr<scalar_t>(), *R = in.R.data_ptr<scalar_t>(),
                    *t = in.t.data_ptr<scalar_t>();
-    scalar_t *rp = res.data_ptr<scalar_t>(), *Jp = J.data_ptr<scalar_t>(), *rootp = root.data_ptr<scalar_t>();
+    scalar_t *rp = res.data_ptr<scalar_t>(), *Jp = jacobian ? J.data_ptr<scalar_t>() : nullptr,
+             *rootp = root.data_ptr<scalar_t>(), *sp = structure.data_ptr<scalar_t>();
     at::parallel_for(0, M, 1024, [&](int64_t begin, int64_t end) {
       for (int64_t m = begin; m < end; ++m) {
         CheckAnchors(an + m * A, m, A, T);
         MatchTermForward<scalar_t>(x + m * 3, an + m * A, aw + m * A, g, tp + m * 2, td[m], c[m],
-                                   K + m * 4, R, t, p, rp + m * 3, Jp + m * 18 * A, rootp + m);
+                                   K + m * 4, R, t, p, rp + m * 3, Jp ? Jp + m * 18 * A : nullptr, rootp + m,
+                                   sp + m * (5 + 3 * A));
       }
     });
   });
-  return {res, J, root};
+  return {res, J, root, structure};
 }
 
 std::vector<at::Tensor> MatchTermsBackwardCpu(const MatchTermInputs& in, const MatchTermParams<double>& prm,
                                               const at::Tensor& root, const at::Tensor& grad_res,
-                                              const at::Tensor& grad_J) {
+                                              const at::Tensor& grad_J, const at::Tensor& grad_structure) {
   const int64_t M = in.x.size(0), T = in.R.size(0);
   const int A = prm.A;
   at::Tensor g_x = at::empty_like(in.x), g_tp = at::empty_like(in.tp), g_td = at::empty_like(in.td),
@@ -168,7 +172,9 @@ std::vector<at::Tensor> MatchTermsBackwardCpu(const MatchTermInputs& in, const M
                    *td = in.td.data_ptr<scalar_t>(), *c = in.c.data_ptr<scalar_t>(),
                    *K = in.K.data_ptr<scalar_t>(), *R = in.R.data_ptr<scalar_t>(),
                    *t = in.t.data_ptr<scalar_t>(), *rootp = root.data_ptr<scalar_t>(),
-                   *gr = grad_res.data_ptr<scalar_t>(), *gJ = grad_J.data_ptr<scalar_t>();
+                   *gr = grad_res.data_ptr<scalar_t>(),
+                   *gJ = grad_J.numel() ? grad_J.data_ptr<scalar_t>() : nullptr,
+                   *gS = grad_structure.numel() ? grad_structure.data_ptr<scalar_t>() : nullptr;
     scalar_t *gx = g_x.data_ptr<scalar_t>(), *gtp = g_tp.data_ptr<scalar_t>(),
              *gtd = g_td.data_ptr<scalar_t>(), *gc = g_c.data_ptr<scalar_t>(),
              *gs = g_slots.data_ptr<scalar_t>();
@@ -176,8 +182,8 @@ std::vector<at::Tensor> MatchTermsBackwardCpu(const MatchTermInputs& in, const M
       for (int64_t m = begin; m < end; ++m) {
         CheckAnchors(an + m * A, m, A, T);
         MatchTermBackward<scalar_t>(x + m * 3, an + m * A, aw + m * A, g, tp + m * 2, td[m], c[m],
-                                    K + m * 4, R, t, p, rootp[m], gr + m * 3, gJ + m * 18 * A,
-                                    gx + m * 3, gtp + m * 2, gtd + m, gc + m, gs + m * 12 * A);
+                                    K + m * 4, R, t, p, rootp[m], gr + m * 3, gJ ? gJ + m * 18 * A : nullptr,
+                                    gS ? gS + m * (5 + 3 * A) : nullptr, gx + m * 3, gtp + m * 2, gtd + m, gc + m, gs + m * 12 * A);
       }
     });
   });
@@ -264,6 +270,26 @@ std::vector<at::Tensor> LeftRotateBackwardCpu(const at::Tensor& w, const at::Ten
     });
   });
   return {grad_w, grad_R};
+}
+
+std::vector<at::Tensor> MatchStepBackwardCpu(const at::Tensor& structure, const at::Tensor& w,
+                                             const at::Tensor& r, const at::Tensor& nodes, const at::Tensor& u,
+                                             const at::Tensor& x) {
+  const int64_t M = nodes.size(0);
+  const int A = static_cast<int>(nodes.size(1));
+  at::Tensor grad_structure = at::empty_like(structure), grad_r = at::empty_like(r);
+  AT_DISPATCH_FLOATING_TYPES(structure.scalar_type(), "match_step_backward_cpu", [&] {
+    const scalar_t *sp = structure.data_ptr<scalar_t>(), *wp = w.data_ptr<scalar_t>(), *rp = r.data_ptr<scalar_t>(),
+                   *up = u.data_ptr<scalar_t>(), *xp = x.data_ptr<scalar_t>();
+    const int64_t* np = nodes.data_ptr<int64_t>();
+    scalar_t *gs = grad_structure.data_ptr<scalar_t>(), *gr = grad_r.data_ptr<scalar_t>();
+    at::parallel_for(0, M, 1024, [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m)
+        MatchStepBackwardBody<scalar_t>(sp + m * (5 + 3 * A), wp + m * A, rp + 3 * m, np + m * A, A, up, xp,
+                                        gs + m * (5 + 3 * A), gr + 3 * m);
+    });
+  });
+  return {grad_structure, grad_r};
 }
 
 }  // namespace nnrt

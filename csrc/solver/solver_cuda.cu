@@ -59,12 +59,14 @@ __global__ void MatchTermsKernel(const int64_t* __restrict__ anchors, const scal
                                  const scalar_t* __restrict__ c, const scalar_t* __restrict__ K,
                                  const scalar_t* __restrict__ R, const scalar_t* __restrict__ t,
                                  MatchTermParams<scalar_t> p, int64_t M, scalar_t* __restrict__ res,
-                                 scalar_t* __restrict__ J, scalar_t* __restrict__ root) {
+                                 scalar_t* __restrict__ J, scalar_t* __restrict__ root,
+                                 scalar_t* __restrict__ structure) {
   const int A = p.A;
   for (int64_t m = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; m < M;
        m += int64_t(blockDim.x) * gridDim.x) {
     MatchTermForward<scalar_t>(x + m * 3, anchors + m * A, aw + m * A, g, tp + m * 2, td[m], c[m],
-                               K + m * 4, R, t, p, res + m * 3, J + m * 18 * A, root + m);
+                               K + m * 4, R, t, p, res + m * 3, J ? J + m * 18 * A : nullptr, root + m,
+                               structure + m * (5 + 3 * A));
   }
 }
 
@@ -75,13 +77,14 @@ __global__ void MatchTermsBackwardKernel(
     const scalar_t* __restrict__ c, const scalar_t* __restrict__ K, const scalar_t* __restrict__ R,
     const scalar_t* __restrict__ t, MatchTermParams<scalar_t> p, int64_t M,
     const scalar_t* __restrict__ root, const scalar_t* __restrict__ gr, const scalar_t* __restrict__ gJ,
-    scalar_t* __restrict__ gx, scalar_t* __restrict__ gtp, scalar_t* __restrict__ gtd,
+    const scalar_t* __restrict__ gS, scalar_t* __restrict__ gx, scalar_t* __restrict__ gtp, scalar_t* __restrict__ gtd,
     scalar_t* __restrict__ gc, scalar_t* __restrict__ gs) {
   const int A = p.A;
   for (int64_t m = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; m < M;
        m += int64_t(blockDim.x) * gridDim.x) {
     MatchTermBackward<scalar_t>(x + m * 3, anchors + m * A, aw + m * A, g, tp + m * 2, td[m], c[m],
-                                K + m * 4, R, t, p, root[m], gr + m * 3, gJ + m * 18 * A, gx + m * 3,
+                                K + m * 4, R, t, p, root[m], gr + m * 3, gJ ? gJ + m * 18 * A : nullptr,
+                                gS ? gS + m * (5 + 3 * A) : nullptr, gx + m * 3,
                                 gtp + m * 2, gtd + m, gc + m, gs + m * 12 * A);
   }
 }
@@ -107,6 +110,18 @@ __global__ void EdgeTermsBackwardKernel(const int64_t* __restrict__ edges, const
        e += int64_t(blockDim.x) * gridDim.x) {
     EdgeTermBackward<scalar_t>(edges[2 * e], edges[2 * e + 1], w[e], g, R, t, gr + 3 * e, gJ + 36 * e,
                                gs + 24 * e, gw + e);
+  }
+}
+
+template <typename scalar_t>
+__global__ void MatchStepBackwardKernel(const scalar_t* __restrict__ structure, const scalar_t* __restrict__ w,
+                                        const scalar_t* __restrict__ r, const int64_t* __restrict__ nodes, int A,
+                                        const scalar_t* __restrict__ u, const scalar_t* __restrict__ x, int64_t M,
+                                        scalar_t* __restrict__ gs, scalar_t* __restrict__ gr) {
+  for (int64_t m = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; m < M;
+       m += int64_t(blockDim.x) * gridDim.x) {
+    MatchStepBackwardBody<scalar_t>(structure + m * (5 + 3 * A), w + m * A, r + 3 * m, nodes + m * A, A, u, x,
+                                    gs + m * (5 + 3 * A), gr + 3 * m);
   }
 }
 
@@ -137,14 +152,16 @@ MatchTermParams<scalar_t> CastParams(const MatchTermParams<double>& prm) {
 
 }  // namespace
 
-std::vector<at::Tensor> MatchTermsCuda(const MatchTermInputs& in, const MatchTermParams<double>& prm) {
+std::vector<at::Tensor> MatchTermsCuda(const MatchTermInputs& in, const MatchTermParams<double>& prm,
+                                       bool jacobian) {
   at::cuda::CUDAGuard guard(in.x.device());
   const int64_t M = in.x.size(0);
   const int A = prm.A;
   at::Tensor res = at::empty({M, 3}, in.x.options());
-  at::Tensor J = at::empty({M, 3, 6 * A}, in.x.options());
+  at::Tensor J = at::empty({jacobian ? M : 0, 3, 6 * A}, in.x.options());
   at::Tensor root = at::empty({M}, in.x.options());
-  if (M == 0) return {res, J, root};
+  at::Tensor structure = at::empty({M, 5 + 3 * A}, in.x.options());
+  if (M == 0) return {res, J, root, structure};
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "match_terms_cuda", [&] {
     MatchTermsKernel<scalar_t><<<NumBlocks(M, 256), 256, 0, stream>>>(
@@ -152,15 +169,15 @@ std::vector<at::Tensor> MatchTermsCuda(const MatchTermInputs& in, const MatchTer
         in.g.data_ptr<scalar_t>(), in.tp.data_ptr<scalar_t>(), in.td.data_ptr<scalar_t>(),
         in.c.data_ptr<scalar_t>(), in.K.data_ptr<scalar_t>(), in.R.data_ptr<scalar_t>(),
         in.t.data_ptr<scalar_t>(), CastParams<scalar_t>(prm), M, res.data_ptr<scalar_t>(),
-        J.data_ptr<scalar_t>(), root.data_ptr<scalar_t>());
+        jacobian ? J.data_ptr<scalar_t>() : nullptr, root.data_ptr<scalar_t>(), structure.data_ptr<scalar_t>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {res, J, root};
+  return {res, J, root, structure};
 }
 
 std::vector<at::Tensor> MatchTermsBackwardCuda(const MatchTermInputs& in, const MatchTermParams<double>& prm,
                                                const at::Tensor& root, const at::Tensor& grad_res,
-                                               const at::Tensor& grad_J) {
+                                               const at::Tensor& grad_J, const at::Tensor& grad_structure) {
   at::cuda::CUDAGuard guard(in.x.device());
   const int64_t M = in.x.size(0);
   const int A = prm.A;
@@ -174,7 +191,8 @@ std::vector<at::Tensor> MatchTermsBackwardCuda(const MatchTermInputs& in, const 
         in.g.data_ptr<scalar_t>(), in.tp.data_ptr<scalar_t>(), in.td.data_ptr<scalar_t>(),
         in.c.data_ptr<scalar_t>(), in.K.data_ptr<scalar_t>(), in.R.data_ptr<scalar_t>(),
         in.t.data_ptr<scalar_t>(), CastParams<scalar_t>(prm), M, root.data_ptr<scalar_t>(),
-        grad_res.data_ptr<scalar_t>(), grad_J.data_ptr<scalar_t>(), g_x.data_ptr<scalar_t>(),
+        grad_res.data_ptr<scalar_t>(), grad_J.numel() ? grad_J.data_ptr<scalar_t>() : nullptr,
+        grad_structure.numel() ? grad_structure.data_ptr<scalar_t>() : nullptr, g_x.data_ptr<scalar_t>(),
         g_tp.data_ptr<scalar_t>(), g_td.data_ptr<scalar_t>(), g_c.data_ptr<scalar_t>(),
         g_slots.data_ptr<scalar_t>());
   });
@@ -291,6 +309,24 @@ std::vector<at::Tensor> LeftRotateBackwardCuda(const at::Tensor& w, const at::Te
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {grad_w, grad_R};
+}
+
+std::vector<at::Tensor> MatchStepBackwardCuda(const at::Tensor& structure, const at::Tensor& w,
+                                              const at::Tensor& r, const at::Tensor& nodes, const at::Tensor& u,
+                                              const at::Tensor& x) {
+  at::cuda::CUDAGuard guard(structure.device());
+  const int64_t M = nodes.size(0);
+  const int A = static_cast<int>(nodes.size(1));
+  at::Tensor grad_structure = at::empty_like(structure), grad_r = at::empty_like(r);
+  if (M == 0) return {grad_structure, grad_r};
+  AT_DISPATCH_FLOATING_TYPES(structure.scalar_type(), "match_step_backward_cuda", [&] {
+    MatchStepBackwardKernel<scalar_t><<<NumBlocks(M, 256), 256, 0, at::cuda::getCurrentCUDAStream()>>>(
+        structure.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(), nodes.data_ptr<int64_t>(),
+        A, u.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), M, grad_structure.data_ptr<scalar_t>(),
+        grad_r.data_ptr<scalar_t>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {grad_structure, grad_r};
 }
 
 }  // namespace nnrt

@@ -156,13 +156,17 @@ def _prepare(p: SolverProblem, options: SolverOptions, generator) -> _Prepared:
     device, dtype = p.nodes.device, p.nodes.dtype
     node_exists = torch.arange(N, device=device)[None, :] < p.num_nodes[:, None]
     index = _select_matches(p, options, generator)
-    sample = p.match_sample[index]
-    flat_anchors = sample[:, None] * N + p.anchors[index]
+    # Every match kept (the usual case with clean correspondences; index is increasing, so then
+    # the identity): no gathers.
+    every = index.shape[0] == p.match_sample.shape[0]
+    sample = p.match_sample if every else p.match_sample.index_select(0, index)
+    flat_anchors = sample[:, None] * N + (p.anchors if every else p.anchors.index_select(0, index))
     node_active = _active_nodes(p, options, node_exists, flat_anchors, index)
     active_flat = node_active.reshape(-1)
     if options.remove_clusters:  # without, every selected match has its anchors among the nodes
-        index = index[active_flat[flat_anchors].all(dim=1)]
-        sample = p.match_sample[index]
+        kept = active_flat[flat_anchors].all(dim=1)
+        index, flat_anchors = index[kept], flat_anchors[kept]
+        sample = p.match_sample.index_select(0, index)
     num_matches = torch.bincount(sample, minlength=B)
 
     # Edges i -> j between active nodes.
@@ -204,10 +208,8 @@ def _prepare(p: SolverProblem, options: SolverOptions, generator) -> _Prepared:
 
     if not all(running_list):
         keep = running[sample]
-        index, sample = index[keep], sample[keep]
-    # Every match kept (the usual case with clean correspondences): no gathers.
+        index, sample, flat_anchors = index[keep], sample[keep], flat_anchors[keep]
     take = (lambda t: t) if index.shape[0] == p.match_sample.shape[0] else (lambda t: t[index])  # noqa: E731
-    flat_anchors = sample[:, None] * N + take(p.anchors)
     anchor_weights = take(p.anchor_weights)
     edge_ok &= running[edge_b]
     sources, targets = sources[edge_ok], targets[edge_ok]
@@ -232,34 +234,42 @@ def _prepare(p: SolverProblem, options: SolverOptions, generator) -> _Prepared:
         icp=None if icp_index is None else _icp_terms(p, icp_index, running))
 
 
-def _linearise(prep: _Prepared, rotations, translations, options: SolverOptions, iteration: int):
-    """Terms (J_m, r_m, J_e, r_e, extra) at the current motion, extra the further (J, r, nodes)
-    groups (the point-to-plane terms, when on), and the data and ARAP energies (B,) float64 of
-    each sample."""
+def _linearise(prep: _Prepared, rotations, translations, options: SolverOptions, iteration: int,
+               jacobians: bool = True):
+    """The term groups at the current motion as gauss_newton_step takes them (flat (J, r, nodes)
+    triples: matches, edges, then the point-to-plane terms when on) with their skinning list,
+    and the data and ARAP energies (B,) float64 of each sample. The dense solve gets the match
+    terms as their structure instead of J (what its assembly and backward read; J is not formed);
+    without jacobians (energies only) neither."""
     # Iteratively reweighted least squares on the reprojection error of each match (inside the
     # op). Not at the first linearisation: at the identity motion every residual is as large as
     # the motion itself, and no match is an outlier yet.
     robust = options.robust_loss if iteration >= 1 else "none"
-    r_m, J_m = match_terms(prep.source_points, prep.flat_anchors, prep.anchor_weights, prep.nodes_flat,
-                           prep.target_pixels, prep.target_depth, prep.weights, prep.intrinsics,
-                           rotations, translations, options.flow_weight, options.depth_weight,
-                           robust, options.robust_scale)
+    structured = prep.linear_solver == "dense"
+    r_m, J_m, structure = match_terms(prep.source_points, prep.flat_anchors, prep.anchor_weights,
+                                      prep.nodes_flat, prep.target_pixels, prep.target_depth, prep.weights,
+                                      prep.intrinsics, rotations, translations, options.flow_weight,
+                                      options.depth_weight, robust, options.robust_scale, structure=True,
+                                      jacobian=jacobians and not structured)
     r_e, J_e = edge_terms(prep.sources, prep.targets, prep.edge_w, prep.nodes_flat, rotations,
                           translations, options.arap_weight)
     data = _sum_of_squares(r_m, prep.sample, prep.B)
-    extra = []
+    groups = [structure if structured else J_m, r_m, prep.flat_anchors, J_e, r_e, prep.edge_nodes]
+    skinning = [prep.anchor_weights if structured else None, None]
     if prep.icp is not None:
         t = prep.icp
         r_i, J_i = icp_terms(t.source_points, t.flat_anchors, t.anchor_weights, prep.nodes_flat, t.target_points,
-                             t.target_normals, t.weights, rotations, translations, options.icp_weight)
+                             t.target_normals, t.weights, rotations, translations, options.icp_weight,
+                             jacobians=jacobians)
         if options.robust_loss != "none" and iteration >= 1:
             root = robust_icp_weights(r_i, t.weights, options.icp_weight, options.robust_loss,
                                       options.icp_robust_scale)
             r_i = r_i * root[:, None]
-            J_i = J_i * root[:, None, None]
-        extra.append((J_i, r_i, t.flat_anchors))
+            J_i = J_i * root[:, None, None] if jacobians else None
+        groups += [J_i, r_i, t.flat_anchors]
+        skinning.append(None)
         data = data + _sum_of_squares(r_i, t.sample, prep.B)
-    return (J_m, r_m, J_e, r_e, extra), data, _sum_of_squares(r_e, prep.edge_sample, prep.B)
+    return (groups, skinning), data, _sum_of_squares(r_e, prep.edge_sample, prep.B)
 
 
 def _sum_of_squares(residuals: torch.Tensor, sample: torch.Tensor, B: int) -> torch.Tensor:
@@ -307,10 +317,9 @@ def solve(problem: SolverProblem, options: SolverOptions = SolverOptions(),
     for iteration in range(options.iterations):
         if on_cpu and not bool(updating.any()):
             break  # on a GPU the remaining iterations run masked instead of syncing here
-        (J_m, r_m, J_e, r_e, extra), data, arap = _linearise(prep, rotations, translations, options, iteration)
+        (groups, skinning), data, arap = _linearise(prep, rotations, translations, options, iteration)
         energy_rows.append((data, arap, updating.any()))
-        delta, failed = gauss_newton_step(prep.diagonal, B, N, J_m, r_m, prep.flat_anchors, J_e, r_e,
-                                          prep.edge_nodes, *[x for group in extra for x in group], setup=setup)
+        delta, failed = gauss_newton_step(prep.diagonal, B, N, *groups, setup=setup, skinning=skinning)
         newly = failed & updating
         step_failed |= newly
         if setup.linear_solver == "sparse":
@@ -332,7 +341,7 @@ def solve(problem: SolverProblem, options: SolverOptions = SolverOptions(),
             converged |= small
             updating = updating & ~small
     with torch.no_grad():  # the energies of the result only: nothing to differentiate
-        _, data, arap = _linearise(prep, rotations, translations, options, options.iterations)
+        _, data, arap = _linearise(prep, rotations, translations, options, options.iterations, jacobians=False)
     energy_rows.append((data, arap, torch.ones((), dtype=torch.bool, device=device)))
     return _result(prep, options, rotations, translations, running, step_failed, cg_failed,
                    cg_residual, converged, iterations, energy_rows, cg_rows, setup.linear_solver)

@@ -209,16 +209,17 @@ class _GaussNewtonStep(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, diagonal, setup, *groups):
+    def forward(ctx, diagonal, setup, skinning, *groups):
         pattern = setup.pattern
         B, N = pattern.num_samples, pattern.num_nodes
         triples = list(zip(groups[0::3], groups[1::3], groups[2::3]))
-        ctx.setup = setup
+        ctx.setup, ctx.skinning = setup, skinning
         if setup.linear_solver == "dense":
             # Straight into the matrix (no block list); its upper triangle only where the
             # factorisation reads nothing else.
             in_place = factors_in_place(diagonal.device)
-            A, b = assemble_dense(pattern, triples, mirror=not in_place)
+            structures = [None if w is None else (first, w) for (first, _, _), w in zip(triples, skinning)]
+            A, b = assemble_dense(pattern, triples, mirror=not in_place, structures=structures)
             A.diagonal(dim1=1, dim2=2).add_(diagonal.to(A.dtype))
             x, failed, U = _factor_and_solve(A, -b, overwrite=in_place)
             ctx.save_for_backward(x, failed, U, *groups)
@@ -256,22 +257,28 @@ class _GaussNewtonStep(torch.autograd.Function):
                 warnings.warn(message)
             u = torch.where(cg.converged[:, None], cg.x, torch.zeros_like(cg.x))
         grads = []
-        for J, r, nodes in zip(groups[0::3], groups[1::3], groups[2::3]):
-            if ctx.needs_input_grad[2 + len(grads)] or ctx.needs_input_grad[3 + len(grads)]:
-                grad_J, grad_r = C.solve_step_backward(J, r, nodes, u, x)
-            else:
+        for J, r, nodes, w in zip(groups[0::3], groups[1::3], groups[2::3], ctx.skinning):
+            if not (ctx.needs_input_grad[3 + len(grads)] or ctx.needs_input_grad[4 + len(grads)]):
                 grad_J = grad_r = None
+            elif w is not None:  # match terms given by their structure
+                grad_J, grad_r = C.match_step_backward(J, w, r, nodes, u, x)
+            else:
+                grad_J, grad_r = C.solve_step_backward(J, r, nodes, u, x)
             grads += [grad_J, grad_r, None]
-        return (None, None, *grads)
+        return (None, None, None, *grads)
 
 
 def gauss_newton_step(diagonal: torch.Tensor, num_samples: int, num_nodes: int, *groups,
-                      setup: Optional[StepSetup] = None):
+                      setup: Optional[StepSetup] = None, skinning: Optional[Sequence[Optional[torch.Tensor]]] = None):
     """x (B, 6N) = -(sum_g J_g^T J_g + diag(diagonal))^-1 sum_g J_g^T r_g and failed (B,) bool.
 
     diagonal (B, 6N); groups: (J, r, nodes) triples as for assemble_normal_equations. `setup`
     chooses the linear solver and carries the layout (slot lists built here, dense, when not
-    given).
+    given). skinning: per group None, or for a group of match terms given as (structure, r,
+    nodes) instead of (J, r, nodes) (match_terms(..., structure=True)), their skinning weights
+    (M, A): the dense assembly and the backward (csrc AssembleDenseMatchRowBody,
+    MatchStepBackwardBody) read the structure, and its gradient flows back to the match terms.
+    The sparse solve needs J for every group.
     """
     if len(groups) % 3 or not groups:
         raise ValueError("groups must be (J, r, nodes) triples")
@@ -283,7 +290,12 @@ def gauss_newton_step(diagonal: torch.Tensor, num_samples: int, num_nodes: int, 
     if (setup.pattern.num_samples, setup.pattern.num_nodes) != (int(num_samples), int(num_nodes)):
         raise ValueError(f"the pattern is for {setup.pattern.num_samples} samples of "
                          f"{setup.pattern.num_nodes} nodes, not {num_samples} of {num_nodes}")
-    return _GaussNewtonStep.apply(diagonal, setup, *groups)
+    skinning = tuple(skinning) if skinning is not None else (None,) * (len(groups) // 3)
+    if len(skinning) != len(groups) // 3:
+        raise ValueError(f"skinning must have one entry per group ({len(groups) // 3}), found {len(skinning)}")
+    if setup.linear_solver == "sparse" and any(w is not None for w in skinning):
+        raise ValueError("the sparse linear solve needs J for every group, not match structures")
+    return _GaussNewtonStep.apply(diagonal, setup, skinning, *groups)
 
 
 def memory_estimate_gb(linear_solver: str, num_nodes: int, num_terms: Sequence[Tuple[int, int]],

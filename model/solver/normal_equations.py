@@ -8,7 +8,7 @@ problem (`build_block_pattern`); A is then either written densely (B, 6N, 6N) or
 for the sparse solve (`block_matvec`).
 """
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -78,18 +78,28 @@ def build_slot_lists(nodes_list: Sequence[torch.Tensor], num_samples: int, num_n
 
 
 def assemble_dense(layout, groups: Sequence[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                   mirror: bool = True):
+                   mirror: bool = True,
+                   structures: Optional[Sequence[Optional[Tuple[torch.Tensor, torch.Tensor]]]] = None):
     """A (B, 6N, 6N) and b (B, 6N) summed over the (J, r, nodes) groups, without autograd and
     without a block pattern (csrc AssembleDenseRowBody: row by row straight into the dense
     matrix). layout: SlotLists or a BlockPattern of the groups. A holds both triangles, or with
-    mirror=False the upper one only (zeros below the diagonal: what factor_upper_ reads)."""
-    J0 = groups[0][0]
+    mirror=False the upper one only (zeros below the diagonal: what factor_upper_ reads).
+    structures: per group None, or for a group of match terms (structure (M, 5 + 3A) from
+    match_terms(..., structure=True), skinning weights (M, A)), which the assembly then reads
+    instead of J (csrc AssembleDenseMatchRowBody: about half the arithmetic), and J may be None."""
+    r0 = groups[0][1]
     B, N = layout.num_samples, layout.num_nodes
-    A = torch.zeros((B, 6 * N, 6 * N), dtype=J0.dtype, device=J0.device)
-    b = torch.empty((B, 6 * N), dtype=J0.dtype, device=J0.device)
+    A = torch.zeros((B, 6 * N, 6 * N), dtype=r0.dtype, device=r0.device)
+    b = torch.empty((B, 6 * N), dtype=r0.dtype, device=r0.device)
     for g, (J, r, nodes) in enumerate(groups):
-        C.assemble_dense(J.detach(), r.detach(), nodes, layout.slot_order[g], layout.slot_start[g], A, b,
-                         g > 0, mirror and g == len(groups) - 1)
+        structure = structures[g] if structures is not None else None
+        finish = mirror and g == len(groups) - 1
+        if structure is not None:
+            C.assemble_dense_match(structure[0], structure[1].detach(), r.detach(), nodes,
+                                   layout.slot_order[g], layout.slot_start[g], A, b, g > 0, finish)
+        else:
+            C.assemble_dense(J.detach(), r.detach(), nodes, layout.slot_order[g], layout.slot_start[g], A, b,
+                             g > 0, finish)
     return A, b
 
 

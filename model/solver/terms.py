@@ -19,31 +19,43 @@ ROBUST_LOSSES = {"none": 0, "cauchy": 1, "huber": 2}
 class _MatchTerms(torch.autograd.Function):
     @staticmethod
     def forward(ctx, source_points, target_pixels, target_depth, weights, rotations, translations, anchors,
-                anchor_weights, nodes, intrinsics, params):
-        residuals, J, root = C.match_terms(source_points, anchors, anchor_weights, nodes, target_pixels,
-                                           target_depth, weights, intrinsics, rotations, translations,
-                                           *params)
+                anchor_weights, nodes, intrinsics, params, jacobian):
+        residuals, J, root, structure = C.match_terms(source_points, anchors, anchor_weights, nodes,
+                                                      target_pixels, target_depth, weights, intrinsics,
+                                                      rotations, translations, *params, jacobian)
         ctx.save_for_backward(source_points, target_pixels, target_depth, weights, rotations, translations,
                               anchors, anchor_weights, nodes, intrinsics, root)
         ctx.params = params
-        return residuals, J
+        ctx.set_materialize_grads(False)  # an unused J or structure costs the backward nothing
+        if not jacobian:
+            ctx.mark_non_differentiable(J)
+        return residuals, J, structure
 
     @staticmethod
-    def backward(ctx, grad_residuals, grad_J):
+    def backward(ctx, grad_residuals, grad_J, grad_structure):
         (source_points, target_pixels, target_depth, weights, rotations, translations, anchors,
          anchor_weights, nodes, intrinsics, root) = ctx.saved_tensors
+        empty = source_points.new_zeros(0)
+        if grad_residuals is None:
+            grad_residuals = source_points.new_zeros(source_points.shape[0], 3)
         g_x, g_tp, g_td, g_c, g_nodes = C.match_terms_backward(
             source_points, anchors, anchor_weights, nodes, target_pixels, target_depth, weights, intrinsics,
-            rotations, translations, *ctx.params, root, grad_residuals, grad_J)
+            rotations, translations, *ctx.params, root, grad_residuals, empty if grad_J is None else grad_J,
+            empty if grad_structure is None else grad_structure)
         g_R = g_nodes[:, :9].reshape(-1, 3, 3) if ctx.needs_input_grad[4] else None
         g_t = g_nodes[:, 9:] if ctx.needs_input_grad[5] else None
-        return g_x, g_tp, g_td, g_c, g_R, g_t, None, None, None, None, None
+        return g_x, g_tp, g_td, g_c, g_R, g_t, None, None, None, None, None, None
 
 
 def match_terms(source_points, anchors, anchor_weights, nodes, target_pixels, target_depth, weights,
                 intrinsics, rotations, translations, flow_weight, depth_weight,
-                robust_loss: str = "none", robust_scale: float = 1.0):
-    """Residuals (M, 3) and Jacobian blocks (M, 3, 6A) of the data terms.
+                robust_loss: str = "none", robust_scale: float = 1.0, structure: bool = False,
+                jacobian: bool = True):
+    """Residuals (M, 3) and Jacobian blocks (M, 3, 6A) of the data terms, and with structure
+    the (M, 5 + 3A) numbers that with the skinning weights define the blocks (the derivative
+    of the residuals w.r.t. the warped point, 5 values, and the rotated offsets q_k; also
+    differentiable): what the dense solve reads instead of J (normal_equations.assemble_dense,
+    the step's backward). Without jacobian the blocks are not formed (J is empty, (0, 3, 6A)).
 
     source_points (M, 3); anchors (M, A) int64 flat node indices; anchor_weights (M, A);
     nodes (T, 3) node positions; target_pixels (M, 2); target_depth (M,); weights (M,)
@@ -62,8 +74,10 @@ def match_terms(source_points, anchors, anchor_weights, nodes, target_pixels, ta
     if anchor_weights.requires_grad or nodes.requires_grad or intrinsics.requires_grad:
         raise ValueError("match_terms: anchor_weights, nodes and intrinsics get no gradient; detach them")
     params = (float(flow_weight), float(depth_weight), ROBUST_LOSSES[robust_loss], float(robust_scale))
-    return _MatchTerms.apply(source_points, target_pixels, target_depth, weights, rotations, translations,
-                             anchors, anchor_weights, nodes, intrinsics, params)
+    residuals, J, blocks_structure = _MatchTerms.apply(source_points, target_pixels, target_depth, weights,
+                                                       rotations, translations, anchors, anchor_weights, nodes,
+                                                       intrinsics, params, bool(jacobian))
+    return (residuals, J, blocks_structure) if structure else (residuals, J)
 
 
 def icp_terms(source_points, anchors, anchor_weights, nodes, target_points, target_normals, weights,
