@@ -151,18 +151,30 @@ void MirrorDense(int64_t N, int64_t T, int64_t parts, scalar_t* Ap) {
   ForBalancedRows(BalancedRows(T, parts, before), [&](int64_t n) { MirrorDenseRowBody<scalar_t>(n, N, Ap); });
 }
 
+// What both dense assemblies read of a term group's slot lists, and their rows' split.
+struct DenseRows {
+  int S;
+  int64_t N, T, parts;
+  const int64_t *idx, *so, *ss;
+  std::vector<int64_t> rows;
+
+  DenseRows(const at::Tensor& nodes, const at::Tensor& slot_order, const at::Tensor& slot_start,
+            const at::Tensor& A)
+      : S(static_cast<int>(nodes.size(1))), N(A.size(1) / 6), T(A.size(0) * N),
+        parts(4 * static_cast<int64_t>(at::get_num_threads())), idx(nodes.data_ptr<int64_t>()),
+        so(slot_order.data_ptr<int64_t>()), ss(slot_start.data_ptr<int64_t>()),
+        rows(RowsByProducts(idx, S, so, ss, T, parts)) {}
+};
+
 }  // namespace
 
 void AssembleDenseCpu(const at::Tensor& J, const at::Tensor& r, const at::Tensor& nodes,
                       const at::Tensor& slot_order, const at::Tensor& slot_start, at::Tensor A,
                       at::Tensor b, bool accumulate, bool finish) {
-  const int R = static_cast<int>(J.size(1)), S = static_cast<int>(nodes.size(1));
-  const int64_t N = A.size(1) / 6, T = A.size(0) * N;
-  const int64_t* idx = nodes.data_ptr<int64_t>();
-  const int64_t* so = slot_order.data_ptr<int64_t>();
-  const int64_t* ss = slot_start.data_ptr<int64_t>();
-  const int64_t parts = 4 * static_cast<int64_t>(at::get_num_threads());
-  const std::vector<int64_t> rows = RowsByProducts(idx, S, so, ss, T, parts);
+  const int R = static_cast<int>(J.size(1));
+  const DenseRows d(nodes, slot_order, slot_start, A);
+  const int S = d.S;
+  const int64_t N = d.N, *idx = d.idx, *so = d.so, *ss = d.ss;
   AT_DISPATCH_FLOATING_TYPES(J.scalar_type(), "assemble_dense_cpu", [&] {
     const scalar_t* Jp = J.data_ptr<scalar_t>();
     const scalar_t* rp = r.data_ptr<scalar_t>();
@@ -170,25 +182,21 @@ void AssembleDenseCpu(const at::Tensor& J, const at::Tensor& r, const at::Tensor
     scalar_t* bp = b.data_ptr<scalar_t>();
     auto run = [&](auto row_count, auto slots) {
       constexpr int kR = decltype(row_count)::value, kS = decltype(slots)::value;
-      ForBalancedRows(rows, [&](int64_t n) {
+      ForBalancedRows(d.rows, [&](int64_t n) {
         AssembleDenseRowBody<scalar_t, kR, kS>(n, Jp, rp, R, S, idx, so, ss, N, accumulate, Ap, bp);
       });
     };
     DispatchTermShape(R, S, run);
-    if (finish) MirrorDense<scalar_t>(N, T, parts, Ap);
+    if (finish) MirrorDense<scalar_t>(N, d.T, d.parts, Ap);
   });
 }
 
 void AssembleDenseMatchCpu(const at::Tensor& structure, const at::Tensor& w, const at::Tensor& r,
                            const at::Tensor& nodes, const at::Tensor& slot_order, const at::Tensor& slot_start,
                            at::Tensor A, at::Tensor b, bool accumulate, bool finish) {
-  const int S = static_cast<int>(nodes.size(1));
-  const int64_t N = A.size(1) / 6, T = A.size(0) * N;
-  const int64_t* idx = nodes.data_ptr<int64_t>();
-  const int64_t* so = slot_order.data_ptr<int64_t>();
-  const int64_t* ss = slot_start.data_ptr<int64_t>();
-  const int64_t parts = 4 * static_cast<int64_t>(at::get_num_threads());
-  const std::vector<int64_t> rows = RowsByProducts(idx, S, so, ss, T, parts);
+  const DenseRows d(nodes, slot_order, slot_start, A);
+  const int S = d.S;
+  const int64_t N = d.N, *idx = d.idx, *so = d.so, *ss = d.ss;
   AT_DISPATCH_FLOATING_TYPES(structure.scalar_type(), "assemble_dense_match_cpu", [&] {
     const scalar_t* sp = structure.data_ptr<scalar_t>();
     const scalar_t* wp = w.data_ptr<scalar_t>();
@@ -196,15 +204,15 @@ void AssembleDenseMatchCpu(const at::Tensor& structure, const at::Tensor& w, con
     scalar_t* Ap = A.data_ptr<scalar_t>();
     scalar_t* bp = b.data_ptr<scalar_t>();
     if (S == 4) {  // the solver's anchors: the slot loop unrolled
-      ForBalancedRows(rows, [&](int64_t n) {
+      ForBalancedRows(d.rows, [&](int64_t n) {
         AssembleDenseMatchRowBody<scalar_t, 4>(n, sp, wp, rp, S, idx, so, ss, N, accumulate, Ap, bp);
       });
     } else {
-      ForBalancedRows(rows, [&](int64_t n) {
+      ForBalancedRows(d.rows, [&](int64_t n) {
         AssembleDenseMatchRowBody<scalar_t>(n, sp, wp, rp, S, idx, so, ss, N, accumulate, Ap, bp);
       });
     }
-    if (finish) MirrorDense<scalar_t>(N, T, parts, Ap);
+    if (finish) MirrorDense<scalar_t>(N, d.T, d.parts, Ap);
   });
 }
 

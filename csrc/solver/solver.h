@@ -1252,19 +1252,26 @@ inline std::vector<at::Tensor> AssembleBlocks(const at::Tensor& J, const at::Ten
 // accumulate, adds to) b (B, 6N); with finish (the last group), mirrors the upper triangle
 // into the lower one (MirrorDenseRowBody). slot_order / slot_start: the group's used slots
 // (m * S + s) by node, ids ascending, as BuildBlockPattern's. Returns A.
+// The dense assembly's outputs and slot lists: A (B, 6N, 6N) and b (B, 6N) contiguous, of the
+// terms' dtype; slot_start (B N + 1).
+inline void CheckDenseOutputs(const at::Tensor& A, const at::Tensor& b, const at::Tensor& slot_start,
+                              at::ScalarType dtype) {
+  TORCH_CHECK(A.dim() == 3 && A.size(1) == A.size(2) && A.size(1) % 6 == 0 && A.is_contiguous() &&
+                  A.scalar_type() == dtype,
+              "A must be contiguous (B, 6N, 6N) of the terms' dtype, found ", A.sizes(), " ", A.scalar_type());
+  TORCH_CHECK(b.dim() == 2 && b.size(0) == A.size(0) && b.size(1) == A.size(1) && b.is_contiguous() &&
+                  b.scalar_type() == dtype,
+              "b must be contiguous (B, 6N) of the terms' dtype, found ", b.sizes(), " for A ", A.sizes());
+  TORCH_CHECK(slot_start.numel() == A.size(0) * (A.size(1) / 6) + 1, "slot_start must have B N + 1 = ",
+              A.size(0) * (A.size(1) / 6) + 1, " entries, found ", slot_start.numel());
+}
+
 inline at::Tensor AssembleDense(const at::Tensor& J, const at::Tensor& r, const at::Tensor& nodes,
                                 const at::Tensor& slot_order, const at::Tensor& slot_start,
                                 at::Tensor A, at::Tensor b, bool accumulate, bool finish) {
   CheckAssemblyInputs(J, r, nodes, 1, 1);
   TORCH_CHECK(nodes.size(1) <= kMaxSlots, "at most ", kMaxSlots, " slots per term, found ", nodes.size(1));
-  TORCH_CHECK(A.dim() == 3 && A.size(1) == A.size(2) && A.size(1) % 6 == 0 && A.is_contiguous() &&
-                  A.scalar_type() == J.scalar_type(),
-              "A must be contiguous (B, 6N, 6N) of J's dtype, found ", A.sizes());
-  TORCH_CHECK(b.dim() == 2 && b.size(0) == A.size(0) && b.size(1) == A.size(1) && b.is_contiguous() &&
-                  b.scalar_type() == J.scalar_type(),
-              "b must be contiguous (B, 6N) of J's dtype, found ", b.sizes(), " for A ", A.sizes());
-  TORCH_CHECK(slot_start.numel() == A.size(0) * (A.size(1) / 6) + 1, "slot_start must have B N + 1 = ",
-              A.size(0) * (A.size(1) / 6) + 1, " entries, found ", slot_start.numel());
+  CheckDenseOutputs(A, b, slot_start, J.scalar_type());
   if (J.is_cuda()) {
 #ifdef WITH_CUDA
     AssembleDenseCuda(J.contiguous(), r.contiguous(), nodes.contiguous(), slot_order.contiguous(),
@@ -1282,10 +1289,10 @@ inline at::Tensor AssembleDense(const at::Tensor& J, const at::Tensor& r, const 
 // AssembleDense for a group of match terms given by their structure (AssembleDenseMatchRowBody):
 // structure (M, 5 + 3A) from match_terms, w (M, A) the skinning weights, r (M, 3) the
 // residuals, nodes (M, A) flat node ids (all used); the rest as AssembleDense.
-inline at::Tensor AssembleDenseMatch(const at::Tensor& structure, const at::Tensor& w, const at::Tensor& r,
-                                     const at::Tensor& nodes, const at::Tensor& slot_order,
-                                     const at::Tensor& slot_start, at::Tensor A, at::Tensor b, bool accumulate,
-                                     bool finish) {
+// A group of match terms given by their structure: structure (M, 5 + 3A), w (M, A), r (M, 3),
+// nodes (M, A) int64, one floating dtype.
+inline void CheckMatchStructure(const at::Tensor& structure, const at::Tensor& w, const at::Tensor& r,
+                                const at::Tensor& nodes) {
   TORCH_CHECK(nodes.dim() == 2 && nodes.size(1) >= 1 && nodes.size(1) <= kMaxSlots &&
                   nodes.scalar_type() == at::kLong,
               "nodes must be (M, A) int64 with 1 <= A <= ", kMaxSlots, ", found ", nodes.sizes());
@@ -1295,15 +1302,16 @@ inline at::Tensor AssembleDenseMatch(const at::Tensor& structure, const at::Tens
               "structure (M, 5 + 3A), weights (M, A) and residuals (M, 3) expected for nodes ", nodes.sizes(),
               ", found ", structure.sizes(), ", ", w.sizes(), ", ", r.sizes());
   TORCH_CHECK(structure.is_floating_point() && w.scalar_type() == structure.scalar_type() &&
-                  r.scalar_type() == structure.scalar_type() && A.scalar_type() == structure.scalar_type(),
-              "structure, weights, residuals and A must share one floating dtype");
-  TORCH_CHECK(A.dim() == 3 && A.size(1) == A.size(2) && A.size(1) % 6 == 0 && A.is_contiguous(),
-              "A must be contiguous (B, 6N, 6N), found ", A.sizes());
-  TORCH_CHECK(b.dim() == 2 && b.size(0) == A.size(0) && b.size(1) == A.size(1) && b.is_contiguous() &&
-                  b.scalar_type() == A.scalar_type(),
-              "b must be contiguous (B, 6N) of A's dtype, found ", b.sizes(), " for A ", A.sizes());
-  TORCH_CHECK(slot_start.numel() == A.size(0) * (A.size(1) / 6) + 1, "slot_start must have B N + 1 = ",
-              A.size(0) * (A.size(1) / 6) + 1, " entries, found ", slot_start.numel());
+                  r.scalar_type() == structure.scalar_type(),
+              "structure, weights and residuals must share one floating dtype");
+}
+
+inline at::Tensor AssembleDenseMatch(const at::Tensor& structure, const at::Tensor& w, const at::Tensor& r,
+                                     const at::Tensor& nodes, const at::Tensor& slot_order,
+                                     const at::Tensor& slot_start, at::Tensor A, at::Tensor b, bool accumulate,
+                                     bool finish) {
+  CheckMatchStructure(structure, w, r, nodes);
+  CheckDenseOutputs(A, b, slot_start, structure.scalar_type());
   if (structure.is_cuda()) {
 #ifdef WITH_CUDA
     AssembleDenseMatchCuda(structure.contiguous(), w.contiguous(), r.contiguous(), nodes.contiguous(),
@@ -1585,19 +1593,11 @@ inline std::vector<at::Tensor> MatchTermsBackward(
 inline std::vector<at::Tensor> MatchStepBackward(const at::Tensor& structure, const at::Tensor& w,
                                                  const at::Tensor& r, const at::Tensor& nodes,
                                                  const at::Tensor& u, const at::Tensor& x) {
-  TORCH_CHECK(nodes.dim() == 2 && nodes.size(1) >= 1 && nodes.size(1) <= kMaxSlots &&
-                  nodes.scalar_type() == at::kLong,
-              "nodes must be (M, A) int64 with 1 <= A <= ", kMaxSlots, ", found ", nodes.sizes());
-  const int64_t M = nodes.size(0), An = nodes.size(1);
-  TORCH_CHECK(structure.sizes() == at::IntArrayRef({M, 5 + 3 * An}) && w.sizes() == nodes.sizes() &&
-                  r.sizes() == at::IntArrayRef({M, 3}),
-              "structure (M, 5 + 3A), weights (M, A) and residuals (M, 3) expected for nodes ", nodes.sizes(),
-              ", found ", structure.sizes(), ", ", w.sizes(), ", ", r.sizes());
+  CheckMatchStructure(structure, w, r, nodes);
   TORCH_CHECK(u.dim() == 2 && u.sizes() == x.sizes() && u.size(1) % 6 == 0,
               "u and x must be (B, 6N) alike, found ", u.sizes(), " and ", x.sizes());
+  const int64_t M = nodes.size(0);
   const auto dtype = structure.scalar_type();
-  TORCH_CHECK(structure.is_floating_point() && w.scalar_type() == dtype && r.scalar_type() == dtype,
-              "structure, weights and residuals must share one floating dtype");
   const int64_t total = u.size(0) * (u.size(1) / 6);
   if (M > 0) {
     const at::Tensor lo = nodes.min(), hi = nodes.max();
