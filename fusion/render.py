@@ -45,7 +45,11 @@ def render(live_vertices: np.ndarray, canonical_vertices: np.ndarray, faces: np.
         return Rendering(np.zeros((H, W), np.float32), np.zeros((H, W, 3), np.float32),
                          np.full((H, W, 3), np.nan, np.float32), np.zeros((H, W, 3), np.float32),
                          np.zeros((H, W, 3), np.float32), np.zeros((H, W), bool))
-    scene = o3d.t.geometry.RaycastingScene()
+    # The BVH is built on one thread: Embree's multi-threaded build can order triangles
+    # differently from run to run, and a ray through a shared edge then reports either
+    # triangle, so renders (and everything fused from them: an interrupted and resumed run's
+    # mesh) would differ in the last bits on machines with many cores. The cast stays threaded.
+    scene = o3d.t.geometry.RaycastingScene(nthreads=1)
     scene.add_triangles(o3c.Tensor(np.ascontiguousarray(live_vertices, np.float32)),
                         o3c.Tensor(np.ascontiguousarray(faces, np.uint32)))
     rays = pixel_rays(intrinsics, H, W)

@@ -41,7 +41,7 @@ def write_sheet_sequence(out: str, frames: int = 6, width: int = 160, height: in
         os.makedirs(os.path.join(out, sub), exist_ok=True)
     visible = []
     for t in range(frames):
-        scene = o3d.t.geometry.RaycastingScene()
+        scene = o3d.t.geometry.RaycastingScene(nthreads=1)  # a deterministic BVH (fusion/render.py)
         scene.add_triangles(o3d.core.Tensor(vertices[t]), o3d.core.Tensor(faces.astype(np.uint32)))
         hit = scene.cast_rays(o3d.core.Tensor(rays))
         distance = hit["t_hit"].numpy()
@@ -73,7 +73,7 @@ def accuracy_mm(out: str, sequence: str, folder: str) -> np.ndarray:
     errors = []
     for t, name in enumerate(names):
         mesh = io.read_ply(os.path.join(out, folder, name))[0]
-        scene = o3d.t.geometry.RaycastingScene()
+        scene = o3d.t.geometry.RaycastingScene(nthreads=1)  # a deterministic BVH (fusion/render.py)
         scene.add_triangles(o3d.core.Tensor(vertices[t]), o3d.core.Tensor(faces))
         errors.append(1000 * scene.compute_distance(o3d.core.Tensor(mesh)).numpy().mean())
     return np.array(errors)

@@ -117,7 +117,7 @@ def nearest(points: np.ndarray, queries: np.ndarray) -> Tuple[np.ndarray, np.nda
 def surface_distance(vertices: np.ndarray, faces: np.ndarray, queries: np.ndarray) -> np.ndarray:
     """(Q,) distance from each (Q, 3) query to the triangle mesh (vertices, faces): to its
     nearest point on any triangle."""
-    scene = o3d.t.geometry.RaycastingScene()
+    scene = o3d.t.geometry.RaycastingScene(nthreads=1)  # a deterministic BVH (fusion/render.py)
     scene.add_triangles(o3d.core.Tensor(np.ascontiguousarray(vertices, np.float32)),
                         o3d.core.Tensor(np.ascontiguousarray(faces, np.uint32)))
     # The distance is computed in float32 about the nearest surface point: exact to ~1e-7 m at

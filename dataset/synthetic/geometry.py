@@ -121,7 +121,7 @@ RAY_THREADS = 0
 
 
 def raycasting_scene(vertices: np.ndarray, faces: np.ndarray) -> o3d.t.geometry.RaycastingScene:
-    scene = o3d.t.geometry.RaycastingScene()
+    scene = o3d.t.geometry.RaycastingScene(nthreads=1)  # a deterministic BVH (fusion/render.py)
     scene.add_triangles(o3d.core.Tensor(np.ascontiguousarray(vertices, dtype=np.float32)),
                         o3d.core.Tensor(np.ascontiguousarray(faces, dtype=np.uint32)))
     return scene
