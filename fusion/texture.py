@@ -18,11 +18,11 @@ frame is carried into this one and never corrected; measured: worse (BENCHMARKS.
 """
 from typing import Dict, Sequence, Tuple
 
-import cv2
 import numpy as np
 import torch
 
 from fusion.graph import warp_with_anchors
+from model import image_proc
 
 
 def keyframe_colors(canonical: np.ndarray, anchors: np.ndarray, weights: np.ndarray, pixels: np.ndarray,
@@ -67,23 +67,9 @@ def keyframe_colors(canonical: np.ndarray, anchors: np.ndarray, weights: np.ndar
         vi = np.clip(np.round(v), 0, H - 1).astype(np.int64)
         seen = inside & (np.abs(depth[vi, ui] - z) <= tolerance)
         if seen.any():
-            sampled = _sample(color, u[seen], v[seen])
+            sampled = image_proc.sample_points(color, u[seen], v[seen])
             hit = todo[seen]
             out[ys[hit], xs[hit]] = sampled.astype(np.float32) / 255
             source[ys[hit], xs[hit]] = index
         todo = todo[~seen]
     return out, source
-
-
-def _sample(image: np.ndarray, u: np.ndarray, v: np.ndarray, columns: int = 1024) -> np.ndarray:
-    """Bilinear samples (P, 3) of (H, W, 3) `image` at (P,) pixel coordinates, as the flow samples
-    images; the points go in rows of `columns` (OpenCV's remap takes maps under 32767 rows and
-    columns)."""
-    count = u.size
-    rows = -(-count // columns)
-    map_x = np.zeros(rows * columns, np.float32)
-    map_y = np.zeros(rows * columns, np.float32)
-    map_x[:count], map_y[:count] = u, v
-    sampled = cv2.remap(image, map_x.reshape(rows, columns), map_y.reshape(rows, columns), cv2.INTER_LINEAR,
-                        borderMode=cv2.BORDER_REPLICATE)
-    return sampled.reshape(rows * columns, -1)[:count]

@@ -5,6 +5,7 @@ pixel centre; camera x right, y down, z forward; intrinsics as a dict {fx, fy, c
 """
 from typing import Dict, Tuple, Union
 
+import cv2
 import numpy as np
 import torch
 
@@ -80,3 +81,18 @@ def center_crop(image: ArrayLike, out_height: int, out_width: int, channels_firs
 def to_u8(image: torch.Tensor) -> np.ndarray:
     """(3, H, W) colour in [0, 1] -> (H, W, 3) uint8, as OpenCV takes it."""
     return (image.permute(1, 2, 0).detach().cpu().numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8)
+
+
+def sample_points(image: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Bilinear samples (N, C) of an (H, W, C) image at float pixel coordinates x, y (N,),
+    clamped to the border, in the image's dtype. (cv2.remap quantises positions to 1/32 pixel:
+    plenty for colour.) The points are laid out as rows of 1024, since remap maps must stay
+    below 32767 a side."""
+    count = x.shape[0]
+    cols = 1024
+    rows = max(1, -(-count // cols))
+    maps = np.zeros((2, rows * cols), np.float32)
+    maps[0, :count], maps[1, :count] = x, y
+    out = cv2.remap(image, maps[0].reshape(rows, cols), maps[1].reshape(rows, cols),
+                    cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    return out.reshape(-1, image.shape[2])[:count]

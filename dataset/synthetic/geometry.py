@@ -1,7 +1,6 @@
 """Camera geometry, small vector helpers and ray casting shared by the synthetic generators."""
 from typing import Dict, Optional
 
-import cv2
 import numpy as np
 import open3d as o3d
 
@@ -81,20 +80,6 @@ def weld_groups(keys: np.ndarray) -> np.ndarray:
     flat = np.ravel_multi_index(tuple(shifted.T), tuple(shifted.max(axis=0) + 1))
     _, first, inverse = np.unique(flat, return_index=True, return_inverse=True)
     return first[inverse.reshape(-1)].astype(np.int64)
-
-
-def bilinear(image: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Samples an (h, w, 3) float32 image at float pixel coordinates (N,), clamped to the
-    border -> (N, 3) float32. (cv2.remap quantises positions to 1/32 pixel: plenty for colour.)
-    The points are laid out as rows of 1024, since remap maps must stay below 32767 a side."""
-    count = x.shape[0]
-    cols = 1024
-    rows = max(1, -(-count // cols))
-    maps = np.zeros((2, rows * cols), np.float32)
-    maps[0, :count], maps[1, :count] = x, y
-    out = cv2.remap(image, maps[0].reshape(rows, cols), maps[1].reshape(rows, cols),
-                    cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-    return out.reshape(-1, image.shape[2])[:count]
 
 
 def interpolate(values: np.ndarray, corners: np.ndarray, weights: np.ndarray) -> np.ndarray:

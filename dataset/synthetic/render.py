@@ -4,9 +4,10 @@ from typing import Dict
 
 import numpy as np
 
-from dataset.synthetic.geometry import (bilinear, cast_rays, corner_weights, dot, interpolate, project,
+from dataset.synthetic.geometry import (cast_rays, corner_weights, dot, interpolate, project,
                                         vertex_normals)
 from dataset.synthetic.scene import Background, Mesh
+from model import image_proc
 
 # A visible point is hit by its own camera ray at its own depth, up to float32 error (~1e-6 m);
 # 1 mm also accepts a surface grazing itself, which is still the same surface.
@@ -46,7 +47,7 @@ def render(mesh: Mesh, vertices: np.ndarray, scene, rays: np.ndarray, intrinsics
     is_object = (triangle >= 0) & (t < background.depth)
     corners, weights = corner_weights(mesh.faces, triangle[is_object], bary[is_object])
     uv = interpolate(mesh.texcoords, corners, weights)
-    albedo = bilinear(mesh.texture, uv[:, 0], uv[:, 1])
+    albedo = image_proc.sample_points(mesh.texture, uv[:, 0], uv[:, 1])
     if mesh.procedural:
         n = interpolate(vertex_normals(vertices, mesh.faces, mesh.weld), corners, weights)
         n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)

@@ -6,10 +6,11 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from options import SyntheticOptions
-from dataset.synthetic.geometry import (cast_rays, corner_weights, dot, bilinear, interpolate, pixel_rays,
+from dataset.synthetic.geometry import (cast_rays, corner_weights, dot, interpolate, pixel_rays,
                                         random_rotation, random_unit, raycasting_scene, rotate, rotation,
                                         weld_groups)
 from dataset.synthetic.textures import object_texture, procedural_texture
+from model import image_proc
 
 SHAPES = ("cloth", "bump", "cylinder", "blob")
 
@@ -235,7 +236,7 @@ def procedural_background(rng: np.random.Generator, intrinsics: Dict[str, float]
     for index, (*_, brightness) in enumerate(quads):
         texture = procedural_texture(rng, tex_h, tex_w, scale, saturation=0.3, density=0.3)
         sel = plane == index
-        values[sel] = brightness * bilinear(texture, uv[sel, 0] * (tex_w - 1), uv[sel, 1] * (tex_h - 1))
+        values[sel] = brightness * image_proc.sample_points(texture, uv[sel, 0] * (tex_w - 1), uv[sel, 1] * (tex_h - 1))
     color[hit] = values
     cosine = np.abs(np.sum(normal * rays, axis=-1)) / np.linalg.norm(rays, axis=-1)
     return Background(np.where(hit, t, np.inf), color, np.where(hit, cosine, 1.0),
