@@ -806,6 +806,12 @@ class FusionOptions:
                                           "seen nodes' increments fixed (this many local-global "
                                           "iterations from the blended start; 0 = the blend alone)",
                                       ge=0)
+    hidden_rest: str = opt("canonical", "--hidden-arap-iterations keep the hidden nodes as rigid as "
+                                        "possible against this shape: 'canonical' (the graph's rest "
+                                        "shape: what a hidden region's shape got wrong in earlier "
+                                        "frames is undone) or 'previous' (its live shape before the "
+                                        "frame: errors stay and add up)",
+                           choices=("canonical", "previous"))
     grow_nodes: bool = opt(True, "insert nodes where the canonical surface outgrows node coverage")
     max_new_nodes: int = opt(20, "most nodes inserted per frame (never beyond the solver's --max-nodes)", ge=0)
     object_distance: float = opt(1.0, "a live pixel not explained by the model is new object "

@@ -6,11 +6,15 @@ lags behind a turn. The loop first gives each hidden node the rigid extrapolatio
 seen nodes' increments; that is local (four neighbours) and carries the error of their own
 rotations, weakly determined, over the lever arm to the hidden node. Here the hidden nodes'
 increments are then found by the as-rigid-as-possible energy alone, with the seen nodes' motions
-fixed: sum over edges w_ij |(p_i - p_j) - dR_i (q_i - q_j)|^2, q the nodes' positions before the
-frame, p after it; alternately each hidden node's rotation (weighted Kabsch of its edges) and
-all hidden positions (one linear solve), the standard local-global ARAP iteration. A rigid motion
-of the seen nodes extends to the hidden ones exactly; otherwise the hidden region takes the
-smoothest motion the seen boundary allows, over its whole extent.
+fixed: sum over edges w_ij |(p_i - p_j) - dR_i (q_i - q_j)|^2, q the rest shape, p the nodes'
+positions after the frame; alternately each hidden node's rotation (weighted Kabsch of its
+edges) and all hidden positions (one linear solve), the standard local-global ARAP iteration. A
+rigid motion of the seen nodes extends to the hidden ones exactly; otherwise the hidden region
+takes the smoothest motion the seen boundary allows, over its whole extent.
+
+The rest shape q is the caller's: the loop passes the canonical node positions with the whole
+motions (--hidden-rest canonical, what a hidden region's shape got wrong before is undone), or
+the live positions before the frame with the frame's increments (--hidden-rest previous).
 """
 from typing import Tuple
 
@@ -29,11 +33,11 @@ def _rotation(C: torch.Tensor) -> torch.Tensor:
 def arap_extension(positions: torch.Tensor, edges: torch.Tensor, edge_weights: torch.Tensor, dR: torch.Tensor,
                    dt: torch.Tensor, hidden: torch.Tensor, iterations: int = 10,
                    anchor: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Increments of the hidden nodes by ARAP with the others fixed.
+    """Motions of the hidden nodes by ARAP with the others fixed.
 
-    positions (N, 3) the nodes' live positions before the frame; edges (N, K) int64 (-1: none)
-    and edge_weights (N, K); dR (N, 3, 3), dt (N, 3) every node's increment (the hidden nodes'
-    are the start); hidden (N,) bool. An edge counts in both directions (weight: the larger of
+    positions (N, 3) the rest shape; edges (N, K) int64 (-1: none) and edge_weights (N, K);
+    dR (N, 3, 3), dt (N, 3) every node's motion from that shape (the hidden nodes' are the
+    start); hidden (N,) bool. An edge counts in both directions (weight: the larger of
     the two, 0 for an absent one). `anchor` ties each hidden position weakly to its start, so a
     hidden part without an edge path to a seen node keeps that start. Returns (dR, dt) with the
     hidden nodes' rows replaced; the seen nodes' rows unchanged.

@@ -282,7 +282,7 @@ class Fusion:
         dR = result.rotations[0].cpu().float()
         dt = result.translations[0].cpu().float()
         if o.hidden_support > 0:
-            dR, dt = self._follow_visible(dR, dt, batch["nodes"][0].float(), matches)
+            dR, dt = self._follow_visible(dR, dt, rotations, translations, matches)
         return dR @ rotations, translations + dt, status, message, count, energy
 
     def _keyframe_texture(self, rendering: Rendering, anchors: np.ndarray, weights: np.ndarray,
@@ -337,13 +337,17 @@ class Fusion:
             result = again
         return result
 
-    def _follow_visible(self, dR: torch.Tensor, dt: torch.Tensor, live_nodes: torch.Tensor, matches):
-        """Nodes the frame's matches barely touch (support: the sum of the matches' anchor x
-        correspondence weights below --hidden-support) take the increment their nearest
-        supported nodes predict (the blend of those nodes' increments, a rigid extrapolation)
-        instead of their own: the ARAP term alone lets a hidden region lag behind a turn (its
-        rotation unknowns are held by the damping far more than by the edges)."""
+    def _follow_visible(self, dR: torch.Tensor, dt: torch.Tensor, rotations: torch.Tensor,
+                        translations: torch.Tensor, matches):
+        """Increments (dR, dt) of the solve on top of the previous motion (rotations,
+        translations) with those of the nodes the frame's matches barely touch (support: the sum
+        of the matches' anchor x correspondence weights below --hidden-support) replaced: the
+        blend of their nearest supported nodes' increments (a rigid extrapolation; the ARAP
+        term alone lets a hidden region lag behind a turn, its rotation unknowns held by the
+        damping far more than by the edges), then the as-rigid-as-possible extension from there
+        (fusion/hidden.py), against the graph's canonical shape by default (--hidden-rest)."""
         o = self.options
+        live_nodes = self.graph.positions + translations
         N = live_nodes.shape[0]
         support = torch.zeros(N, dtype=torch.float64)
         support.index_add_(0, matches.anchors.reshape(-1).long().clamp(min=0),
@@ -362,11 +366,21 @@ class Fusion:
                                      dt[visible][None])
         dR, dt = dR.clone(), dt.clone()
         dR[hidden], dt[hidden] = R_new[0], t_new[0]
-        if o.hidden_arap_iterations > 0:
-            # From that start, the motion ARAP alone gives them with the seen nodes fixed
-            # (fusion/hidden.py): the whole seen boundary's motion, not four neighbours'.
-            dR, dt = arap_extension(live_nodes, self.graph.edges, self.graph.edge_weights, dR, dt, ~seen,
-                                    o.hidden_arap_iterations)
+        if o.hidden_arap_iterations <= 0:
+            return dR, dt
+        if o.hidden_rest == "previous":
+            # ARAP against the live shape before the frame: the increments themselves.
+            return arap_extension(live_nodes, self.graph.edges, self.graph.edge_weights, dR, dt, ~seen,
+                                  o.hidden_arap_iterations)
+        # ARAP against the canonical shape: the whole motions, so that what a hidden region's
+        # shape got wrong in earlier frames is undone, not carried on (measured: BENCHMARKS.md).
+        R, t = arap_extension(self.graph.positions, self.graph.edges, self.graph.edge_weights, dR @ rotations,
+                              translations + dt, ~seen, o.hidden_arap_iterations)
+        # Back to increments by the inverse, not the transpose, of the previous rotations:
+        # R R_prev^T R_prev would multiply R_prev's rounding away from a rotation every frame
+        # (tests/test_fusion_loop.py).
+        dR[hidden] = R[hidden] @ torch.linalg.inv(rotations[hidden])
+        dt[hidden] = t[hidden] - translations[hidden]
         return dR, dt
 
     def _icp_terms(self, rendering: Rendering, anchors: np.ndarray, weights: np.ndarray,

@@ -271,43 +271,110 @@ def test_point_to_plane_associations_measure_the_depth_offset(sequence_dir, tmp_
     assert fusion._icp_terms(rendering, anchors, weights, points, _normals(points))["icp_sample"].numel() == 0
 
 
+def _hidden_graph():
+    """30 nodes around 0.8 m, their far side (z > 0.82) hidden; matches on the others only."""
+    from types import SimpleNamespace
+
+    from fusion.graph import knn
+    gen = torch.Generator().manual_seed(0)
+    nodes = torch.randn(30, 3, generator=gen) * 0.05 + torch.tensor([0.0, 0.0, 0.8])
+    hidden = nodes[:, 2] > 0.82
+    assert 3 < int(hidden.sum()) < 20
+    seen = torch.nonzero(~hidden).squeeze(1)
+    anchors = seen[torch.randint(0, seen.numel(), (400, 4), generator=gen)]
+    matches = SimpleNamespace(anchors=anchors, anchor_weights=torch.full((400, 4), 0.25),
+                              weights=torch.ones(400))
+    ids, _ = knn(nodes, nodes, 5)
+    graph = SimpleNamespace(positions=nodes, edges=ids[:, 1:].long(), edge_weights=torch.ones(30, 4))
+    return graph, hidden, matches
+
+
+def _rigid(nodes, rotvec, shift):
+    """Rotation (N, 3, 3) and translations (N, 3) of every node under one rigid motion about
+    the nodes' centre."""
+    from model.warp import so3_exp
+    R = so3_exp(torch.tensor(rotvec)).float()
+    centre = nodes.mean(dim=0)
+    return R.expand(nodes.shape[0], 3, 3).clone(), (nodes - centre) @ R.T + centre + torch.tensor(shift) - nodes
+
+
 def test_hidden_nodes_follow_the_seen_ones_rigidly():
     """Nodes without match support take the increment their supported neighbours predict: under
     one rigid increment of the seen nodes, the hidden ones get exactly that rigid motion."""
     from types import SimpleNamespace
 
     from fusion.loop import Fusion
-    from model.warp import so3_exp
-    gen = torch.Generator().manual_seed(0)
-    nodes = torch.randn(30, 3, generator=gen) * 0.05 + torch.tensor([0.0, 0.0, 0.8])
-    hidden = nodes[:, 2] > 0.82                       # the far side: no match touches them
-    assert 3 < int(hidden.sum()) < 20
-    R = so3_exp(torch.tensor([0.0, 0.2, 0.05])).float()
-    t = torch.tensor([0.01, -0.02, 0.005])
-    centre = nodes.mean(dim=0)
-    dR = R.expand(30, 3, 3).clone()
-    dt = (nodes - centre) @ R.T + centre + t - nodes   # node i moves by the rigid motion about centre
+    graph, hidden, matches = _hidden_graph()
+    N = graph.positions.shape[0]
+    R, expected_t = _rigid(graph.positions, [0.0, 0.2, 0.05], [0.01, -0.02, 0.005])
+    dR, dt = R.clone(), expected_t.clone()
     dR[hidden], dt[hidden] = torch.eye(3), 0.0         # what ARAP alone may leave them with
-    seen = torch.nonzero(~hidden).squeeze(1)
-    anchors = seen[torch.randint(0, seen.numel(), (400, 4), generator=gen)]
-    matches = SimpleNamespace(anchors=anchors, anchor_weights=torch.full((400, 4), 0.25),
-                              weights=torch.ones(400))
-    from fusion.graph import knn
-    ids, _ = knn(nodes, nodes, 5)
-    graph = SimpleNamespace(edges=ids[:, 1:].long(), edge_weights=torch.ones(30, 4))
-    expected_t = (nodes - centre) @ R.T + centre + t - nodes
-    # The blend alone, and with the ARAP extension after it (fusion/hidden.py): both exact.
-    for iterations in (0, 10):
-        fusion = SimpleNamespace(options=FusionOptions(hidden_support=2.0, node_coverage=0.05,
+    identity, zero = torch.eye(3).expand(N, 3, 3), torch.zeros(N, 3)
+    # The blend alone, and with the ARAP extension after it (fusion/hidden.py) against either
+    # shape (the same here: the previous motion is the identity): all exact.
+    for iterations, rest in ((0, "canonical"), (10, "canonical"), (10, "previous")):
+        fusion = SimpleNamespace(options=FusionOptions(hidden_support=2.0, node_coverage=0.05, hidden_rest=rest,
                                                        hidden_arap_iterations=iterations), graph=graph)
-        R_out, t_out = Fusion._follow_visible(fusion, dR, dt, nodes, matches)
-        assert torch.allclose(R_out, R.expand(30, 3, 3), atol=1e-5)
+        R_out, t_out = Fusion._follow_visible(fusion, dR, dt, identity, zero, matches)
+        assert torch.allclose(R_out, R, atol=1e-5)
         assert torch.allclose(t_out, expected_t, atol=1e-6)
     # Off below the threshold: nothing changes when every node is supported.
     fusion.options = FusionOptions(hidden_support=1e-9)
-    dR2, dt2 = Fusion._follow_visible(fusion, dR, dt, nodes, SimpleNamespace(
-        anchors=torch.arange(30).repeat(4, 1).T, anchor_weights=torch.full((30, 4), 0.25), weights=torch.ones(30)))
+    dR2, dt2 = Fusion._follow_visible(fusion, dR, dt, identity, zero, SimpleNamespace(
+        anchors=torch.arange(N).repeat(4, 1).T, anchor_weights=torch.full((N, 4), 0.25), weights=torch.ones(N)))
     assert torch.equal(dR2, dR) and torch.equal(dt2, dt)
+
+
+def test_hidden_rest_canonical_undoes_an_earlier_distortion():
+    """The previous motion moved the seen nodes rigidly but left the hidden region bent out of
+    shape; with no further motion, ARAP against the canonical shape restores the rigid motion
+    there, ARAP against the previous live shape keeps the distortion."""
+    from types import SimpleNamespace
+
+    from fusion.loop import Fusion
+    from model.warp import so3_exp
+    graph, hidden, matches = _hidden_graph()
+    N = graph.positions.shape[0]
+    rotations, translations = _rigid(graph.positions, [0.1, 0.4, 0.0], [0.02, 0.0, -0.01])
+    truth_R, truth_t = rotations.clone(), translations.clone()
+    gen = torch.Generator().manual_seed(1)
+    bend = so3_exp(torch.randn(int(hidden.sum()), 3, generator=gen) * 0.2).float()
+    rotations[hidden] = bend @ rotations[hidden]
+    translations[hidden] += torch.randn(int(hidden.sum()), 3, generator=gen) * 0.01
+    dR, dt = torch.eye(3).expand(N, 3, 3).clone(), torch.zeros(N, 3)
+    errors = {}
+    for rest in ("canonical", "previous"):
+        fusion = SimpleNamespace(options=FusionOptions(hidden_support=2.0, node_coverage=0.05, hidden_rest=rest,
+                                                       hidden_arap_iterations=200), graph=graph)
+        out_R, out_t = Fusion._follow_visible(fusion, dR, dt, rotations, translations, matches)
+        assert torch.equal(out_R[~hidden], dR[~hidden]) and torch.equal(out_t[~hidden], dt[~hidden])
+        errors[rest] = ((translations + out_t - truth_t)[hidden].norm(dim=1).max(),
+                        (out_R @ rotations - truth_R)[hidden].abs().max())
+    assert errors["canonical"][0] < 1e-4 and errors["canonical"][1] < 1e-3, errors
+    assert errors["previous"][0] > 3e-3, errors
+
+
+def test_hidden_rest_canonical_keeps_rotations_orthonormal():
+    """Frame after frame of motions composed with the canonical-shape extension: the rotations
+    stay rotations (recovering an increment with the transpose of a rotation that has rounded
+    away from orthonormal would multiply that rounding every frame)."""
+    from types import SimpleNamespace
+
+    from fusion.loop import Fusion
+    from model.warp import so3_exp
+    graph, hidden, matches = _hidden_graph()
+    N = graph.positions.shape[0]
+    fusion = SimpleNamespace(options=FusionOptions(hidden_support=2.0, node_coverage=0.05,
+                                                   hidden_arap_iterations=3), graph=graph)
+    gen = torch.Generator().manual_seed(2)
+    rotations, translations = torch.eye(3).expand(N, 3, 3).clone(), torch.zeros(N, 3)
+    for _ in range(60):
+        dR, dt = _rigid(graph.positions + translations, (torch.randn(3, generator=gen) * 0.05).tolist(), [0.0, 0.0, 0.0])
+        dR = so3_exp(torch.randn(N, 3, generator=gen) * 0.02).float() @ dR
+        dR, dt = Fusion._follow_visible(fusion, dR, dt, rotations, translations, matches)
+        rotations, translations = dR @ rotations, translations + dt
+    gram = rotations.transpose(1, 2) @ rotations
+    assert (gram - torch.eye(3)).abs().max() < 1e-4, (gram - torch.eye(3)).abs().max()
 
 
 class ShortFlow:
