@@ -48,45 +48,58 @@ def arap_extension(positions: torch.Tensor, edges: torch.Tensor, edge_weights: t
         return dR, dt
     dtype = torch.float64
     q = positions.to(dtype)
-    p = (q + dt.to(dtype)).clone()
+    p = q + dt.to(dtype)
     R = dR.to(dtype).clone()
-    W = torch.zeros(N, N, dtype=dtype)
-    valid = edges >= 0
-    rows = torch.arange(N)[:, None].expand_as(edges)[valid]
-    cols = edges[valid]
-    w = edge_weights[valid].to(dtype).clamp(min=0)
-    W[rows, cols] = torch.maximum(W[rows, cols], w)
-    W = torch.maximum(W, W.T)
-    W.fill_diagonal_(0)
-    Wh = W[ids]                                                       # (H, N)
-    start = p[ids].clone()
-    degree = Wh.sum(dim=1)
+    # The symmetric edge list (i, j, w_ij) of the edges from the hidden nodes: O(edges) memory
+    # and work in the iterations, so graphs of thousands of nodes cost no N x N matrix.
+    i, j, w = _symmetric_edges(edges, edge_weights, N)
+    row = torch.full((N,), -1, dtype=torch.int64)
+    row[ids] = torch.arange(ids.numel())
+    from_hidden = row[i] >= 0
+    i, j, w = row[i[from_hidden]], j[from_hidden], w[from_hidden].to(dtype)   # i: hidden row
+    H = ids.numel()
+    degree = torch.zeros(H, dtype=dtype).index_add_(0, i, w)
     scale = anchor * degree.clamp(min=1e-6)
-    # The Laplacian rows of the hidden nodes over the hidden unknowns (the seen ones move to the
-    # right-hand side).
-    A = torch.diag(degree + scale) - Wh[:, ids]
-    seen = torch.ones(N, dtype=torch.bool)
-    seen[ids] = False
-    qh = q[ids]
-    Wq = Wh @ q                                                       # (H, 3) sum_j w_ij q_j
+    start = p[ids].clone()
+    # The global step's matrix, the Laplacian rows of the hidden nodes over the hidden unknowns
+    # (the seen ones move to the right-hand side) plus the anchor: symmetric, strictly
+    # diagonally dominant, so positive definite; it does not change between iterations, so it
+    # is factored once (dense H x H: the one cost that grows faster than the edges).
+    to_hidden = row[j] >= 0
+    A = torch.diag(degree + scale)
+    A.index_put_((i[to_hidden], row[j[to_hidden]]), -w[to_hidden], accumulate=True)
+    L, info = torch.linalg.cholesky_ex(A)
+    if int(info) != 0:
+        raise RuntimeError(f"arap_extension: the hidden nodes' system is not positive definite (info {int(info)})")
+    to_seen = ~to_hidden
+    dq = q[j] - q[ids][i]                                             # (E, 3) q_j - q_i
     for _ in range(iterations):
-        # Local step: C_i = sum_j w_ij (q_j - q_i)(p_j - p_i)^T, expanded into products with W
-        # (no (H, N, 3, 3) tensor: graphs grow to thousands of nodes).
-        ph = p[ids]
-        Wp = Wh @ p
-        Wqp = (Wh @ (q[:, :, None] * p[:, None, :]).reshape(N, 9)).reshape(-1, 3, 3)
-        C = (Wqp - qh[:, :, None] * Wp[:, None, :] - Wq[:, :, None] * ph[:, None, :]
-             + degree[:, None, None] * qh[:, :, None] * ph[:, None, :])
+        # Local step: C_i = sum_j w_ij (q_j - q_i)(p_j - p_i)^T, then the nearest rotation.
+        dp = p[j] - p[ids][i]
+        C = torch.zeros(H, 3, 3, dtype=dtype).index_add_(0, i, w[:, None, None] * dq[:, :, None] * dp[:, None, :])
         R[ids] = _rotation(C)
         # Global step: sum_j w_ij (p_i - p_j) = sum_j w_ij (R_i + R_j)/2 (q_i - q_j) for the hidden i.
-        WR = (Wh @ R.reshape(N, 9)).reshape(-1, 3, 3)                 # sum_j w_ij R_j
-        WRq = Wh @ torch.einsum("nij,nj->ni", R, q)                   # sum_j w_ij R_j q_j
-        Rh = R[ids]
-        rhs = 0.5 * (torch.einsum("hij,hj->hi", Rh, degree[:, None] * qh - Wq)
-                     + torch.einsum("hij,hj->hi", WR, qh) - WRq)
-        rhs = rhs + Wh[:, seen] @ p[seen] + scale[:, None] * start
-        p[ids] = torch.linalg.solve(A, rhs)
+        Rsum = 0.5 * (R[ids][i] + R[j])
+        rhs = torch.zeros(H, 3, dtype=dtype).index_add_(0, i, -w[:, None] * torch.einsum("eab,eb->ea", Rsum, dq))
+        rhs.index_add_(0, i[to_seen], w[to_seen, None] * p[j[to_seen]])
+        rhs += scale[:, None] * start
+        p[ids] = torch.cholesky_solve(rhs, L)
     dR, dt = dR.clone(), dt.clone()
     dR[ids] = R[ids].to(dR.dtype)
     dt[ids] = (p[ids] - q[ids]).to(dt.dtype)
     return dR, dt
+
+
+def _symmetric_edges(edges: torch.Tensor, edge_weights: torch.Tensor, N: int
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both directions (i, j, w_ij) of every edge of (N, K) edges (-1: none), w_ij the larger of
+    the two directions' weights (negative ones 0), without self-loops or repeats."""
+    valid = (edges >= 0) & (edges != torch.arange(N)[:, None])
+    a = torch.arange(N)[:, None].expand_as(edges)[valid]
+    b = edges[valid].long()
+    w = edge_weights[valid].double().clamp(min=0)
+    keys = torch.cat((a * N + b, b * N + a))
+    keys, inverse = torch.unique(keys, return_inverse=True)
+    weights = torch.zeros(keys.numel(), dtype=torch.float64).scatter_reduce_(
+        0, inverse, torch.cat((w, w)), reduce="amax", include_self=False)
+    return keys // N, keys % N, weights

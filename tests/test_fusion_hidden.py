@@ -60,3 +60,50 @@ def test_a_hidden_part_without_a_path_keeps_its_start():
     assert torch.allclose(out_t[-1], dt[-1]) and torch.allclose(out_R[-1], dR[-1])
     # Node 0 has seen neighbours that all moved by 0.02 in x: it follows them.
     assert torch.allclose(out_t[0], torch.tensor([0.02, 0.0, 0.0], dtype=torch.float64), atol=1e-5)
+
+
+def test_matches_the_dense_reference():
+    """The edge-list iteration against the dense one of tests/reference (random graph, random
+    motions, a hidden part with a component cut off from every seen node, asymmetric and
+    repeated edges, a self-loop)."""
+    from tests.reference.hidden_reference import arap_extension_reference
+    gen = torch.Generator().manual_seed(3)
+    positions, edges, weights = grid_graph(4)
+    N = positions.shape[0]
+    weights = weights * (0.5 + torch.rand(weights.shape, generator=gen))   # w_ij != w_ji
+    edges = edges.clone()
+    edges[0, 0] = 0                                      # a self-loop
+    edges[1, 1] = edges[1, 0]                            # a repeated edge
+    edges[2, 2] = -1                                     # a missing one
+    island = torch.tensor([[1.0, 1.0, 1.0], [1.05, 1.0, 1.0]], dtype=torch.float64)
+    positions = torch.cat((positions, island))
+    edges = torch.cat((edges, torch.tensor([[N + 1] + [-1] * (edges.shape[1] - 1), [N] + [-1] * (edges.shape[1] - 1)])))
+    weights = torch.cat((weights, torch.full((2, weights.shape[1]), 0.7)))
+    M = N + 2
+    hidden = torch.rand(M, generator=gen) < 0.4
+    hidden[-2:] = True
+    axis = torch.randn(M, 3, generator=gen, dtype=torch.float64) * 0.2
+    dR = torch.stack([rotation(a.tolist(), float(a.norm())) for a in axis])
+    dt = torch.randn(M, 3, generator=gen, dtype=torch.float64) * 0.01
+    out_R, out_t = arap_extension(positions, edges, weights, dR, dt, hidden, iterations=7)
+    ref_R, ref_t = arap_extension_reference(positions, edges, weights, dR, dt, hidden, iterations=7)
+    assert torch.allclose(out_t, ref_t, atol=1e-10), (out_t - ref_t).abs().max()
+    assert torch.allclose(out_R, ref_R, atol=1e-9), (out_R - ref_R).abs().max()
+
+
+def test_a_graph_of_thousands_of_nodes():
+    """4000 nodes, a third hidden: runs without an N x N matrix (the edge list), and a rigid
+    motion still extends exactly."""
+    gen = torch.Generator().manual_seed(4)
+    positions = torch.rand(4000, 3, generator=gen, dtype=torch.float64) * torch.tensor([1.0, 1.0, 0.1])
+    ids, distances = knn(positions.float(), positions.float(), 9)
+    edges, weights = ids[:, 1:].long(), torch.exp(-distances[:, 1:] ** 2 / (2 * 0.02 ** 2)).float()
+    R = rotation([0.3, 0.2, 1.0], 0.2)
+    centre = positions.mean(dim=0)
+    truth_dt = (positions - centre) @ R.T + centre - positions
+    hidden = positions[:, 0] > 0.66
+    dR = R.repeat(4000, 1, 1)
+    dt = truth_dt.clone()
+    dt[hidden] += 0.01
+    out_R, out_t = arap_extension(positions, edges, weights, dR, dt, hidden, iterations=30)
+    assert (out_t - truth_dt).norm(dim=1).max() < 1e-3
