@@ -181,6 +181,21 @@ def test_gt_flow_tracking_follows_the_motion(sequence_dir, tmp_path):
     assert error.mean() < 0.005, f"last frame mesh {error.mean() * 1000:.2f} mm from the true surface"
 
 
+def test_run_fusion_runs_a_subclass_of_the_loop(sequence_dir, tmp_path):
+    """run_fusion's fusion_class (benchmarks/diagnose_fusion.py's hook): its steps run the frames."""
+    from fusion.loop import Fusion
+    root, _, _ = sequence_dir
+    steps = []
+
+    class Counting(Fusion):
+        def step(self, frame):
+            steps.append(frame.frame_id)
+            return super().step(frame)
+    fusion = run_fusion(fusion_options(root, str(tmp_path / "sub"), oracle_motion=True), solver_options(), None,
+                        progress=False, log=lambda *_: None, fusion_class=Counting)
+    assert isinstance(fusion, Counting) and steps == fusion.frame_ids[1:]
+
+
 def test_resume_gives_the_same_mesh(sequence_dir, tmp_path):
     root, _, _ = sequence_dir
     tracker = Tracker(TrackerOptions(flow="dis"), solver_options())

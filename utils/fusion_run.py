@@ -73,10 +73,12 @@ def save_state(fusion: Fusion, options: FusionOptions, next_index: int) -> None:
 
 
 def run_fusion(options: FusionOptions, solver_options: SolverOptions, tracker, device: str = "cpu",
-               progress: bool = True, stop_after: Optional[int] = None, log=print) -> Fusion:
+               progress: bool = True, stop_after: Optional[int] = None, log=print,
+               fusion_class: type = Fusion) -> Fusion:
     """Fuses the sequence and writes every output. `stop_after` (tests) processes at most that
     many frames in this call, saves the state and returns without outputs, as an interrupted
-    run would leave it."""
+    run would leave it. `fusion_class`, Fusion or a subclass of it, runs the frames (a variant
+    of the loop without a copy of this driver: benchmarks/diagnose_fusion.py)."""
     if options.truncation >= 8 * options.voxel_size:
         raise FusionError(f"--truncation {options.truncation}: must be less than 8 voxels "
                           f"({8 * options.voxel_size:g} m at --voxel-size {options.voxel_size})")
@@ -87,7 +89,7 @@ def run_fusion(options: FusionOptions, solver_options: SolverOptions, tracker, d
     if gt is not None:
         for frame_id in sequence.frame_ids:
             gt.check_frame(frame_id)
-    fusion = Fusion(sequence, options, solver_options, tracker, gt, torch.device(device))
+    fusion = fusion_class(sequence, options, solver_options, tracker, gt, torch.device(device))
     os.makedirs(options.out, exist_ok=True)
     start_index = 0
     if options.resume and os.path.isfile(_state_path(options.out)):
