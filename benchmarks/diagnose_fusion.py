@@ -30,11 +30,11 @@ import numpy as np
 import torch
 
 from fusion.gt import GroundTruth
-from fusion.loop import Fusion
+from fusion.loop import Fusion, supported_nodes
 from options import FusionOptions, RunOptions, SolverOptions, from_args
 from utils.checkpoints import build_tracker, default_checkpoint_for, parse_with_checkpoint, pick_front_end, setup_run
 from utils.fusion_run import build_parser, run_fusion
-from utils.sequence_metrics import evaluate_sequence, summary_lines
+from utils.sequence_metrics import SequenceEvaluationError, evaluate_sequence, summary_lines
 
 
 def add_diagnosis_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -96,10 +96,7 @@ class DiagnosticFusion(Fusion):
         mode = self.diagnosis.oracle_nodes
         if mode is None:
             return super()._follow_visible(dR, dt, rotations, translations, matches)
-        support = torch.zeros(rotations.shape[0], dtype=torch.float64)
-        support.index_add_(0, matches.anchors.reshape(-1).long().clamp(min=0),
-                           (matches.anchor_weights * matches.weights[:, None]).reshape(-1).double())
-        seen = support >= self.options.hidden_support
+        seen = supported_nodes(matches, rotations.shape[0], self.options.hidden_support)
         pick = (seen if mode == "seen" else ~seen) & (self.graph.created == 0)
         R, t = self.gt.node_motions(self.graph.positions, self._frame.frame_id, self.options.node_coverage)
 
@@ -130,7 +127,12 @@ def main(argv=None) -> int:
                         fusion_class=DiagnosticFusion)
     if fusion.dropped:
         print(f"the oracle filter dropped {100 * float(np.mean(fusion.dropped)):.1f}% of the matches on average")
-    for line in summary_lines(evaluate_sequence(options.sequence, options.out)):
+    try:
+        scores = evaluate_sequence(options.sequence, options.out)
+    except SequenceEvaluationError as error:   # e.g. --frames short of the whole sequence
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    for line in summary_lines(scores):
         print(line)
     return 0
 

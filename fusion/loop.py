@@ -348,11 +348,7 @@ class Fusion:
         (fusion/hidden.py), against the graph's canonical shape by default (--hidden-rest)."""
         o = self.options
         live_nodes = self.graph.positions + translations
-        N = live_nodes.shape[0]
-        support = torch.zeros(N, dtype=torch.float64)
-        support.index_add_(0, matches.anchors.reshape(-1).long().clamp(min=0),
-                           (matches.anchor_weights * matches.weights[:, None]).reshape(-1).double())
-        seen = support >= o.hidden_support
+        seen = supported_nodes(matches, live_nodes.shape[0], o.hidden_support)
         hidden = torch.nonzero(~seen).squeeze(1)
         if hidden.numel() == 0 or int(seen.sum()) < 4:
             return dR, dt
@@ -564,6 +560,15 @@ class Fusion:
         self._mesh = None
         mesh = state.get("tracking_mesh")
         self._tracking = None if mesh is None else (Mesh(**mesh), None)
+
+
+def supported_nodes(matches, count: int, threshold: float) -> torch.Tensor:
+    """(count,) bool: the nodes the matches support, the sum of their anchor x correspondence
+    weights at least `threshold` (--hidden-support)."""
+    support = torch.zeros(count, dtype=torch.float64)
+    support.index_add_(0, matches.anchors.reshape(-1).long().clamp(min=0),
+                       (matches.anchor_weights * matches.weights[:, None]).reshape(-1).double())
+    return support >= threshold
 
 
 def _normals(points: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,8 @@ from typing import Dict
 
 import numpy as np
 
+from dataset.synthetic.geometry import raycasting_scene
+
 
 @dataclass
 class Rendering:
@@ -37,7 +39,6 @@ def render(live_vertices: np.ndarray, canonical_vertices: np.ndarray, faces: np.
     Pixels whose surface is seen at a grazing angle (|cos| < max_grazing_cos) are left out: their
     depth is unreliable and their colour smeared.
     """
-    import open3d as o3d
     import open3d.core as o3c
 
     H, W = height, width
@@ -45,13 +46,7 @@ def render(live_vertices: np.ndarray, canonical_vertices: np.ndarray, faces: np.
         return Rendering(np.zeros((H, W), np.float32), np.zeros((H, W, 3), np.float32),
                          np.full((H, W, 3), np.nan, np.float32), np.zeros((H, W, 3), np.float32),
                          np.zeros((H, W, 3), np.float32), np.zeros((H, W), bool))
-    # The BVH is built on one thread: Embree's multi-threaded build can order triangles
-    # differently from run to run, and a ray through a shared edge then reports either
-    # triangle, so renders (and everything fused from them: an interrupted and resumed run's
-    # mesh) would differ in the last bits on machines with many cores. The cast stays threaded.
-    scene = o3d.t.geometry.RaycastingScene(nthreads=1)
-    scene.add_triangles(o3c.Tensor(np.ascontiguousarray(live_vertices, np.float32)),
-                        o3c.Tensor(np.ascontiguousarray(faces, np.uint32)))
+    scene = raycasting_scene(live_vertices, faces)
     rays = pixel_rays(intrinsics, H, W)
     hit = scene.cast_rays(o3c.Tensor(rays))
     t = hit["t_hit"].numpy()

@@ -8,6 +8,7 @@ import numpy as np
 import open3d as o3d
 
 from dataset import io
+from dataset.synthetic.geometry import raycasting_scene
 
 
 def sheet_vertices(frames: int, cells: int = 80, wrinkle: float = 0.004):
@@ -41,8 +42,7 @@ def write_sheet_sequence(out: str, frames: int = 6, width: int = 160, height: in
         os.makedirs(os.path.join(out, sub), exist_ok=True)
     visible = []
     for t in range(frames):
-        scene = o3d.t.geometry.RaycastingScene(nthreads=1)  # a deterministic BVH (fusion/render.py)
-        scene.add_triangles(o3d.core.Tensor(vertices[t]), o3d.core.Tensor(faces.astype(np.uint32)))
+        scene = raycasting_scene(vertices[t], faces)
         hit = scene.cast_rays(o3d.core.Tensor(rays))
         distance = hit["t_hit"].numpy()
         on = np.isfinite(distance)
@@ -73,7 +73,6 @@ def accuracy_mm(out: str, sequence: str, folder: str) -> np.ndarray:
     errors = []
     for t, name in enumerate(names):
         mesh = io.read_ply(os.path.join(out, folder, name))[0]
-        scene = o3d.t.geometry.RaycastingScene(nthreads=1)  # a deterministic BVH (fusion/render.py)
-        scene.add_triangles(o3d.core.Tensor(vertices[t]), o3d.core.Tensor(faces))
+        scene = raycasting_scene(vertices[t], faces)
         errors.append(1000 * scene.compute_distance(o3d.core.Tensor(mesh)).numpy().mean())
     return np.array(errors)

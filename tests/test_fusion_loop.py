@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dataset import io
+from dataset.synthetic.geometry import raycasting_scene
 from fusion.sequence import Sequence
 from options import FusionOptions, SolverOptions, TrackerOptions
 from model.tracker import Tracker
@@ -56,12 +57,10 @@ def deform(vertices, t, frames, static=False):
 
 
 def render_frame(vertices, faces, colors):
-    import open3d as o3d
     import open3d.core as o3c
 
     from fusion.render import pixel_rays
-    scene = o3d.t.geometry.RaycastingScene(nthreads=1)  # a deterministic BVH (fusion/render.py)
-    scene.add_triangles(o3c.Tensor(vertices.astype(np.float32)), o3c.Tensor(faces.astype(np.uint32)))
+    scene = raycasting_scene(vertices, faces)
     hit = scene.cast_rays(o3c.Tensor(pixel_rays(INTRINSICS, H, W)))
     t = hit["t_hit"].numpy()
     ids = hit["primitive_ids"].numpy().astype(np.int64)
@@ -123,10 +122,8 @@ def read_ply_vertices(path):
 
 def mean_surface_distance(points, surface, faces):
     """Mean distance of points to a triangle mesh (Open3D's exact point-to-triangle query)."""
-    import open3d as o3d
     import open3d.core as o3c
-    scene = o3d.t.geometry.RaycastingScene(nthreads=1)  # a deterministic BVH (fusion/render.py)
-    scene.add_triangles(o3c.Tensor(surface.astype(np.float32)), o3c.Tensor(faces.astype(np.uint32)))
+    scene = raycasting_scene(surface, faces)
     return scene.compute_distance(o3c.Tensor(points.astype(np.float32))).numpy()
 
 

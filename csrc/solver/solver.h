@@ -1247,11 +1247,6 @@ inline std::vector<at::Tensor> AssembleBlocks(const at::Tensor& J, const at::Ten
   return {blocks, b};
 }
 
-// The dense solver's assembly of one term group (AssembleDenseRowBody): adds the group's upper
-// blocks to A (B, 6N, 6N) (zero there, or holding the earlier groups' sums) and writes (or, with
-// accumulate, adds to) b (B, 6N); with finish (the last group), mirrors the upper triangle
-// into the lower one (MirrorDenseRowBody). slot_order / slot_start: the group's used slots
-// (m * S + s) by node, ids ascending, as BuildBlockPattern's. Returns A.
 // The dense assembly's outputs and slot lists: A (B, 6N, 6N) and b (B, 6N) contiguous, of the
 // terms' dtype; slot_start (B N + 1).
 inline void CheckDenseOutputs(const at::Tensor& A, const at::Tensor& b, const at::Tensor& slot_start,
@@ -1266,6 +1261,11 @@ inline void CheckDenseOutputs(const at::Tensor& A, const at::Tensor& b, const at
               A.size(0) * (A.size(1) / 6) + 1, " entries, found ", slot_start.numel());
 }
 
+// The dense solver's assembly of one term group (AssembleDenseRowBody): adds the group's upper
+// blocks to A (B, 6N, 6N) (zero there, or holding the earlier groups' sums) and writes (or, with
+// accumulate, adds to) b (B, 6N); with finish (the last group), mirrors the upper triangle
+// into the lower one (MirrorDenseRowBody). slot_order / slot_start: the group's used slots
+// (m * S + s) by node, ids ascending, as BuildBlockPattern's. Returns A.
 inline at::Tensor AssembleDense(const at::Tensor& J, const at::Tensor& r, const at::Tensor& nodes,
                                 const at::Tensor& slot_order, const at::Tensor& slot_start,
                                 at::Tensor A, at::Tensor b, bool accumulate, bool finish) {
@@ -1286,9 +1286,6 @@ inline at::Tensor AssembleDense(const at::Tensor& J, const at::Tensor& r, const 
   return A;
 }
 
-// AssembleDense for a group of match terms given by their structure (AssembleDenseMatchRowBody):
-// structure (M, 5 + 3A) from match_terms, w (M, A) the skinning weights, r (M, 3) the
-// residuals, nodes (M, A) flat node ids (all used); the rest as AssembleDense.
 // A group of match terms given by their structure: structure (M, 5 + 3A), w (M, A), r (M, 3),
 // nodes (M, A) int64, one floating dtype.
 inline void CheckMatchStructure(const at::Tensor& structure, const at::Tensor& w, const at::Tensor& r,
@@ -1306,6 +1303,9 @@ inline void CheckMatchStructure(const at::Tensor& structure, const at::Tensor& w
               "structure, weights and residuals must share one floating dtype");
 }
 
+// AssembleDense for a group of match terms given by their structure (AssembleDenseMatchRowBody):
+// structure (M, 5 + 3A) from match_terms, w (M, A) the skinning weights, r (M, 3) the
+// residuals, nodes (M, A) flat node ids (all used); the rest as AssembleDense.
 inline at::Tensor AssembleDenseMatch(const at::Tensor& structure, const at::Tensor& w, const at::Tensor& r,
                                      const at::Tensor& nodes, const at::Tensor& slot_order,
                                      const at::Tensor& slot_start, at::Tensor A, at::Tensor b, bool accumulate,

@@ -106,7 +106,12 @@ RAY_THREADS = 0
 
 
 def raycasting_scene(vertices: np.ndarray, faces: np.ndarray) -> o3d.t.geometry.RaycastingScene:
-    scene = o3d.t.geometry.RaycastingScene(nthreads=1)  # a deterministic BVH (fusion/render.py)
+    """Open3D's ray-casting scene of a triangle mesh (V, 3), (F, 3), its BVH built on one thread:
+    Embree's multi-threaded build can order triangles differently from run to run, and a ray
+    through a shared edge then reports either triangle, so renders (and everything fused from
+    them: an interrupted and resumed run's mesh) would differ in the last bits on machines with
+    many cores. Casts stay threaded. Every ray cast of the project builds its scene here."""
+    scene = o3d.t.geometry.RaycastingScene(nthreads=1)
     scene.add_triangles(o3d.core.Tensor(np.ascontiguousarray(vertices, dtype=np.float32)),
                         o3d.core.Tensor(np.ascontiguousarray(faces, dtype=np.uint32)))
     return scene
