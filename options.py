@@ -180,6 +180,16 @@ class TrackerOptions:
     dis_preset: str = opt("medium", "DIS optical flow preset; fine: medium down to full resolution "
                                     "with denser patches and more iterations (sharper, slower; "
                                     "model/dis_flow.py)", choices=("ultrafast", "fast", "medium", "fine"))
+    dis_normalize: float = opt(0.0, "dis front-end: match locally contrast-normalised grey images, "
+                                    "each pixel against the Gaussian (this sigma, pixels) mean and "
+                                    "spread around it, so that shading which stays with the light "
+                                    "while the surface turns does not hold the flow back "
+                                    "(model/image_proc.local_contrast; 0 = plain grey; fuse.py: 5)",
+                               ge=0)
+    dis_passes: int = opt(1, "dis front-end: DIS runs per pair; each later run matches the source "
+                             "to the target resampled by the flow so far and adds what it finds "
+                             "(DIS measures a weak texture's motion short: a later run measures "
+                             "the rest; fuse.py: 2)", ge=1, le=4)
     dis_weights: str = opt("photometric", "DIS correspondence weights: all 1, or from the colour "
                                           "difference between a pixel and its match",
                            choices=("uniform", "photometric"))

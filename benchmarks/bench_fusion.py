@@ -30,7 +30,7 @@ from model.tracker import Tracker
 from options import FusionOptions, SolverOptions, TrackerOptions
 from tests.reference.fusion_reference import integrate_warped_reference
 from utils.checkpoints import default_checkpoint, load_tracker
-from utils.fusion_run import SOLVER_DEFAULTS
+from utils.fusion_run import SOLVER_DEFAULTS, TRACKER_DEFAULTS
 
 
 def parse_args():
@@ -48,24 +48,31 @@ def parse_args():
                         help="fuse.py's --texture-keyframes for the loop (0: the model's own colours)")
     parser.add_argument("--hidden-arap-iterations", type=int, default=FusionOptions.hidden_arap_iterations,
                         help="fuse.py's --hidden-arap-iterations for the loop (0: the blend alone)")
+    parser.add_argument("--dis-normalize", type=float, default=TRACKER_DEFAULTS["dis_normalize"],
+                        help="fuse.py's --dis-normalize for --flows dis (0: plain grey)")
+    parser.add_argument("--dis-passes", type=int, default=TRACKER_DEFAULTS["dis_passes"],
+                        help="fuse.py's --dis-passes for --flows dis (1: one DIS run)")
     return parser.parse_args()
 
 
-def tracker_for(flow, checkpoint):
+def tracker_for(flow, checkpoint, dis=None):
+    """The loop's front-end: `dis` the TrackerOptions fields of the dis front-end (fuse.py's
+    TRACKER_DEFAULTS when None)."""
     solver = SolverOptions(**SOLVER_DEFAULTS)
     if flow == "network":
         return load_tracker(checkpoint or default_checkpoint(), TrackerOptions(flow="network"), solver,
                             log=lambda *_: None).eval()
-    return Tracker(TrackerOptions(flow=flow), solver)
+    return Tracker(TrackerOptions(flow=flow, **(TRACKER_DEFAULTS if dis is None else dis)), solver)
 
 
-def run_loop(root, flow, frames, checkpoint, refine_border=FusionOptions.refine_border, **fusion_options):
+def run_loop(root, flow, frames, checkpoint, refine_border=FusionOptions.refine_border, dis=None,
+             **fusion_options):
     options = FusionOptions(sequence=root, out="unused", frames=f"0:{frames}", video=False,
                             refine_border=refine_border, **fusion_options)
     sequence = Sequence(root, options.frames)
     mask, _ = sequence.first_mask()
     gt = GroundTruth(root, 0) if flow == "gt" else None
-    fusion = Fusion(sequence, options, SolverOptions(**SOLVER_DEFAULTS), tracker_for(flow, checkpoint), gt)
+    fusion = Fusion(sequence, options, SolverOptions(**SOLVER_DEFAULTS), tracker_for(flow, checkpoint, dis), gt)
     fusion.first_frame(sequence.read(0), mask)
     for i in range(1, len(sequence)):
         fusion.step(sequence.read(i))
@@ -86,6 +93,7 @@ def main():
     print(f"{'flow':8s} " + " ".join(f"{s:>9s}" for s in STEPS) + f" {'total':>9s} {'nodes':>6s} {'blocks':>7s}")
     for flow in args.flows.split(","):
         fusion = run_loop(root, flow, args.frames, args.checkpoint, args.refine_border,
+                          {"dis_normalize": args.dis_normalize, "dis_passes": args.dis_passes},
                           texture_keyframes=args.texture_keyframes,
                           hidden_arap_iterations=args.hidden_arap_iterations)
         logs = fusion.log[1:]

@@ -3,6 +3,7 @@ live frame, against a synthetic sequence's ground truth (the diagnostic behind B
 "Non-rigid fusion of sequences": why `--flow dis` drifts on the blobs).
 
     python benchmarks/bench_fusion_flow.py --sequence DIR [--frames 16] [--threads 1] [--lk-windows 15,21,31]
+        [--dis-normalize 5] [--dis-passes 2]
 
 DIR is a synthetic sequence (python -m dataset.synthetic_sequence) with its gt/. The loop
 (fusion.loop.Fusion, fuse.py's defaults, `--flow dis`) runs over the first --frames frames; for
@@ -36,7 +37,7 @@ from fusion.sequence import Sequence
 from model import image_proc
 from model.tracker import Tracker
 from options import FusionOptions, SolverOptions, TrackerOptions
-from utils.fusion_run import SOLVER_DEFAULTS
+from utils.fusion_run import SOLVER_DEFAULTS, TRACKER_DEFAULTS
 
 BANDS = ((0, 5), (5, 10), (10, 10 ** 6))
 
@@ -50,6 +51,10 @@ def parse_args():
     parser.add_argument("--refine-border", type=int, default=FusionOptions.refine_border,
                         help="fuse.py's --refine-border for the loop (the flow columns then show the refined flow)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--dis-normalize", type=float, default=TRACKER_DEFAULTS["dis_normalize"],
+                        help="fuse.py's --dis-normalize (0: plain grey)")
+    parser.add_argument("--dis-passes", type=int, default=TRACKER_DEFAULTS["dis_passes"],
+                        help="fuse.py's --dis-passes (1: one DIS run)")
     return parser.parse_args()
 
 
@@ -167,7 +172,8 @@ def main() -> int:
     solver_options = SolverOptions(**SOLVER_DEFAULTS)
     windows = tuple(int(w) for w in args.lk_windows.split(",") if w.strip())
     fusion = _Diagnosed(sequence, FusionOptions(sequence=args.sequence, refine_border=args.refine_border), solver_options,
-                        _Probe(Tracker(TrackerOptions(flow="dis"), solver_options)),
+                        _Probe(Tracker(TrackerOptions(flow="dis", dis_normalize=args.dis_normalize,
+                                                     dis_passes=args.dis_passes), solver_options)),
                         GroundTruth(sequence.root, sequence.frame_ids[0]), windows=windows)
     print("columns: along-error medians within 5 / 5-10 / beyond 10 px of the silhouette (px), "
           "e = median error norm (px)")

@@ -1,6 +1,7 @@
 """OpenCV's DIS optical flow as a correspondence front-end that needs no checkpoint.
 
-Flow from the source to the target frame, a forward-backward consistency check (matches whose
+Flow from the source to the target frame (in grey, or in locally contrast-normalised grey:
+TrackerOptions.dis_normalize), a forward-backward consistency check (matches whose
 backward flow does not lead back are dropped) and uniform or photometric match weights.
 """
 from typing import Optional, Tuple
@@ -8,6 +9,7 @@ from typing import Optional, Tuple
 import cv2
 import numpy as np
 
+from model import image_proc
 from options import TrackerOptions
 
 
@@ -15,8 +17,9 @@ PRESETS = {"ultrafast": cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST,
            "fast": cv2.DISOPTICAL_FLOW_PRESET_FAST, "medium": cv2.DISOPTICAL_FLOW_PRESET_MEDIUM}
 
 
-def _dis(source_rgb: np.ndarray, target_rgb: np.ndarray, preset: str):
-    """A DIS instance of the preset and the two frames in grey.
+def _dis(source_rgb: np.ndarray, target_rgb: np.ndarray, preset: str, normalize: float = 0.0):
+    """A DIS instance of the preset and the two frames in grey (local contrast normalised with
+    that sigma when `normalize` > 0: image_proc.local_contrast).
 
     "fine" is OpenCV's medium preset run down to full resolution (finest scale 0), with patches
     every 2 pixels, 25 gradient-descent and 10 variational-refinement iterations: on our
@@ -28,7 +31,24 @@ def _dis(source_rgb: np.ndarray, target_rgb: np.ndarray, preset: str):
         dis.setPatchStride(2)
         dis.setGradientDescentIterations(25)
         dis.setVariationalRefinementIterations(10)
-    return dis, cv2.cvtColor(source_rgb, cv2.COLOR_RGB2GRAY), cv2.cvtColor(target_rgb, cv2.COLOR_RGB2GRAY)
+    grays = [cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) for image in (source_rgb, target_rgb)]
+    if normalize > 0:
+        grays = [image_proc.local_contrast(gray, normalize) for gray in grays]
+    return (dis, *grays)
+
+
+def _residual_pass(dis, source_gray: np.ndarray, target_gray: np.ndarray, forward: np.ndarray,
+                   xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """The flow (H, W, 2) `forward` refined by one more DIS run: the target resampled at every
+    source pixel's match (target(x + forward(x)), aligned with the source where the flow is
+    right) is matched to the source; a pixel x whose remaining flow is r matches the resampled
+    target at x + r, that is the target at x + r + forward(x + r)."""
+    aligned = cv2.remap(target_gray, xs + forward[..., 0], ys + forward[..., 1], cv2.INTER_LINEAR,
+                        borderMode=cv2.BORDER_REPLICATE)
+    rest = dis.calc(source_gray, aligned, None)
+    carried = cv2.remap(forward, xs + rest[..., 0], ys + rest[..., 1], cv2.INTER_LINEAR,
+                        borderMode=cv2.BORDER_REPLICATE)
+    return rest + carried
 
 
 def dis_forward_backward(source_rgb: np.ndarray, target_rgb: np.ndarray,
@@ -54,10 +74,12 @@ def dis_flow(source_rgb: np.ndarray, target_rgb: np.ndarray, options: TrackerOpt
     rejects almost everything says more about the backward flow than about the matches, and
     the solver's robust loss still down-weights outliers.
     """
-    dis, source_gray, target_gray = _dis(source_rgb, target_rgb, options.dis_preset)
+    dis, source_gray, target_gray = _dis(source_rgb, target_rgb, options.dis_preset, options.dis_normalize)
     forward = dis.calc(source_gray, target_gray, None)                      # (H, W, 2)
     height, width = source_gray.shape
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    for _ in range(options.dis_passes - 1):
+        forward = _residual_pass(dis, source_gray, target_gray, forward, xs, ys)
     map_x, map_y = xs + forward[..., 0], ys + forward[..., 1]
     valid = (map_x >= 0) & (map_x <= width - 1) & (map_y >= 0) & (map_y <= height - 1)
     if options.dis_consistency > 0:

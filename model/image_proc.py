@@ -96,3 +96,21 @@ def sample_points(image: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray
     out = cv2.remap(image, maps[0].reshape(rows, cols), maps[1].reshape(rows, cols),
                     cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     return out.reshape(-1, image.shape[2])[:count]
+
+
+def local_contrast(gray: np.ndarray, sigma: float, floor: float = 4.0) -> np.ndarray:
+    """(H, W) uint8 grey -> (H, W) uint8 with local contrast normalised: every pixel minus the
+    Gaussian-weighted mean around it (standard deviation `sigma` pixels), over the
+    Gaussian-weighted standard deviation there plus `floor` grey levels, written around 128
+    (48 levels per local standard deviation, clipped).
+
+    Brightness that varies smoothly (shading, a light's falloff, a highlight's halo) goes, and
+    weak texture is evened out with strong texture. Why it matters: DIS compares patches free
+    of their mean but not of their contrast, so where the texture is weak the shading decides
+    the match; on a turning object the shading stays with the light while the texture moves
+    with the surface, and the flow then measures too little motion. `floor` (about the noise of
+    an 8-bit frame) keeps flat regions from being blown up into noise."""
+    g = gray.astype(np.float32)
+    detail = g - cv2.GaussianBlur(g, (0, 0), sigma)
+    spread = np.sqrt(cv2.GaussianBlur(detail * detail, (0, 0), sigma))
+    return np.clip(detail / (spread + floor) * 48 + 128, 0, 255).astype(np.uint8)

@@ -16,7 +16,7 @@ from dataset.synthetic.geometry import raycasting_scene
 from fusion.sequence import Sequence
 from options import FusionOptions, SolverOptions, TrackerOptions
 from model.tracker import Tracker
-from utils.fusion_run import SOLVER_DEFAULTS, run_fusion
+from utils.fusion_run import SOLVER_DEFAULTS, TRACKER_DEFAULTS, build_parser, run_fusion
 from utils.fusion_viz import show_sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -242,6 +242,15 @@ def test_fuse_command_bad_inputs(sequence_dir, tmp_path):
     code, _, err = run_fuse("--sequence", root, "--out", str(tmp_path / "o"), "--truncation", "0.05",
                             "--flow", "dis")
     assert code == 1 and "--truncation" in err
+
+
+def test_fuse_defaults_the_dis_front_end_to_normalised_images_and_two_passes():
+    """fuse.py's own front-end defaults (TRACKER_DEFAULTS) win over a checkpoint's stored tracker
+    options, and a flag wins over both."""
+    args = build_parser(None, {"dis_passes": 1, "dis_normalize": 0.0}).parse_args(["--out", "o"])
+    assert (args.dis_normalize, args.dis_passes) == (TRACKER_DEFAULTS["dis_normalize"], TRACKER_DEFAULTS["dis_passes"])
+    args = build_parser().parse_args(["--out", "o", "--dis-normalize", "0", "--dis-passes", "1"])
+    assert (args.dis_normalize, args.dis_passes) == (0.0, 1)
 
 
 def test_sequence_reads_frames(sequence_dir):

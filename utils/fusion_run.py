@@ -29,6 +29,12 @@ from utils.checkpoints import (CheckpointError, MissingCheckpointError, build_tr
 # 300: a millimetre along the normal weighs about as much as 0.55 px of flow).
 SOLVER_DEFAULTS = {"iterations": 6, "max_matches": 20000, "convergence_tolerance": 1e-4,
                    "min_cluster_weight": 50.0, "icp_weight": 300.0}
+# The dis front-end on locally contrast-normalised images (model/image_proc.local_contrast: the
+# model's texture comes from keyframes shot under another shading than the live frame's, and a
+# turning object's shading stays with the light) with a second DIS pass (the first measures the
+# motion short where its patches mix in the static background). Measured on 10 blob and 3 cloth
+# sequences: BENCHMARKS.md. Pairs (generate.py) keep one plain pass: not measured there.
+TRACKER_DEFAULTS = {"dis_normalize": 5.0, "dis_passes": 2}
 STATE = "state.pt"
 
 
@@ -47,7 +53,7 @@ def build_parser(first=None, defaults_tracker=None, defaults_solver=None) -> arg
                         help="tracker checkpoint for --flow network "
                              f"(default: {default_checkpoint() or 'none shipped'})")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_options(parser, TrackerOptions, "tracker", defaults={"flow": None, **(defaults_tracker or {})})
+    add_options(parser, TrackerOptions, "tracker", defaults={"flow": None, **(defaults_tracker or {}), **TRACKER_DEFAULTS})
     add_options(parser, SolverOptions, "solver", defaults={**(defaults_solver or {}), **SOLVER_DEFAULTS})
     add_fuse_flags(parser)
     return parser
