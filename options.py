@@ -191,7 +191,8 @@ class TrackerOptions:
                              "(DIS measures a weak texture's motion short: a later run measures "
                              "the rest; fuse.py: 2)", ge=1, le=4)
     dis_weights: str = opt("photometric", "DIS correspondence weights: all 1, or from the colour "
-                                          "difference between a pixel and its match",
+                                          "difference between a pixel and its match (of the "
+                                          "normalised grey with --dis-normalize)",
                            choices=("uniform", "photometric"))
     dis_consistency: float = opt(2.0, "DIS: drop matches whose forward flow and the backward flow "
                                       "at the match disagree by more than this many pixels "

@@ -91,8 +91,11 @@ def dis_flow(source_rgb: np.ndarray, target_rgb: np.ndarray, options: TrackerOpt
         if not inside.any() or consistent[inside].mean() >= options.dis_min_consistent:
             valid &= consistent
     if options.dis_weights == "photometric":
-        warped = cv2.remap(target_rgb, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-        difference = (warped.astype(np.float32) - source_rgb.astype(np.float32)) / 255.0
+        # Compared on the images DIS matched: normalised, the colours differ by the shading the
+        # normalisation took out, and the weights would then fall where the light moved.
+        source, target = (source_rgb, target_rgb) if options.dis_normalize <= 0 else (source_gray, target_gray)
+        warped = cv2.remap(target, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        difference = (warped.astype(np.float32) - source.astype(np.float32)).reshape(height, width, -1) / 255.0
         # Gaussian of the mean colour difference; sigma 0.1 of the colour range.
         weights = np.exp(-(difference ** 2).mean(axis=-1) / (2 * 0.1 ** 2)).astype(np.float32)
     else:

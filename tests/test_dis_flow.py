@@ -156,3 +156,18 @@ def test_a_second_pass_measures_the_motion_the_first_left_near_the_border():
             short[passes] = float(np.median(along[band]))
             assert np.isfinite(flow[:, inside]).all()
         assert short[1] < -0.1 and abs(short[2]) < 0.5 * abs(short[1]), (shift, short)
+
+
+def test_photometric_weights_on_normalised_images_ignore_the_light():
+    """With --dis-normalize the photometric weights compare the normalised grey DIS matched:
+    where the light moved (80 px here) the raw colours of right matches differ and their weights
+    fall; on the normalised images they stay high."""
+    source = _texture_under_light((0, 0), 0, amplitude=12.0)
+    target = _texture_under_light((2.6, 1.7), -80, amplitude=12.0)
+    low = {}
+    for sigma in (0.0, 5.0):
+        _, weights = dis_module.dis_flow(source, target, TrackerOptions(flow="dis", dis_normalize=sigma,
+                                                                         dis_consistency=0))
+        assert weights.shape == (240, 320) and ((weights >= 0) & (weights <= 1)).all()
+        low[sigma] = float(np.percentile(weights[20:-20, 20:-20], 5))
+    assert low[5.0] > 0.8 and low[0.0] < low[5.0] - 0.15, low

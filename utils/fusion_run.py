@@ -32,8 +32,9 @@ SOLVER_DEFAULTS = {"iterations": 6, "max_matches": 20000, "convergence_tolerance
 # The dis front-end on locally contrast-normalised images (model/image_proc.local_contrast: the
 # model's texture comes from keyframes shot under another shading than the live frame's, and a
 # turning object's shading stays with the light) with a second DIS pass (the first measures the
-# motion short where its patches mix in the static background). Measured on 10 blob and 3 cloth
-# sequences: BENCHMARKS.md. Pairs (generate.py) keep one plain pass: not measured there.
+# motion short where its patches mix in the static background); its photometric weights then
+# compare the normalised grey too. Measured on 14 blob and 3 cloth sequences: BENCHMARKS.md.
+# Pairs (generate.py) keep one plain pass: not measured there.
 TRACKER_DEFAULTS = {"dis_normalize": 5.0, "dis_passes": 2}
 STATE = "state.pt"
 
