@@ -62,6 +62,7 @@ bench: setup
 	$(PY) benchmarks/bench_network.py
 	$(PY) benchmarks/bench_sequence.py
 	$(PY) benchmarks/bench_fusion.py
+	$(PY) benchmarks/bench_dis_pair.py
 	$(PY) benchmarks/bench_hidden.py
 	$(PY) benchmarks/bench_residual_sequence.py
 

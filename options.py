@@ -183,7 +183,10 @@ class TrackerOptions:
     dis_normalize: float = opt(0.0, "dis front-end: match locally contrast-normalised grey images, "
                                     "each pixel against the Gaussian (this sigma, pixels) mean and "
                                     "spread around it, so that shading which stays with the light "
-                                    "while the surface turns does not hold the flow back "
+                                    "while the surface turns does not hold the flow back; finds "
+                                    "displacements up to about 30 px only (the coarse structure "
+                                    "DIS's coarse levels need is gone): for tracking from a warm "
+                                    "start, not for pairs far apart "
                                     "(model/image_proc.local_contrast; 0 = plain grey; fuse.py: 5)",
                                ge=0)
     dis_passes: int = opt(1, "dis front-end: DIS runs per pair; each later run matches the source "

@@ -171,3 +171,27 @@ def test_photometric_weights_on_normalised_images_ignore_the_light():
         assert weights.shape == (240, 320) and ((weights >= 0) & (weights <= 1)).all()
         low[sigma] = float(np.percentile(weights[20:-20, 20:-20], 5))
     assert low[5.0] > 0.8 and low[0.0] < low[5.0] - 0.15, low
+
+
+def test_normalised_images_find_moderate_shifts_but_not_large_ones():
+    """The documented limit of --dis-normalize: a 20 px rigid shift is found like on plain grey;
+    at 60 px the normalised images have lost the coarse structure DIS's coarse levels need, while
+    plain grey still finds it (why pairs far apart keep plain grey)."""
+    import cv2
+
+    noise = np.random.default_rng(3).normal(size=(240, 320)).astype(np.float32)
+    fine, coarse = cv2.GaussianBlur(noise, (0, 0), 1.5), cv2.GaussianBlur(noise, (0, 0), 12)
+    # Texture at two scales, as in a photograph: fine detail and coarse blobs.
+    gray = 128 + 15 * fine / fine.std() + 40 * coarse / coarse.std()
+    image = np.repeat(np.clip(gray, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+    errors = {}
+    for shift in (20.0, 60.0):
+        moved = cv2.warpAffine(image, np.float32([[1, 0, shift], [0, 1, 0]]), (320, 240),
+                               borderMode=cv2.BORDER_REFLECT)
+        for sigma in (0.0, 5.0):
+            flow, _ = dis_module.dis_flow(image, moved, TrackerOptions(flow="dis", dis_normalize=sigma,
+                                                                        dis_passes=2, dis_consistency=0))
+            inner = flow[:, 40:-40, 70:-70] - np.float32([shift, 0])[:, None, None]
+            errors[(shift, sigma)] = float(np.median(np.linalg.norm(inner, axis=0)))
+    assert errors[(20.0, 0.0)] < 0.5 and errors[(20.0, 5.0)] < 0.5, errors
+    assert errors[(60.0, 0.0)] < 0.5 and errors[(60.0, 5.0)] > 5.0, errors
