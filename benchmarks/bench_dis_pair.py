@@ -8,13 +8,17 @@ feeding DIS (plain grey, contrast-normalised grey: --dis-normalize, a second pas
 The default is the DeepDeform training pair of ../shared/deepdeform_samples (103 px of mean
 motion): a large displacement, where DIS's coarse pyramid levels have to find the motion first.
 No consistency check (every pixel's flow is scored). Printed per variant: mean and median
-end-point error (px) and the share of pixels within 3 px. Then, for --shifts, the source image
+end-point error (px), the share of pixels within 3 px, and the front-end's time on the pair
+(forward and backward flow with fuse.py's consistency check, the median of --repeats runs, the
+variants interleaved). Then, for --shifts, the source image
 moved rigidly by (s, 0.4 s) px against itself: median error and share within 1 px of the inner
 image, plain grey against normalised (two passes each): how large a displacement each finds.
 """
 import argparse
 import os
+import statistics
 import sys
+import time
 
 import cv2
 import numpy as np
@@ -35,6 +39,7 @@ def main() -> int:
     parser.add_argument("--target", default="000110", help="target frame id")
     parser.add_argument("--object", default="shirt", help="object name of the optical-flow file")
     parser.add_argument("--preset", default="medium", help="DIS preset (--dis-preset)")
+    parser.add_argument("--repeats", type=int, default=8, help="timed runs per variant")
     parser.add_argument("--shifts", default="5,10,20,30,45,60",
                         help="rigid shifts (px along x; 0.4 of it along y) of the source against itself")
     args = parser.parse_args()
@@ -53,13 +58,21 @@ def main() -> int:
     known = np.isfinite(truth).all(axis=0)
     print(f"{args.pair}: {args.source} -> {args.target}, {int(known.sum())} pixels with ground truth, mean motion "
           f"{np.linalg.norm(truth[:, known], axis=0).mean():.1f} px, preset {args.preset}")
+    seconds = {variant: [] for variant in VARIANTS}
+    for _ in range(args.repeats):
+        for normalize, passes in VARIANTS:
+            start = time.perf_counter()
+            dis_flow(source, target, TrackerOptions(flow="dis", dis_preset=args.preset, dis_normalize=normalize,
+                                                    dis_passes=passes))
+            seconds[(normalize, passes)].append(time.perf_counter() - start)
     for normalize, passes in VARIANTS:
         options = TrackerOptions(flow="dis", dis_preset=args.preset, dis_normalize=normalize, dis_passes=passes,
                                  dis_consistency=0)
         flow, _ = dis_flow(source, target, options)
         error = np.linalg.norm(flow - truth, axis=0)[known]
         print(f"--dis-normalize {normalize:g} --dis-passes {passes}: end-point error mean {error.mean():.2f} px, "
-              f"median {np.median(error):.2f} px, within 3 px {np.mean(error < 3):.3f}")
+              f"median {np.median(error):.2f} px, within 3 px {np.mean(error < 3):.3f}; "
+              f"{statistics.median(seconds[(normalize, passes)]):.3f} s")
     height, width = source.shape[:2]
     for shift in (float(s) for s in args.shifts.split(",") if s.strip()):
         motion = np.float32([shift, 0.4 * shift])
