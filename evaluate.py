@@ -10,9 +10,10 @@ generate.py (full frame size) and of the reference code (448 of 480 rows). Every
 malformed prediction is listed before it fails (exit code 1).
 
 Sequences (made by `python -m dataset.synthetic_sequence`): reads DIR/gt/gt.npz and
-OUT/frames/NNNNNN.ply for every frame, ends its output with the deformation error (mean and
-last frame), drift, accuracy, completeness and Chamfer lines (utils/sequence_metrics.py has the
-definitions), writes OUT/evaluation_sequence.csv (one row per frame) and
+OUT/frames/NNNNNN.ply for every frame (or the evenly spaced frames a `fuse.py --frames` run
+has), ends its output with the deformation error (mean, last frame, and the last frame's seen
+and hidden parts), drift, accuracy, completeness and Chamfer lines (utils/sequence_metrics.py
+has the definitions), writes OUT/evaluation_sequence.csv (one row per frame) and
 OUT/evaluation_sequence.png (the errors against the frame index).
 """
 import argparse

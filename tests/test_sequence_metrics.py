@@ -18,8 +18,11 @@ from tests.reference import sequence_metrics_reference as reference
 from utils.sequence_metrics import score
 
 FRAMES = 4
-SUMMARY = (r"Deformation error \(mm\): ", r"Deformation error, last frame \(mm\): ", r"Drift \(mm/frame\): ",
-           r"Accuracy \(mm\): ", r"Completeness: ", r"Chamfer \(mm\): ")
+NUMBER = r"(-?[0-9.]+|nan)"
+SUMMARY = (rf"Deformation error \(mm\): {NUMBER}", rf"Deformation error, last frame \(mm\): {NUMBER}",
+           rf"Deformation error, last frame, seen / hidden there \(mm\): {NUMBER} / {NUMBER}",
+           rf"Drift \(mm/frame\): {NUMBER}", rf"Accuracy \(mm\): {NUMBER}", rf"Completeness: {NUMBER}",
+           rf"Chamfer \(mm\): {NUMBER}")
 
 
 def coarse(out, **changes) -> SequenceOptions:
@@ -66,9 +69,9 @@ def write_reconstruction(folder, vertices, faces):
         io.write_ply(os.path.join(folder, "frames", f"{t:06d}.ply"), vertices[t], faces)
 
 
-def assert_agrees(faces, truth, visible, recon):
-    ours = score(faces, truth, visible, recon)
-    theirs = reference.score(faces, truth, visible, recon)
+def assert_agrees(faces, truth, visible, recon, frame_ids=None):
+    ours = score(faces, truth, visible, recon, frame_ids)
+    theirs = reference.score(faces, truth, visible, recon, frame_ids=frame_ids)
     assert ours.matched == theirs["matched"]
     for name in ("deformation_error", "deformation_error_last", "drift", "accuracy", "chamfer"):
         np.testing.assert_allclose(getattr(ours, name), theirs[name], atol=1e-6, err_msg=name)
@@ -76,6 +79,9 @@ def assert_agrees(faces, truth, visible, recon):
     np.testing.assert_allclose(ours.per_frame["deformation_error_mm"] / 1000, theirs["per_frame_deformation"],
                                atol=1e-6)
     np.testing.assert_allclose(ours.per_frame["accuracy_mm"] / 1000, theirs["per_frame_accuracy"], atol=1e-6)
+    for name, key in (("deformation_error_seen_mm", "per_frame_seen"), ("deformation_error_hidden_mm",
+                                                                         "per_frame_hidden")):
+        np.testing.assert_allclose(ours.per_frame[name] / 1000, theirs[key], atol=1e-6, err_msg=name)
     return ours
 
 
@@ -132,9 +138,9 @@ def test_evaluate_command_writes_lines_csv_and_plot(tmp_path, capsys, held_back)
     write_reconstruction(out, recon, recon_faces)
     code, text, _ = run_evaluate(capsys, sequence, out)
     assert code == 0
-    last = text.strip().splitlines()[-6:]
+    last = text.strip().splitlines()[-len(SUMMARY):]
     for line, pattern in zip(last, SUMMARY):
-        assert re.fullmatch(pattern + r"-?[0-9.]+", line), line
+        assert re.fullmatch(pattern, line), line
     expected = score(faces, truth.astype(np.float64), visible, recon.astype(np.float32).astype(np.float64))
     assert float(last[0].split(": ")[1]) == pytest.approx(expected.deformation_error * 1000, abs=1e-3)
     with open(os.path.join(out, "evaluation_sequence.csv")) as handle:
@@ -147,6 +153,39 @@ def test_evaluate_command_writes_lines_csv_and_plot(tmp_path, capsys, held_back)
     write_reconstruction(str(tmp_path / "gt"), truth, faces)
     code, text, _ = run_evaluate(capsys, sequence, str(tmp_path / "gt"))
     assert code == 0 and text.strip().splitlines()[-1] == "Chamfer (mm): 0.000"
+
+
+def test_evaluate_scores_the_frames_a_run_has(tmp_path, capsys, held_back):
+    """A run of fuse.py --frames 1:4 (or 0:4:2) is scored on those frames, the first as the
+    reference, the drift per input frame; the seen / hidden split agrees with the reference."""
+    sequence = held_back["blob"]
+    faces, truth, visible = read_ground_truth(sequence)
+    truth = truth.astype(np.float64)
+    rng = np.random.default_rng(3)
+    recon, recon_faces = perturbed_reconstruction(faces, truth, rng)
+    for ids in ([1, 2, 3], [0, 2]):
+        out = str(tmp_path / "_".join(map(str, ids)))
+        for t in ids:
+            io.write_ply(os.path.join(out, "frames", f"{t:06d}.ply"), recon[t], recon_faces)
+        code, text, _ = run_evaluate(capsys, sequence, out)
+        assert code == 0, text
+        expected = assert_agrees(faces, truth[ids], visible[ids], recon[ids].astype(np.float32).astype(np.float64),
+                                 ids)
+        assert float(text.strip().splitlines()[-len(SUMMARY)].split(": ")[1]) == pytest.approx(
+            expected.deformation_error * 1000, abs=1e-3)
+        with open(os.path.join(out, "evaluation_sequence.csv")) as handle:
+            assert [int(row["frame"]) for row in csv.DictReader(handle)] == ids
+    # A frame off the step of the first two is refused, naming it.
+    odd = str(tmp_path / "odd")
+    for t in (0, 2, 3):
+        io.write_ply(os.path.join(odd, "frames", f"{t:06d}.ply"), recon[t], recon_faces)
+    code, _, err = run_evaluate(capsys, sequence, odd)
+    assert code == 1 and os.path.join(odd, "frames", "000003.ply") in err and "out of step" in err
+    # The split: the hidden part of the perturbed run is scored apart from the seen part.
+    scores = score(faces, truth, visible, recon)
+    hidden = scores.per_frame["hidden_matched_vertices"]
+    assert hidden[0] == 0 and np.isnan(scores.per_frame["deformation_error_hidden_mm"][0])
+    assert hidden[-1] > 0 and np.isfinite(scores.per_frame["deformation_error_hidden_mm"][-1])
 
 
 def test_evaluate_refuses_bad_reconstructions(tmp_path, capsys, held_back):

@@ -3,15 +3,19 @@
     python evaluate.py --sequence DIR --reconstruction OUT
 
 reads DIR/gt/gt.npz (faces, vertices (T, V, 3), visible (T, V)) and OUT/frames/NNNNNN.ply for
-every frame t (the reconstruction's triangle mesh in frame t, one topology for all frames) and
+the frames the reconstruction has (the reconstruction's triangle mesh in frame t, one topology
+for all frames): every frame, or those of `fuse.py --frames START:END[:STEP]` (evenly spaced,
+none missing between the first and the last; "frame 0" below is then the first of them), and
 measures, in millimetres unless said:
 
 deformation error  every true vertex visible in frame 0 is matched to the nearest reconstructed
                    vertex of frame 0, if within 1 cm; in frame t, the distance between that
                    reconstructed vertex and the true vertex's position; mean over the matches,
-                   then over frames (and the last frame's alone)
+                   then over frames (and the last frame's alone); per frame also split into
+                   the matches visible in frame t (seen) and those hidden there (turned away or
+                   occluded: their motion is only inferred)
 drift              slope of the least-squares line through the per-frame deformation error,
-                   mm per frame
+                   mm per (input) frame
 accuracy           mean distance from every reconstructed vertex to the true surface of frame t
                    (point to triangle, the whole surface, seen or not)
 completeness       share of the true vertices visible in frame t within 1 cm of a reconstructed
@@ -26,8 +30,9 @@ point-to-triangle distances from its RaycastingScene (both exact, no approximati
 import csv
 import io as text_io
 import os
+import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -41,7 +46,9 @@ from dataset.synthetic_sequence import frame_name, read_ground_truth
 MATCH_DISTANCE = 0.01   # metres: "within 1 cm"
 CSV_NAME, PLOT_NAME = "evaluation_sequence.csv", "evaluation_sequence.png"
 CSV_COLUMNS = ("frame", "deformation_error_mm", "accuracy_mm", "completeness", "chamfer_mm",
-               "visible_vertices", "matched_vertices")
+               "visible_vertices", "matched_vertices", "deformation_error_seen_mm",
+               "deformation_error_hidden_mm", "hidden_matched_vertices")
+_FRAME_FILE = re.compile(r"^(\d{6})\.ply$")
 
 
 class SequenceEvaluationError(ValueError):
@@ -58,6 +65,7 @@ class SequenceScores:
     completeness: float                # share
     chamfer: float                     # metres
     matched: int                       # true vertices matched in frame 0
+    frame_ids: np.ndarray              # (T,) the scored frames' numbers
 
 
 def frame_mesh_path(reconstruction: str, index: int, frames_dir: str = "frames") -> str:
@@ -73,16 +81,41 @@ def output_names(frames_dir: str = "frames") -> Tuple[str, str]:
     return f"evaluation_sequence_{tag}.csv", f"evaluation_sequence_{tag}.png"
 
 
-def read_reconstruction(reconstruction: str, frames: int, frames_dir: str = "frames") -> Tuple[np.ndarray, np.ndarray]:
-    """(vertices (T, M, 3) float64, faces (F, 3)) of OUT/frames_dir/NNNNNN.ply for t < frames;
-    SequenceEvaluationError naming the file on a missing frame, another topology than frame 0's
-    or a non-finite vertex."""
+def reconstructed_frames(reconstruction: str, frames: int, frames_dir: str = "frames") -> List[int]:
+    """The frame numbers (< frames) OUT/frames_dir/NNNNNN.ply has: every frame, or an evenly
+    spaced run (START:END:STEP). SequenceEvaluationError naming the first missing file when a
+    frame is missing between the first and the last, or when there is none."""
+    folder = os.path.join(reconstruction, frames_dir)
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    found = sorted(int(m.group(1)) for m in map(_FRAME_FILE.match, names) if m and int(m.group(1)) < frames)
+    if not found:
+        raise SequenceEvaluationError(f"{frame_mesh_path(reconstruction, 0, frames_dir)}: reconstruction of frame 0 "
+                                      f"not found (no OUT/{frames_dir}/NNNNNN.ply of the sequence's {frames} frames)")
+    step = found[1] - found[0] if len(found) > 1 else 1
+    expected = range(found[0], found[-1] + 1, step)
+    where = f"frames {found[0]}..{found[-1]} every {step} expected from the first two, OUT/{frames_dir}/NNNNNN.ply each"
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        raise SequenceEvaluationError(f"{frame_mesh_path(reconstruction, missing[0], frames_dir)}: reconstruction of "
+                                      f"frame {missing[0]} not found ({where})")
+    extra = sorted(set(found) - set(expected))
+    if extra:
+        raise SequenceEvaluationError(f"{frame_mesh_path(reconstruction, extra[0], frames_dir)}: frame {extra[0]} is "
+                                      f"out of step ({where})")
+    return found
+
+
+def read_reconstruction(reconstruction: str, frame_ids: Sequence[int], frames_dir: str = "frames"
+                        ) -> Tuple[np.ndarray, np.ndarray]:
+    """(vertices (T, M, 3) float64, faces (F, 3)) of OUT/frames_dir/NNNNNN.ply for the frames
+    `frame_ids`; SequenceEvaluationError naming the file on a missing frame, another topology
+    than the first frame's or a non-finite vertex."""
     vertices, faces = [], None
-    for index in range(frames):
+    for index in frame_ids:
         path = frame_mesh_path(reconstruction, index, frames_dir)
         if not os.path.isfile(path):
-            raise SequenceEvaluationError(f"{path}: reconstruction of frame {index} not found (the sequence has "
-                                          f"{frames} frames, each needs OUT/{frames_dir}/NNNNNN.ply)")
+            raise SequenceEvaluationError(f"{path}: reconstruction of frame {index} not found (each scored frame "
+                                          f"needs OUT/{frames_dir}/NNNNNN.ply)")
         try:
             points, triangles = io.read_ply(path)
         except io.FormatError as error:
@@ -93,9 +126,9 @@ def read_reconstruction(reconstruction: str, frames: int, frames_dir: str = "fra
                 raise SequenceEvaluationError(f"{path}: the reconstruction has no vertices")
         elif points.shape[0] != vertices[0].shape[0] or not np.array_equal(triangles, faces):
             raise SequenceEvaluationError(
-                f"{path}: another topology than frame 0's ({points.shape[0]} vertices, {triangles.shape[0]} "
-                f"faces; frame 0 has {vertices[0].shape[0]} vertices, {faces.shape[0]} faces, and the faces "
-                f"must be the same)")
+                f"{path}: another topology than frame {frame_ids[0]}'s ({points.shape[0]} vertices, "
+                f"{triangles.shape[0]} faces; frame {frame_ids[0]} has {vertices[0].shape[0]} vertices, "
+                f"{faces.shape[0]} faces, and the faces must be the same)")
         bad = ~np.isfinite(points).all(axis=1)
         if bad.any():
             raise SequenceEvaluationError(f"{path}: {int(bad.sum())} non-finite vertices (the first is vertex "
@@ -125,19 +158,29 @@ def surface_distance(vertices: np.ndarray, faces: np.ndarray, queries: np.ndarra
     return np.linalg.norm(closest["points"].numpy().astype(np.float64) - queries, axis=1)
 
 
-def score(faces: np.ndarray, truth: np.ndarray, visible: np.ndarray, reconstruction: np.ndarray) -> SequenceScores:
+def score(faces: np.ndarray, truth: np.ndarray, visible: np.ndarray, reconstruction: np.ndarray,
+          frame_ids: Optional[Sequence[int]] = None) -> SequenceScores:
     """The scores of `reconstruction` (T, M, 3) against `truth` (T, V, 3) with `faces` (F, 3) and
-    `visible` (T, V), all in metres (module docstring)."""
+    `visible` (T, V), all in metres (module docstring); `frame_ids` (T,) the frames' numbers
+    (default 0..T-1; the drift is per unit of them)."""
     frames = truth.shape[0]
+    frame_ids = np.arange(frames) if frame_ids is None else np.asarray(frame_ids)
+    if frame_ids.shape != (frames,) or reconstruction.shape[0] != frames:
+        raise ValueError(f"expected {frames} frames of reconstruction and frame numbers, found "
+                         f"{reconstruction.shape[0]} and {frame_ids.shape}")
     seen = np.flatnonzero(visible[0])
     distance, match = nearest(reconstruction[0], truth[0, seen])
     keep = distance <= MATCH_DISTANCE
     true_ids, recon_ids = seen[keep], match[keep]
     columns = {name: np.full(frames, np.nan) for name in CSV_COLUMNS[1:]}
     for t in range(frames):
+        now = visible[t, true_ids]
+        columns["hidden_matched_vertices"][t] = int((~now).sum())
         if true_ids.size:
-            columns["deformation_error_mm"][t] = np.linalg.norm(
-                reconstruction[t, recon_ids] - truth[t, true_ids], axis=1).mean() * 1000
+            error = np.linalg.norm(reconstruction[t, recon_ids] - truth[t, true_ids], axis=1) * 1000
+            columns["deformation_error_mm"][t] = error.mean()
+            columns["deformation_error_seen_mm"][t] = error[now].mean() if now.any() else np.nan
+            columns["deformation_error_hidden_mm"][t] = error[~now].mean() if (~now).any() else np.nan
         accuracy = surface_distance(truth[t], faces, reconstruction[t]).mean()
         columns["accuracy_mm"][t] = accuracy * 1000
         targets = truth[t, visible[t]]
@@ -150,26 +193,30 @@ def score(faces: np.ndarray, truth: np.ndarray, visible: np.ndarray, reconstruct
     error = columns["deformation_error_mm"]
     drift = np.nan
     if frames >= 2 and np.isfinite(error).all():
-        drift = float(np.polyfit(np.arange(frames, dtype=np.float64), error, 1)[0])
+        drift = float(np.polyfit(frame_ids.astype(np.float64), error, 1)[0])
 
     def mean(values):
         finite = values[np.isfinite(values)]
         return float(finite.mean()) if finite.size else float("nan")
     return SequenceScores(columns, mean(error) / 1000, float(error[-1]) / 1000, drift / 1000,
                           mean(columns["accuracy_mm"]) / 1000, mean(columns["completeness"]),
-                          mean(columns["chamfer_mm"]) / 1000, int(true_ids.size))
+                          mean(columns["chamfer_mm"]) / 1000, int(true_ids.size), frame_ids)
 
 
 def evaluate_sequence(sequence: str, reconstruction: str, frames_dir: str = "frames") -> SequenceScores:
     faces, truth, visible = read_ground_truth(sequence)
-    recon, _ = read_reconstruction(reconstruction, truth.shape[0], frames_dir)
-    return score(faces, truth.astype(np.float64), visible, recon)
+    frame_ids = reconstructed_frames(reconstruction, truth.shape[0], frames_dir)
+    recon, _ = read_reconstruction(reconstruction, frame_ids, frames_dir)
+    return score(faces, truth[frame_ids].astype(np.float64), visible[frame_ids], recon, frame_ids)
 
 
 def summary_lines(scores: SequenceScores) -> List[str]:
     """The lines evaluate.py ends its output with."""
     return [f"Deformation error (mm): {scores.deformation_error * 1000:.3f}",
             f"Deformation error, last frame (mm): {scores.deformation_error_last * 1000:.3f}",
+            f"Deformation error, last frame, seen / hidden there (mm): "
+            f"{scores.per_frame['deformation_error_seen_mm'][-1]:.3f} / "
+            f"{scores.per_frame['deformation_error_hidden_mm'][-1]:.3f}",
             f"Drift (mm/frame): {scores.drift * 1000:.4f}",
             f"Accuracy (mm): {scores.accuracy * 1000:.3f}",
             f"Completeness: {scores.completeness:.4f}",
@@ -182,7 +229,7 @@ def write_csv(path: str, scores: SequenceScores) -> None:
     writer.writerow(CSV_COLUMNS)
     frames = len(scores.per_frame["accuracy_mm"])
     for t in range(frames):
-        row = [t]
+        row = [int(scores.frame_ids[t])]
         for name in CSV_COLUMNS[1:]:
             value = scores.per_frame[name][t]
             row.append(int(value) if name.endswith("vertices") else f"{value:.6g}")
@@ -190,7 +237,9 @@ def write_csv(path: str, scores: SequenceScores) -> None:
     atomic_write_bytes(path, out.getvalue().encode())
 
 
-_PLOT_SERIES = (("deformation_error_mm", "deformation error", (200, 60, 30)),
+_PLOT_SERIES = (("deformation_error_mm", "deformation", (200, 60, 30)),
+                ("deformation_error_seen_mm", "seen", (235, 160, 60)),
+                ("deformation_error_hidden_mm", "hidden", (150, 150, 150)),
                 ("accuracy_mm", "accuracy", (40, 120, 220)),
                 ("chamfer_mm", "Chamfer", (40, 160, 60)))
 
@@ -223,7 +272,8 @@ def plot(scores: SequenceScores, title: str = "") -> np.ndarray:
             t = round(k * (frames - 1) / max(min(frames, 10) - 1, 1))
             x, _ = to_pixel(t, 0)
             cv2.line(image, (x, bottom), (x, bottom + 4), (0, 0, 0), 1)
-            cv2.putText(image, str(t), (x - 6, bottom + 16), font, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+            cv2.putText(image, str(int(scores.frame_ids[t])), (x - 6, bottom + 16), font, 0.4, (0, 0, 0), 1,
+                        cv2.LINE_AA)
         for n, (key, label, colour) in enumerate(series):
             values = scores.per_frame[key]
             points = [to_pixel(t, v) for t, v in enumerate(values) if np.isfinite(v)]
@@ -231,7 +281,7 @@ def plot(scores: SequenceScores, title: str = "") -> np.ndarray:
                 cv2.line(image, a, b, colour, 2, cv2.LINE_AA)
             for p in points if len(points) == 1 else ():
                 cv2.circle(image, p, 3, colour, -1)
-            cv2.putText(image, f"{label} ({unit})", (left + 10 + 220 * n, top + 18), font, 0.5, colour, 1,
+            cv2.putText(image, f"{label} ({unit})", (left + 10 + 160 * n, top + 18), font, 0.5, colour, 1,
                         cv2.LINE_AA)
     cv2.putText(image, "frame", (width // 2, height - 8), font, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
     return image
@@ -251,8 +301,10 @@ def write_sequence_evaluation(scores: SequenceScores, sequence: str, reconstruct
     write_csv(os.path.join(reconstruction, csv_name), scores)
     write_plot(os.path.join(reconstruction, plot_name), scores,
                f"{sequence} <- {os.path.join(reconstruction, frames_dir)}")
-    frames = len(scores.per_frame["accuracy_mm"])
-    lines = [header or f"Sequence {sequence}: {frames} frames, {scores.matched} true vertices visible in frame 0 "
+    ids = scores.frame_ids
+    frames = f"{len(ids)} frames" + (f" ({ids[0]}..{ids[-1]} every {ids[1] - ids[0]})" if len(ids) > 1 and (
+        ids[0] != 0 or ids[1] - ids[0] != 1) else "")
+    lines = [header or f"Sequence {sequence}: {frames}, {scores.matched} true vertices visible in frame {ids[0]} "
                        f"matched within {MATCH_DISTANCE * 100:g} cm",
              f"Per-frame figures: {os.path.join(reconstruction, csv_name)}, plot: "
              f"{os.path.join(reconstruction, plot_name)}"]

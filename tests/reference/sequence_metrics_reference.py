@@ -55,26 +55,34 @@ def surface_distance(vertices, faces, queries):
     return np.sqrt(((closest - queries[:, None, :]) ** 2).sum(-1)).min(axis=1)
 
 
-def score(faces, truth, visible, reconstruction, threshold=0.01):
-    """Dict of the sequence scores in metres (completeness a share) and per-frame lists."""
+def score(faces, truth, visible, reconstruction, threshold=0.01, frame_ids=None):
+    """Dict of the sequence scores in metres (completeness a share) and per-frame lists;
+    frame_ids: the frames' numbers, the drift's abscissa (default 0..T-1)."""
     frames = truth.shape[0]
     seen = np.flatnonzero(visible[0])
     distance, match = nearest(reconstruction[0], truth[0, seen])
     pairs = [(i, j) for i, j, d in zip(seen, match, distance) if d <= threshold]
-    deformation, accuracy, completeness, chamfer = [], [], [], []
+    deformation, accuracy, completeness, chamfer, seen_now, hidden_now = [], [], [], [], [], []
     for t in range(frames):
         deformation.append(np.mean([np.linalg.norm(reconstruction[t, j] - truth[t, i]) for i, j in pairs])
                            if pairs else np.nan)
+        seen_pairs = [(i, j) for i, j in pairs if visible[t, i]]
+        hidden_pairs = [(i, j) for i, j in pairs if not visible[t, i]]
+        seen_now.append(np.mean([np.linalg.norm(reconstruction[t, j] - truth[t, i]) for i, j in seen_pairs])
+                        if seen_pairs else np.nan)
+        hidden_now.append(np.mean([np.linalg.norm(reconstruction[t, j] - truth[t, i]) for i, j in hidden_pairs])
+                          if hidden_pairs else np.nan)
         acc = surface_distance(truth[t], faces, reconstruction[t]).mean()
         accuracy.append(acc)
         targets = truth[t][visible[t]]
         d, _ = nearest(reconstruction[t], targets)
         completeness.append(np.mean(d <= threshold))
         chamfer.append((acc + d.mean()) / 2)
-    x = np.arange(frames, dtype=np.float64)
+    x = np.arange(frames, dtype=np.float64) if frame_ids is None else np.asarray(frame_ids, np.float64)
     y = np.array(deformation)
     slope = ((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum() if frames > 1 else np.nan
     return {"deformation_error": float(np.mean(deformation)), "deformation_error_last": float(deformation[-1]),
             "drift": float(slope), "accuracy": float(np.mean(accuracy)),
             "completeness": float(np.mean(completeness)), "chamfer": float(np.mean(chamfer)),
-            "matched": len(pairs), "per_frame_deformation": deformation, "per_frame_accuracy": accuracy}
+            "matched": len(pairs), "per_frame_deformation": deformation, "per_frame_accuracy": accuracy,
+            "per_frame_seen": seen_now, "per_frame_hidden": hidden_now}
