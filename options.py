@@ -773,8 +773,11 @@ class FusionOptions:
     oracle_motion: bool = opt(False, "oracle study: node motions from the synthetic sequence's "
                                      "gt/ instead of tracking")
     tracking: str = opt("model", "what each frame is tracked against: the model rendered at the "
-                                 "previous motion (model), or the previous input frame (previous)",
-                        choices=("model", "previous"))
+                                 "previous motion (model), the previous input frame (previous), or "
+                                 "the latest keyframe's input frame (keyframe: the first frame and "
+                                 "every --texture-keyframes frames after; the solve starts from that "
+                                 "frame's motion)",
+                        choices=("model", "previous", "keyframe"))
     max_match_distance: float = opt(0.05, "drop a correspondence whose target point lies farther "
                                           "than this many metres from its (rendered) source point", gt=0)
     max_normal_angle: float = opt(60.0, "drop a correspondence whose source and target normals "
@@ -789,7 +792,8 @@ class FusionOptions:
                                      "after; the earliest that saw each point, warped by that frame's "
                                      "node motions) instead of the model's voxel colours, blurred by "
                                      "the mesh's vertex spacing, from which the flow measures the "
-                                     "motion short; 0 = off (only with --tracking model)", ge=0)
+                                     "motion short; 0 = off (only with --tracking model; with "
+                                     "--tracking keyframe the keyframe interval, at least 1)", ge=0)
     texture_tolerance: float = opt(0.01, "--texture-keyframes: a keyframe saw a point when its depth "
                                          "there is within this many metres of the point warped into it",
                                    gt=0)

@@ -18,7 +18,8 @@ first frame's masked depth. Every later frame:
   4. grow: nodes are inserted where the new surface lies beyond node coverage, their motion
      blended from their neighbours for this and (back-filled) every earlier frame.
 Tracking is against the model, not a chain of frame pairs, so errors do not accumulate without
-bound (`tracking="previous"` offers the frame-to-frame variant for comparison).
+bound (`tracking="previous"` and `"keyframe"` offer the frame-to-frame and keyframe-to-frame
+variants for comparison).
 """
 import time
 from dataclasses import dataclass, field
@@ -74,6 +75,8 @@ class Fusion:
     def __init__(self, sequence: Sequence, options: FusionOptions, solver_options: SolverOptions,
                  tracker=None, ground_truth: Optional[GroundTruth] = None,
                  device: torch.device = torch.device("cpu")):
+        if options.tracking == "keyframe" and options.texture_keyframes < 1:
+            raise ValueError("--tracking keyframe needs --texture-keyframes of at least 1 (the keyframe interval)")
         self.sequence, self.options, self.solver_options = sequence, options, solver_options
         self.tracker, self.gt, self.device = tracker, ground_truth, torch.device(device)
         self.intrinsics = sequence.intrinsics
@@ -226,10 +229,11 @@ class Fusion:
         tick = time.perf_counter()
         target_points = image_proc.backproject_depth(torch.from_numpy(frame.depth), self.intrinsics,
                                                      self.sequence.max_depth)
-        if o.tracking == "previous":
-            # Frame-to-frame: the previous input frame, with the canonical points the model
-            # showed there, is the source.
-            source_color = self.previous.color.astype(np.float32) / 255
+        if o.tracking in ("previous", "keyframe"):
+            # Frame-to-frame or keyframe-to-frame: that input frame, with the canonical points
+            # the model showed there (rendered at its motion), is the source.
+            source = self.previous if o.tracking == "previous" else self.keyframes[-1][1]
+            source_color = source.color.astype(np.float32) / 255
         else:
             # The rendered model where it is seen, the previous frame around it (gives the
             # flow's image pyramid context at the object's border); in a later pass, whose
@@ -456,9 +460,12 @@ class Fusion:
             self._tracking = (self.mesh(), None)
         timings["extract"] = time.perf_counter() - tick
         tick = time.perf_counter()
-        rendering = self._tracking[1]
+        rendering, start_motion = self._tracking[1], (self.rotations, self.translations)
+        if o.tracking == "keyframe":
+            index = self.keyframes[-1][0]
+            rendering, start_motion = None, (self.rotations_history[index], self.translations_history[index])
         if rendering is None:
-            rendering = self.render(self.rotations, self.translations, self._tracking[0])
+            rendering = self.render(*start_motion, self._tracking[0])
         timings["render"] = time.perf_counter() - tick
         message = ""
         if o.oracle_motion:
@@ -468,7 +475,7 @@ class Fusion:
             timings["solve"] = time.perf_counter() - tick
         else:
             rotations, translations, status, message, count, energy = self._track(
-                frame, rendering, timings, self.rotations, self.translations)
+                frame, rendering, timings, *start_motion)
             if o.tracking == "model":
                 rotations, translations, status, message, count, energy = self._refine(
                     frame, timings, (rotations, translations, status, message, count, energy))

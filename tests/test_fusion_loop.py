@@ -178,6 +178,27 @@ def test_gt_flow_tracking_follows_the_motion(sequence_dir, tmp_path):
     assert error.mean() < 0.005, f"last frame mesh {error.mean() * 1000:.2f} mm from the true surface"
 
 
+def test_keyframe_tracking_follows_the_motion(sequence_dir, tmp_path):
+    """--tracking keyframe: every frame is matched to the latest keyframe (frames 0, 2, 4) and
+    solved from that frame's motion; with exact flow it follows the motion like the model
+    mode, and it needs a keyframe interval."""
+    from fusion.loop import Fusion
+    root, vertices, faces = sequence_dir
+    out = str(tmp_path / "keyframe")
+    tracker = Tracker(TrackerOptions(flow="gt"), solver_options())
+    fusion = run_fusion(fusion_options(root, out, tracking="keyframe", texture_keyframes=2), solver_options(),
+                        tracker, progress=False, log=lambda *_: None)
+    assert all(s != "failed" for s in (e.status for e in fusion.log))
+    assert [index for index, _ in fusion.keyframes] == [0, 2, 4]
+    last = fusion.frame_ids[-1]
+    live, _ = read_ply_vertices(os.path.join(out, "frames", f"{last:06d}.ply"))
+    error = mean_surface_distance(live, vertices[-1], faces)
+    assert error.mean() < 0.005, f"last frame mesh {error.mean() * 1000:.2f} mm from the true surface"
+    with pytest.raises(ValueError, match="--texture-keyframes"):
+        Fusion(Sequence(root, None), fusion_options(root, out, tracking="keyframe", texture_keyframes=0),
+               solver_options(), tracker)
+
+
 def test_run_fusion_runs_a_subclass_of_the_loop(sequence_dir, tmp_path):
     """run_fusion's fusion_class (benchmarks/diagnose_fusion.py's hook): its steps run the frames."""
     from fusion.loop import Fusion
