@@ -10,8 +10,8 @@ generate.py (full frame size) and of the reference code (448 of 480 rows). Every
 malformed prediction is listed before it fails (exit code 1).
 
 Sequences (made by `python -m dataset.synthetic_sequence`): reads DIR/gt/gt.npz and
-OUT/frames/NNNNNN.ply for every frame (or the evenly spaced frames a `fuse.py --frames` run
-has), ends its output with the deformation error (mean, last frame, and the last frame's seen
+OUT/frames/NNNNNN.ply for every frame (or those of --frames START:END[:STEP], by default the
+ones a `fuse.py --frames` run recorded), ends its output with the deformation error (mean, last frame, and the last frame's seen
 and hidden parts), drift, accuracy, completeness and Chamfer lines (utils/sequence_metrics.py
 has the definitions), writes OUT/evaluation_sequence.csv (one row per frame) and
 OUT/evaluation_sequence.png (the errors against the frame index).
@@ -41,6 +41,10 @@ def main(argv=None) -> int:
                           help="with --sequence: the folder of OUT holding the per-frame meshes, e.g. "
                                "frames_refined (the residual field's); its CSV and plot are named after "
                                "it (default: frames)")
+    sequence.add_argument("--frames", default=None,
+                          help="with --sequence: score these frames only, START:END[:STEP] as fuse.py's "
+                               "--frames, the first one as the reference (default: the --frames a fuse.py "
+                               "run recorded in OUT/fusion_options.json, else every frame)")
     args = parser.parse_args(argv)
     if args.sequence is not None or args.reconstruction is not None:
         if args.sequence is None or args.reconstruction is None:
@@ -56,7 +60,7 @@ def main(argv=None) -> int:
             check_flag("--sequence", args.sequence, str, path="dir")
             check_flag("--reconstruction", args.reconstruction, str, path="dir")
             check_flag("--reconstruction", args.reconstruction, str, path="out_dir")   # the results go there
-            scores = evaluate_sequence(args.sequence, args.reconstruction, args.frames_dir)
+            scores = evaluate_sequence(args.sequence, args.reconstruction, args.frames_dir, args.frames)
             print(write_sequence_evaluation(scores, args.sequence, args.reconstruction,
                                             frames_dir=args.frames_dir), end="")
             return 0

@@ -3,10 +3,10 @@
     python evaluate.py --sequence DIR --reconstruction OUT
 
 reads DIR/gt/gt.npz (faces, vertices (T, V, 3), visible (T, V)) and OUT/frames/NNNNNN.ply for
-the frames the reconstruction has (the reconstruction's triangle mesh in frame t, one topology
-for all frames): every frame, or those of `fuse.py --frames START:END[:STEP]` (evenly spaced,
-none missing between the first and the last; "frame 0" below is then the first of them), and
-measures, in millimetres unless said:
+every frame t (the reconstruction's triangle mesh in frame t, one topology for all frames), or
+for the frames of --frames START:END[:STEP] (by default those a fuse.py run recorded in
+OUT/fusion_options.json; "frame 0" below is then the first of them), and measures, in
+millimetres unless said:
 
 deformation error  every true vertex visible in frame 0 is matched to the nearest reconstructed
                    vertex of frame 0, if within 1 cm; in frame t, the distance between that
@@ -29,8 +29,8 @@ point-to-triangle distances from its RaycastingScene (both exact, no approximati
 """
 import csv
 import io as text_io
+import json
 import os
-import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -42,13 +42,14 @@ from dataset import io
 from dataset.fileio import atomic_write_bytes
 from dataset.synthetic.geometry import raycasting_scene
 from dataset.synthetic_sequence import frame_name, read_ground_truth
+from fusion.sequence import SequenceError, parse_frames
 
 MATCH_DISTANCE = 0.01   # metres: "within 1 cm"
 CSV_NAME, PLOT_NAME = "evaluation_sequence.csv", "evaluation_sequence.png"
 CSV_COLUMNS = ("frame", "deformation_error_mm", "accuracy_mm", "completeness", "chamfer_mm",
                "visible_vertices", "matched_vertices", "deformation_error_seen_mm",
                "deformation_error_hidden_mm", "hidden_matched_vertices")
-_FRAME_FILE = re.compile(r"^(\d{6})\.ply$")
+RUN_RECORD = "fusion_options.json"    # fuse.py's record of its options (its --frames)
 
 
 class SequenceEvaluationError(ValueError):
@@ -81,28 +82,22 @@ def output_names(frames_dir: str = "frames") -> Tuple[str, str]:
     return f"evaluation_sequence_{tag}.csv", f"evaluation_sequence_{tag}.png"
 
 
-def reconstructed_frames(reconstruction: str, frames: int, frames_dir: str = "frames") -> List[int]:
-    """The frame numbers (< frames) OUT/frames_dir/NNNNNN.ply has: every frame, or an evenly
-    spaced run (START:END:STEP). SequenceEvaluationError naming the first missing file when a
-    frame is missing between the first and the last, or when there is none."""
-    folder = os.path.join(reconstruction, frames_dir)
-    names = os.listdir(folder) if os.path.isdir(folder) else []
-    found = sorted(int(m.group(1)) for m in map(_FRAME_FILE.match, names) if m and int(m.group(1)) < frames)
-    if not found:
-        raise SequenceEvaluationError(f"{frame_mesh_path(reconstruction, 0, frames_dir)}: reconstruction of frame 0 "
-                                      f"not found (no OUT/{frames_dir}/NNNNNN.ply of the sequence's {frames} frames)")
-    step = found[1] - found[0] if len(found) > 1 else 1
-    expected = range(found[0], found[-1] + 1, step)
-    where = f"frames {found[0]}..{found[-1]} every {step} expected from the first two, OUT/{frames_dir}/NNNNNN.ply each"
-    missing = sorted(set(expected) - set(found))
-    if missing:
-        raise SequenceEvaluationError(f"{frame_mesh_path(reconstruction, missing[0], frames_dir)}: reconstruction of "
-                                      f"frame {missing[0]} not found ({where})")
-    extra = sorted(set(found) - set(expected))
-    if extra:
-        raise SequenceEvaluationError(f"{frame_mesh_path(reconstruction, extra[0], frames_dir)}: frame {extra[0]} is "
-                                      f"out of step ({where})")
-    return found
+def scored_frames(reconstruction: str, frames: int, spec: Optional[str] = None) -> List[int]:
+    """The frame numbers to score of a sequence of `frames` frames: `spec` (START:END[:STEP], as
+    fuse.py's --frames), else the --frames a fuse.py run recorded in OUT/fusion_options.json,
+    else every frame. SequenceEvaluationError on a bad spec or an unreadable record."""
+    if spec is None:
+        path = os.path.join(reconstruction, RUN_RECORD)
+        if os.path.isfile(path):
+            try:
+                with open(path) as handle:
+                    spec = (json.load(handle).get("fusion") or {}).get("frames")
+            except (OSError, ValueError, AttributeError) as error:
+                raise SequenceEvaluationError(f"{path}: unreadable ({error})") from None
+    try:
+        return parse_frames(spec, list(range(frames)), "the sequence")
+    except SequenceError as error:
+        raise SequenceEvaluationError(str(error)) from None
 
 
 def read_reconstruction(reconstruction: str, frame_ids: Sequence[int], frames_dir: str = "frames"
@@ -203,9 +198,12 @@ def score(faces: np.ndarray, truth: np.ndarray, visible: np.ndarray, reconstruct
                           mean(columns["chamfer_mm"]) / 1000, int(true_ids.size), frame_ids)
 
 
-def evaluate_sequence(sequence: str, reconstruction: str, frames_dir: str = "frames") -> SequenceScores:
+def evaluate_sequence(sequence: str, reconstruction: str, frames_dir: str = "frames",
+                      frames: Optional[str] = None) -> SequenceScores:
+    """Scores OUT/frames_dir against the sequence's ground truth on the frames `scored_frames`
+    picks (`frames`: START:END[:STEP])."""
     faces, truth, visible = read_ground_truth(sequence)
-    frame_ids = reconstructed_frames(reconstruction, truth.shape[0], frames_dir)
+    frame_ids = scored_frames(reconstruction, truth.shape[0], frames)
     recon, _ = read_reconstruction(reconstruction, frame_ids, frames_dir)
     return score(faces, truth[frame_ids].astype(np.float64), visible[frame_ids], recon, frame_ids)
 
