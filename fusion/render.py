@@ -10,7 +10,7 @@ from typing import Dict
 
 import numpy as np
 
-from dataset.synthetic.geometry import raycasting_scene
+from dataset.synthetic import geometry
 
 
 @dataclass
@@ -24,10 +24,9 @@ class Rendering:
 
 
 def pixel_rays(intrinsics: Dict[str, float], height: int, width: int) -> np.ndarray:
-    """(H, W, 6) rays from the camera centre with direction z = 1, so a hit's t is its depth."""
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-    directions = np.stack(((xs - intrinsics["cx"]) / intrinsics["fx"],
-                           (ys - intrinsics["cy"]) / intrinsics["fy"], np.ones_like(xs)), axis=-1)
+    """(H, W, 6) float32 rays (Open3D's origin + direction) from the camera centre with direction
+    z = 1 (the generator's pixel_rays), so a hit's t is its depth."""
+    directions = geometry.pixel_rays(width, height, intrinsics)
     return np.concatenate((np.zeros_like(directions), directions), axis=-1).astype(np.float32)
 
 
@@ -46,7 +45,7 @@ def render(live_vertices: np.ndarray, canonical_vertices: np.ndarray, faces: np.
         return Rendering(np.zeros((H, W), np.float32), np.zeros((H, W, 3), np.float32),
                          np.full((H, W, 3), np.nan, np.float32), np.zeros((H, W, 3), np.float32),
                          np.zeros((H, W, 3), np.float32), np.zeros((H, W), bool))
-    scene = raycasting_scene(live_vertices, faces)
+    scene = geometry.raycasting_scene(live_vertices, faces)
     rays = pixel_rays(intrinsics, H, W)
     hit = scene.cast_rays(o3c.Tensor(rays))
     t = hit["t_hit"].numpy()
