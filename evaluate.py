@@ -11,9 +11,9 @@ malformed prediction is listed before it fails (exit code 1).
 
 Sequences (made by `python -m dataset.synthetic_sequence`): reads DIR/gt/gt.npz and
 OUT/frames/NNNNNN.ply for every frame (or those of --frames START:END[:STEP], by default the
-ones a `fuse.py --frames` run recorded), ends its output with the deformation error (mean, last frame, and the last frame's seen
-and hidden parts), drift, accuracy, completeness and Chamfer lines (utils/sequence_metrics.py
-has the definitions), writes OUT/evaluation_sequence.csv (one row per frame) and
+ones a `fuse.py --frames` run recorded), ends its output with the deformation error (mean, last
+frame, and the last frame's seen and hidden parts), drift, accuracy, completeness and Chamfer
+lines (utils/sequence_metrics.py has the definitions), writes OUT/evaluation_sequence.csv (one row per frame) and
 OUT/evaluation_sequence.png (the errors against the frame index).
 """
 import argparse
