@@ -824,12 +824,22 @@ class FusionOptions:
                                           "seen nodes' increments fixed (this many local-global "
                                           "iterations from the blended start; 0 = the blend alone)",
                                       ge=0)
-    hidden_rest: str = opt("canonical", "--hidden-arap-iterations keep the hidden nodes as rigid as "
-                                        "possible against this shape: 'canonical' (the graph's rest "
+    hidden_rest: str = opt("auto", "--hidden-arap-iterations keep the hidden nodes as rigid as "
+                                        "possible against this shape: 'auto' (seen with --flow gt, "
+                                        "whose seen motion is exact, canonical with the other "
+                                        "front-ends, whose seen shape carries their errors: "
+                                        "measured, BENCHMARKS.md), 'canonical' (the graph's rest "
                                         "shape: what a hidden region's shape got wrong in earlier "
-                                        "frames is undone) or 'previous' (its live shape before the "
-                                        "frame: errors stay and add up)",
-                           choices=("canonical", "previous"))
+                                        "frames is undone), 'seen' (each graph edge's shape when its "
+                                        "two nodes were last seen well, --rest-support; the canonical "
+                                        "one until then: the deformation last observed carries on "
+                                        "into the hidden part, no estimate of it does) or 'previous' "
+                                        "(its live shape before the frame: errors stay and add up)",
+                           choices=("auto", "canonical", "seen", "previous"))
+    rest_support: float = opt(5.0, "--hidden-rest seen: an edge's shape is remembered in frames where "
+                                   "both its nodes' match support is at least this many times "
+                                   "--hidden-support (the well-seen interior, not the grazing border "
+                                   "about to turn away)", gt=0)
     grow_nodes: bool = opt(True, "insert nodes where the canonical surface outgrows node coverage")
     max_new_nodes: int = opt(20, "most nodes inserted per frame (never beyond the solver's --max-nodes)", ge=0)
     object_distance: float = opt(1.0, "a live pixel not explained by the model is new object "

@@ -15,8 +15,13 @@ takes the smoothest motion the seen boundary allows, over its whole extent.
 The rest shape q is the caller's: the loop passes the canonical node positions with the whole
 motions (--hidden-rest canonical, what a hidden region's shape got wrong before is undone), or
 the live positions before the frame with the frame's increments (--hidden-rest previous).
+With --hidden-rest seen the canonical positions come with a store of rest vectors per directed
+edge i -> j, R_i^T (p_j - p_i) from the last frame that saw both nodes well (node i's canonical
+frame: q_j - q_i while the edge has moved rigidly), which replace q_j - q_i in both steps: a
+hidden region keeps bending or twisting as it was last observed to, instead of springing back
+to the canonical shape, and never takes an estimate made while it was hidden as its rest.
 """
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -30,17 +35,52 @@ def _rotation(C: torch.Tensor) -> torch.Tensor:
     return V @ D @ U.transpose(1, 2)
 
 
+EDGE_KEY = 1 << 32     # directed edge i -> j as the key i * EDGE_KEY + j
+
+
+def lookup_edge_rest(rest: Optional[Tuple[torch.Tensor, torch.Tensor]], i: torch.Tensor, j: torch.Tensor,
+                     default: torch.Tensor) -> torch.Tensor:
+    """The stored rest vectors (E, 3) of the directed edges i -> j, `default` where none is."""
+    if rest is None or rest[0].numel() == 0:
+        return default
+    keys, vectors = rest
+    wanted = i * EDGE_KEY + j
+    at = torch.searchsorted(keys, wanted).clamp(max=keys.numel() - 1)
+    found = keys[at] == wanted
+    return torch.where(found[:, None], vectors[at].to(default.dtype), default)
+
+
+def update_edge_rest(rest: Optional[Tuple[torch.Tensor, torch.Tensor]], i: torch.Tensor, j: torch.Tensor,
+                     vectors: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The store with the directed edges i -> j set to `vectors` (E, 3): (keys (M,) sorted, (M, 3))."""
+    new_keys, inverse = torch.unique(i * EDGE_KEY + j, return_inverse=True)
+    # A pair listed twice carries the same vector twice (both directions of a symmetric edge).
+    vectors = torch.zeros(new_keys.numel(), 3, dtype=vectors.dtype).index_copy_(0, inverse, vectors)
+    if rest is None:
+        keys, old = torch.zeros(0, dtype=torch.int64), torch.zeros(0, 3)
+    else:
+        keys, old = rest
+    stay = ~torch.isin(keys, new_keys)
+    keys = torch.cat((keys[stay], new_keys))
+    values = torch.cat((old[stay], vectors.to(old.dtype)))
+    order = torch.argsort(keys)
+    return keys[order], values[order]
+
+
 def arap_extension(positions: torch.Tensor, edges: torch.Tensor, edge_weights: torch.Tensor, dR: torch.Tensor,
                    dt: torch.Tensor, hidden: torch.Tensor, iterations: int = 10,
-                   anchor: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor]:
+                   anchor: float = 1e-6, rest: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Motions of the hidden nodes by ARAP with the others fixed.
 
     positions (N, 3) the rest shape; edges (N, K) int64 (-1: none) and edge_weights (N, K);
     dR (N, 3, 3), dt (N, 3) every node's motion from that shape (the hidden nodes' are the
     start); hidden (N,) bool. An edge counts in both directions (weight: the larger of
     the two, 0 for an absent one). `anchor` ties each hidden position weakly to its start, so a
-    hidden part without an edge path to a seen node keeps that start. Returns (dR, dt) with the
-    hidden nodes' rows replaced; the seen nodes' rows unchanged.
+    hidden part without an edge path to a seen node keeps that start. `rest`: (keys, vectors) of
+    update_edge_rest, the rest vector of a directed edge in its first node's frame (q_j - q_i
+    for an edge not in it). Returns (dR, dt) with the hidden nodes' rows replaced; the seen
+    nodes' rows unchanged.
     """
     N = positions.shape[0]
     ids = torch.nonzero(hidden).squeeze(1)
@@ -73,14 +113,21 @@ def arap_extension(positions: torch.Tensor, edges: torch.Tensor, edge_weights: t
         raise RuntimeError(f"arap_extension: the hidden nodes' system is not positive definite (info {int(info)})")
     to_seen = ~to_hidden
     dq = q[j] - q[ids][i]                                             # (E, 3) q_j - q_i
+    # Per directed edge, the rest vector in each end's own frame (the deformation last seen),
+    # q_j - q_i where none is stored.
+    dq_from_i = lookup_edge_rest(rest, ids[i], j, dq)
+    dq_from_j = -lookup_edge_rest(rest, j, ids[i], -dq)
     for _ in range(iterations):
         # Local step: C_i = sum_j w_ij (q_j - q_i)(p_j - p_i)^T, then the nearest rotation.
         dp = p[j] - p[ids][i]
-        C = torch.zeros(H, 3, 3, dtype=dtype).index_add_(0, i, w[:, None, None] * dq[:, :, None] * dp[:, None, :])
+        C = torch.zeros(H, 3, 3, dtype=dtype).index_add_(0, i, w[:, None, None] * dq_from_i[:, :, None]
+                                                         * dp[:, None, :])
         R[ids] = _rotation(C)
-        # Global step: sum_j w_ij (p_i - p_j) = sum_j w_ij (R_i + R_j)/2 (q_i - q_j) for the hidden i.
-        Rsum = 0.5 * (R[ids][i] + R[j])
-        rhs = torch.zeros(H, 3, dtype=dtype).index_add_(0, i, -w[:, None] * torch.einsum("eab,eb->ea", Rsum, dq))
+        # Global step: sum_j w_ij (p_i - p_j) = sum_j w_ij (R_i + R_j)/2 (q_i - q_j) for the hidden i
+        # (each end's rotation on its own rest vector).
+        predicted = 0.5 * (torch.einsum("eab,eb->ea", R[ids][i], dq_from_i)
+                           + torch.einsum("eab,eb->ea", R[j], dq_from_j))
+        rhs = torch.zeros(H, 3, dtype=dtype).index_add_(0, i, -w[:, None] * predicted)
         rhs.index_add_(0, i[to_seen], w[to_seen, None] * p[j[to_seen]])
         rhs += scale[:, None] * start
         p[ids] = torch.cholesky_solve(rhs, L)

@@ -32,7 +32,7 @@ import torch
 from dataset.graph import GraphError, build_graph
 from fusion.graph import NodeGraph, blend_motions, inverse_warp, knn, warp_with_anchors
 from fusion.gt import GroundTruth
-from fusion.hidden import arap_extension
+from fusion.hidden import arap_extension, update_edge_rest
 from fusion.refine import masked_lucas_kanade
 from fusion.render import Rendering, render
 from fusion.sequence import Frame, Sequence
@@ -90,6 +90,14 @@ class Fusion:
         self._mesh: Optional[Mesh] = None
         self._tracking: Optional[tuple] = None   # (Mesh, Rendering or None) the next frame tracks against
         self.keyframes: List[tuple] = []         # (history index, Frame): --texture-keyframes
+        # --hidden-rest seen: the rest vectors of the directed graph edges as last seen well (keys,
+        # vectors: fusion/hidden.py), and the nodes the last solve saw well.
+        self.edge_rest: Optional[tuple] = None
+        self._well_seen: Optional[torch.Tensor] = None
+        self.hidden_rest = options.hidden_rest
+        if self.hidden_rest == "auto":
+            exact = tracker is not None and tracker.options.flow == "gt"
+            self.hidden_rest = "seen" if exact else "canonical"
 
     # ------------------------------------------------------------------------------------------
     # Motion state
@@ -319,6 +327,25 @@ class Fusion:
                              batch["target_points"][:, 2], batch["pixel_anchors"], batch["pixel_weights"],
                              out["weights"], self.solver_options.max_depth, valid, t.max_depth_jump)
 
+    def _remember_seen_edges(self) -> None:
+        """--hidden-rest seen: every edge i -> j whose two nodes this frame's solve saw well keeps
+        its shape now as its rest in the hidden-node extension, in node i's canonical frame:
+        R_i^T (p_j - p_i) (q_j - q_i while the edge moves rigidly)."""
+        if self._well_seen is None:
+            return
+        seen, self._well_seen = self._well_seen, None
+        N = seen.shape[0]
+        edges = self.graph.edges[:N]
+        i = torch.arange(N)[:, None].expand_as(edges)
+        both = (edges >= 0) & seen[:, None] & seen[edges.clamp(min=0)]
+        i, j = i[both], edges[both].long()
+        # Both directions: the extension's edge list is symmetric, and a direction missing from
+        # the store would fall back to the canonical shape on that side.
+        i, j = torch.cat((i, j)), torch.cat((j, i))
+        p = self.graph.positions + self.translations
+        vectors = torch.einsum("eba,eb->ea", self.rotations[i], p[j] - p[i])
+        self.edge_rest = update_edge_rest(self.edge_rest, i, j, vectors)
+
     def _refine(self, frame: Frame, timings: Dict[str, float], first: tuple) -> tuple:
         """--passes beyond the first: the model rendered at the motion just solved, the flow
         from it to the live frame again (the remainder of the motion: the flow measures a weak
@@ -349,10 +376,13 @@ class Fusion:
         blend of their nearest supported nodes' increments (a rigid extrapolation; the ARAP
         term alone lets a hidden region lag behind a turn, its rotation unknowns held by the
         damping far more than by the edges), then the as-rigid-as-possible extension from there
-        (fusion/hidden.py), against the graph's canonical shape by default (--hidden-rest)."""
+        (fusion/hidden.py), against the graph's canonical shape by default (--hidden-rest), or
+        against each edge's shape when last seen well (--hidden-rest seen)."""
         o = self.options
         live_nodes = self.graph.positions + translations
         seen = supported_nodes(matches, live_nodes.shape[0], o.hidden_support)
+        if self.hidden_rest == "seen":
+            self._well_seen = supported_nodes(matches, live_nodes.shape[0], o.hidden_support * o.rest_support)
         hidden = torch.nonzero(~seen).squeeze(1)
         if hidden.numel() == 0 or int(seen.sum()) < 4:
             return dR, dt
@@ -368,14 +398,16 @@ class Fusion:
         dR[hidden], dt[hidden] = R_new[0], t_new[0]
         if o.hidden_arap_iterations <= 0:
             return dR, dt
-        if o.hidden_rest == "previous":
+        if self.hidden_rest == "previous":
             # ARAP against the live shape before the frame: the increments themselves.
             return arap_extension(live_nodes, self.graph.edges, self.graph.edge_weights, dR, dt, ~seen,
                                   o.hidden_arap_iterations)
-        # ARAP against the canonical shape: the whole motions, so that what a hidden region's
-        # shape got wrong in earlier frames is undone, not carried on (measured: BENCHMARKS.md).
+        # ARAP against the canonical shape (or, --hidden-rest seen, each edge's last well-seen
+        # shape): the whole motions, so that what a hidden region's shape got wrong in earlier
+        # frames is undone, not carried on (measured: BENCHMARKS.md).
         R, t = arap_extension(self.graph.positions, self.graph.edges, self.graph.edge_weights, dR @ rotations,
-                              translations + dt, ~seen, o.hidden_arap_iterations)
+                              translations + dt, ~seen, o.hidden_arap_iterations,
+                              rest=self.edge_rest if self.hidden_rest == "seen" else None)
         # Back to increments by the inverse, not the transpose, of the previous rotations:
         # R R_prev^T R_prev would multiply R_prev's rounding away from a rotation every frame
         # (tests/test_fusion_loop.py).
@@ -484,6 +516,7 @@ class Fusion:
             self._record(frame.frame_id, self.rotations, self.translations)
         else:
             self._record(frame.frame_id, rotations, translations)
+            self._remember_seen_edges()
             if o.texture_keyframes > 0 and (len(self.frame_ids) - 1) % o.texture_keyframes == 0:
                 self.keyframes.append((len(self.frame_ids) - 1, frame))
             tick = time.perf_counter()
@@ -553,6 +586,7 @@ class Fusion:
                 "log": [entry.__dict__ for entry in self.log],
                 "previous_index": self.previous.index,
                 "keyframes": [(index, key.index) for index, key in self.keyframes],
+                "edge_rest": self.edge_rest,
                 "tracking_mesh": None if self._tracking is None else self._tracking[0].__dict__}
 
     def load_state_dict(self, state: dict) -> None:
@@ -564,6 +598,7 @@ class Fusion:
         self.log = [FrameLog(**entry) for entry in state["log"]]
         self.previous = self.sequence.read(int(state["previous_index"]))
         self.keyframes = [(int(index), self.sequence.read(int(key))) for index, key in state.get("keyframes", [])]
+        self.edge_rest = state.get("edge_rest")
         self._mesh = None
         mesh = state.get("tracking_mesh")
         self._tracking = None if mesh is None else (Mesh(**mesh), None)

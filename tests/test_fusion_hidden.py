@@ -1,9 +1,10 @@
 """ARAP extension of the hidden nodes' motion (fusion/hidden.py): a rigid motion of the seen
-nodes extends to the hidden ones exactly whatever their start, the seen rows stay, and a hidden
-node without an edge path to a seen one keeps its start."""
+nodes extends to the hidden ones exactly whatever their start, the seen rows stay, a hidden
+node without an edge path to a seen one keeps its start, and with the edges' last seen shapes
+as the rest (--hidden-rest seen) a bend carries on into the hidden part."""
 import torch
 
-from fusion.hidden import arap_extension
+from fusion.hidden import arap_extension, lookup_edge_rest, update_edge_rest
 from fusion.graph import knn
 
 
@@ -107,3 +108,37 @@ def test_a_graph_of_thousands_of_nodes():
     dt[hidden] += 0.01
     out_R, out_t = arap_extension(positions, edges, weights, dR, dt, hidden, iterations=30)
     assert (out_t - truth_dt).norm(dim=1).max() < 1e-3
+
+
+def test_edge_rest_store_updates_and_looks_up():
+    i, j = torch.tensor([0, 1, 2]), torch.tensor([1, 2, 0])
+    store = update_edge_rest(None, i, j, torch.tensor([[1.0, 0, 0], [2.0, 0, 0], [3.0, 0, 0]]))
+    store = update_edge_rest(store, torch.tensor([1]), torch.tensor([2]), torch.tensor([[5.0, 0, 0]]))
+    default = torch.full((4, 3), -1.0, dtype=torch.float64)
+    got = lookup_edge_rest(store, torch.tensor([0, 1, 2, 1]), torch.tensor([1, 2, 0, 0]), default)
+    assert got[:, 0].tolist() == [1.0, 5.0, 3.0, -1.0] and got.dtype == torch.float64
+    assert torch.equal(lookup_edge_rest(None, i, j, default[:3]), default[:3])
+
+
+def test_last_seen_edge_shapes_carry_a_bend_into_the_hidden_part():
+    """A grid bent onto a cylinder (radius 0.3 m about the y axis): with the seen columns at the
+    truth, the canonical rest continues the hidden columns straight from the seen border; the
+    edges' shapes as last seen (all bent) give back the bend."""
+    positions, edges, weights = grid_graph()
+    N = positions.shape[0]
+    r = 0.3
+    x, y, z = positions.unbind(dim=1)
+    angle = x / r
+    bent = torch.stack(((r + z) * torch.sin(angle), y, (r + z) * torch.cos(angle) - r), dim=1)
+    R = torch.stack([rotation([0.0, 1.0, 0.0], float(a)) for a in angle])
+    i = torch.arange(N)[:, None].expand_as(edges).reshape(-1)
+    i, j = torch.cat((i, edges.reshape(-1))), torch.cat((edges.reshape(-1), i))     # both directions
+    store = update_edge_rest(None, i, j, torch.einsum("eba,eb->ea", R[i], bent[j] - bent[i]))
+    hidden = positions[:, 0] > 0.09
+    dR, dt = R.clone(), bent - positions
+    dR[hidden], dt[hidden] = torch.eye(3, dtype=torch.float64), 0.0
+    errors = {}
+    for name, rest in (("canonical", None), ("seen", store)):
+        _, out_t = arap_extension(positions, edges, weights, dR, dt, hidden, iterations=200, rest=rest)
+        errors[name] = float((out_t - (bent - positions))[hidden].norm(dim=1).max())
+    assert errors["seen"] < 1e-4 < 5e-3 < errors["canonical"], errors

@@ -356,7 +356,8 @@ def test_hidden_nodes_follow_the_seen_ones_rigidly():
     # shape (the same here: the previous motion is the identity): all exact.
     for iterations, rest in ((0, "canonical"), (10, "canonical"), (10, "previous")):
         fusion = SimpleNamespace(options=FusionOptions(hidden_support=2.0, node_coverage=0.05, hidden_rest=rest,
-                                                       hidden_arap_iterations=iterations), graph=graph)
+                                                       hidden_arap_iterations=iterations), graph=graph,
+                                 hidden_rest=rest, edge_rest=None)
         R_out, t_out = Fusion._follow_visible(fusion, dR, dt, identity, zero, matches)
         assert torch.allclose(R_out, R, atol=1e-5)
         assert torch.allclose(t_out, expected_t, atol=1e-6)
@@ -387,7 +388,8 @@ def test_hidden_rest_canonical_undoes_an_earlier_distortion():
     errors = {}
     for rest in ("canonical", "previous"):
         fusion = SimpleNamespace(options=FusionOptions(hidden_support=2.0, node_coverage=0.05, hidden_rest=rest,
-                                                       hidden_arap_iterations=200), graph=graph)
+                                                       hidden_arap_iterations=200), graph=graph,
+                                 hidden_rest=rest, edge_rest=None)
         out_R, out_t = Fusion._follow_visible(fusion, dR, dt, rotations, translations, matches)
         assert torch.equal(out_R[~hidden], dR[~hidden]) and torch.equal(out_t[~hidden], dt[~hidden])
         errors[rest] = ((translations + out_t - truth_t)[hidden].norm(dim=1).max(),
@@ -407,7 +409,8 @@ def test_hidden_rest_canonical_keeps_rotations_orthonormal():
     graph, hidden, matches = _hidden_graph()
     N = graph.positions.shape[0]
     fusion = SimpleNamespace(options=FusionOptions(hidden_support=2.0, node_coverage=0.05,
-                                                   hidden_arap_iterations=3), graph=graph)
+                                                   hidden_arap_iterations=3), graph=graph,
+                             hidden_rest="canonical", edge_rest=None)
     gen = torch.Generator().manual_seed(2)
     rotations, translations = torch.eye(3).expand(N, 3, 3).clone(), torch.zeros(N, 3)
     for _ in range(60):
@@ -455,3 +458,42 @@ def test_second_pass_tracks_the_remainder_of_a_short_flow(sequence_dir, tmp_path
     motion = float(expected[seen].norm(dim=1).median())
     assert errors[1] > 0.2 * motion, (errors, motion)
     assert errors[3] < 0.7 * errors[1], (errors, motion)   # measured: 7.7 -> 4.9 mm
+
+
+def test_hidden_rest_seen_keeps_the_seen_edges_through_a_resume(sequence_dir, tmp_path):
+    """--hidden-rest seen: after a few frames the store holds both directions of the edges the
+    solves saw well, R_i^T (p_j - p_i) of the last such frame, and the state round trip keeps it."""
+    from fusion.hidden import lookup_edge_rest
+    from fusion.loop import Fusion
+    root, _, _ = sequence_dir
+    sequence = Sequence(root, "0:4")
+    options = fusion_options(root, str(tmp_path / "seen"), hidden_rest="seen", rest_support=1.0)
+    fusion = Fusion(sequence, options, solver_options(), Tracker(TrackerOptions(flow="dis"), solver_options()))
+    fusion.first_frame(sequence.read(0), sequence.first_mask(None, None)[0])
+    for index in range(1, len(sequence)):
+        assert fusion.step(sequence.read(index)).status != "failed"
+    keys, vectors = fusion.edge_rest
+    assert keys.numel() > 0 and torch.equal(keys, torch.unique(keys))
+    i, j = keys // (1 << 32), keys % (1 << 32)
+    assert bool(torch.isin(j * (1 << 32) + i, keys).all())               # both directions
+    p = fusion.graph.positions + fusion.translations
+    now = torch.einsum("eba,eb->ea", fusion.rotations[i], p[j] - p[i])
+    # Edges seen in the last frame hold its shape (most of a small, fully visible sheet).
+    assert float(((vectors - now).norm(dim=1) < 1e-6).float().mean()) > 0.5
+    other = Fusion(sequence, options, solver_options(), None)
+    other.load_state_dict(fusion.state_dict())
+    assert torch.equal(other.edge_rest[0], keys) and torch.equal(other.edge_rest[1], vectors)
+    assert torch.equal(lookup_edge_rest(other.edge_rest, i, j, torch.zeros_like(vectors)), vectors)
+
+
+def test_hidden_rest_auto_is_seen_with_exact_flow_only(sequence_dir, tmp_path):
+    from fusion.loop import Fusion
+    root, _, _ = sequence_dir
+    sequence = Sequence(root, "0:2")
+    for flow, expected in (("gt", "seen"), ("dis", "canonical")):
+        fusion = Fusion(sequence, fusion_options(root, str(tmp_path / flow)), solver_options(),
+                        Tracker(TrackerOptions(flow=flow), solver_options()))
+        assert fusion.options.hidden_rest == "auto" and fusion.hidden_rest == expected
+    explicit = Fusion(sequence, fusion_options(root, str(tmp_path / "x"), hidden_rest="previous"), solver_options(),
+                      Tracker(TrackerOptions(flow="gt"), solver_options()))
+    assert explicit.hidden_rest == "previous"
