@@ -118,7 +118,8 @@ def arap_extension(positions: torch.Tensor, edges: torch.Tensor, edge_weights: t
     dq_from_i = lookup_edge_rest(rest, ids[i], j, dq)
     dq_from_j = -lookup_edge_rest(rest, j, ids[i], -dq)
     for _ in range(iterations):
-        # Local step: C_i = sum_j w_ij (q_j - q_i)(p_j - p_i)^T, then the nearest rotation.
+        # Local step: C_i = sum_j w_ij (q_j - q_i)(p_j - p_i)^T (q_j - q_i: or the stored rest
+        # vector), then the nearest rotation.
         dp = p[j] - p[ids][i]
         C = torch.zeros(H, 3, 3, dtype=dtype).index_add_(0, i, w[:, None, None] * dq_from_i[:, :, None]
                                                          * dp[:, None, :])
