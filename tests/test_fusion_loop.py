@@ -463,7 +463,7 @@ def test_second_pass_tracks_the_remainder_of_a_short_flow(sequence_dir, tmp_path
 def test_hidden_rest_seen_keeps_the_seen_edges_through_a_resume(sequence_dir, tmp_path):
     """--hidden-rest seen: after a few frames the store holds both directions of the edges the
     solves saw well, R_i^T (p_j - p_i) of the last such frame, and the state round trip keeps it."""
-    from fusion.hidden import lookup_edge_rest
+    from fusion.hidden import EDGE_KEY, lookup_edge_rest
     from fusion.loop import Fusion
     root, _, _ = sequence_dir
     sequence = Sequence(root, "0:4")
@@ -474,8 +474,8 @@ def test_hidden_rest_seen_keeps_the_seen_edges_through_a_resume(sequence_dir, tm
         assert fusion.step(sequence.read(index)).status != "failed"
     keys, vectors = fusion.edge_rest
     assert keys.numel() > 0 and torch.equal(keys, torch.unique(keys))
-    i, j = keys // (1 << 32), keys % (1 << 32)
-    assert bool(torch.isin(j * (1 << 32) + i, keys).all())               # both directions
+    i, j = keys // EDGE_KEY, keys % EDGE_KEY
+    assert bool(torch.isin(j * EDGE_KEY + i, keys).all())                 # both directions
     p = fusion.graph.positions + fusion.translations
     now = torch.einsum("eba,eb->ea", fusion.rotations[i], p[j] - p[i])
     # Edges seen in the last frame hold its shape (most of a small, fully visible sheet).
