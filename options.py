@@ -840,6 +840,9 @@ class FusionOptions:
                                    "both its nodes' match support is at least this many times "
                                    "--hidden-support (the well-seen interior, not the grazing border "
                                    "about to turn away)", gt=0)
+    rest_half_life: float = opt(40.0, "--hidden-rest seen: tracked frames after which a remembered edge "
+                                      "shape counts half, blended toward the canonical one (the motion "
+                                      "goes on out of view; measured, BENCHMARKS.md); 0: kept whole", ge=0)
     grow_nodes: bool = opt(True, "insert nodes where the canonical surface outgrows node coverage")
     max_new_nodes: int = opt(20, "most nodes inserted per frame (never beyond the solver's --max-nodes)", ge=0)
     object_distance: float = opt(1.0, "a live pixel not explained by the model is new object "

@@ -20,6 +20,9 @@ edge i -> j, R_i^T (p_j - p_i) from the last frame that saw both nodes well (nod
 frame: q_j - q_i while the edge has moved rigidly), which replace q_j - q_i in both steps: a
 hidden region keeps bending or twisting as it was last observed to, instead of springing back
 to the canonical shape, and never takes an estimate made while it was hidden as its rest.
+With --rest-half-life the store's vectors fade toward q_j - q_i with the frames since they were
+seen (fade_edge_rest): the deformation goes on out of view (the bends and twists of a moving
+body turn back), so the shape last seen says less the longer a part stays hidden.
 """
 from typing import Optional, Tuple
 
@@ -38,38 +41,56 @@ def _rotation(C: torch.Tensor) -> torch.Tensor:
 EDGE_KEY = 1 << 32     # directed edge i -> j as the key i * EDGE_KEY + j
 
 
-def lookup_edge_rest(rest: Optional[Tuple[torch.Tensor, torch.Tensor]], i: torch.Tensor, j: torch.Tensor,
+def lookup_edge_rest(rest: Optional[Tuple[torch.Tensor, ...]], i: torch.Tensor, j: torch.Tensor,
                      default: torch.Tensor) -> torch.Tensor:
     """The stored rest vectors (E, 3) of the directed edges i -> j, `default` where none is."""
     if rest is None or rest[0].numel() == 0:
         return default
-    keys, vectors = rest
+    keys, vectors = rest[0], rest[1]
     wanted = i * EDGE_KEY + j
     at = torch.searchsorted(keys, wanted).clamp(max=keys.numel() - 1)
     found = keys[at] == wanted
     return torch.where(found[:, None], vectors[at].to(default.dtype), default)
 
 
-def update_edge_rest(rest: Optional[Tuple[torch.Tensor, torch.Tensor]], i: torch.Tensor, j: torch.Tensor,
-                     vectors: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The store with the directed edges i -> j set to `vectors` (E, 3): (keys (M,) sorted, (M, 3))."""
+def update_edge_rest(rest: Optional[Tuple[torch.Tensor, ...]], i: torch.Tensor, j: torch.Tensor,
+                     vectors: torch.Tensor, frame: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The store with the directed edges i -> j set to `vectors` (E, 3), seen at `frame`: (keys
+    (M,) sorted, vectors (M, 3), frames (M,) int64)."""
     new_keys, inverse = torch.unique(i * EDGE_KEY + j, return_inverse=True)
     # A pair listed twice carries the same vector twice (both directions of a symmetric edge).
     vectors = torch.zeros(new_keys.numel(), 3, dtype=vectors.dtype).index_copy_(0, inverse, vectors)
     if rest is None:
-        keys, old = torch.zeros(0, dtype=torch.int64), torch.zeros(0, 3)
+        keys, old, frames = torch.zeros(0, dtype=torch.int64), torch.zeros(0, 3), torch.zeros(0, dtype=torch.int64)
     else:
-        keys, old = rest
+        keys, old, frames = rest
     stay = ~torch.isin(keys, new_keys)
     keys = torch.cat((keys[stay], new_keys))
     values = torch.cat((old[stay], vectors.to(old.dtype)))
+    frames = torch.cat((frames[stay], torch.full((new_keys.numel(),), frame, dtype=torch.int64)))
     order = torch.argsort(keys)
-    return keys[order], values[order]
+    return keys[order], values[order], frames[order]
+
+
+def fade_edge_rest(rest: Optional[Tuple[torch.Tensor, ...]], positions: torch.Tensor, frame: int,
+                   half_life: float) -> Optional[Tuple[torch.Tensor, ...]]:
+    """The store with each vector blended toward the canonical q_j - q_i of positions (N, 3), the
+    stored shape's weight halving every `half_life` frames since `frame` saw it (0: kept
+    whole). The shape a hidden part was last seen in says less the longer it stays hidden: the
+    motion goes on out of view, and the canonical shape is where an unseen deformation is
+    expected to be on average."""
+    if rest is None or rest[0].numel() == 0 or half_life <= 0:
+        return rest
+    keys, vectors, frames = rest
+    i, j = keys // EDGE_KEY, keys % EDGE_KEY
+    weight = torch.pow(0.5, (frame - frames).clamp(min=0).to(vectors.dtype) / half_life)[:, None]
+    canonical = (positions[j] - positions[i]).to(vectors.dtype)
+    return keys, weight * vectors + (1 - weight) * canonical, frames
 
 
 def arap_extension(positions: torch.Tensor, edges: torch.Tensor, edge_weights: torch.Tensor, dR: torch.Tensor,
                    dt: torch.Tensor, hidden: torch.Tensor, iterations: int = 10,
-                   anchor: float = 1e-6, rest: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+                   anchor: float = 1e-6, rest: Optional[Tuple[torch.Tensor, ...]] = None
                    ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Motions of the hidden nodes by ARAP with the others fixed.
 

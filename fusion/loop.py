@@ -32,7 +32,7 @@ import torch
 from dataset.graph import GraphError, build_graph
 from fusion.graph import NodeGraph, blend_motions, inverse_warp, knn, warp_with_anchors
 from fusion.gt import GroundTruth
-from fusion.hidden import arap_extension, update_edge_rest
+from fusion.hidden import arap_extension, fade_edge_rest, update_edge_rest
 from fusion.refine import masked_lucas_kanade
 from fusion.render import Rendering, render
 from fusion.sequence import Frame, Sequence
@@ -344,7 +344,7 @@ class Fusion:
         i, j = torch.cat((i, j)), torch.cat((j, i))
         p = self.graph.positions + self.translations
         vectors = torch.einsum("eba,eb->ea", self.rotations[i], p[j] - p[i])
-        self.edge_rest = update_edge_rest(self.edge_rest, i, j, vectors)
+        self.edge_rest = update_edge_rest(self.edge_rest, i, j, vectors, len(self.rotations_history) - 1)
 
     def _refine(self, frame: Frame, timings: Dict[str, float], first: tuple) -> tuple:
         """--passes beyond the first: the model rendered at the motion just solved, the flow
@@ -405,9 +405,11 @@ class Fusion:
         # ARAP against the canonical shape (or, --hidden-rest seen, each edge's last well-seen
         # shape): the whole motions, so that what a hidden region's shape got wrong in earlier
         # frames is undone, not carried on (measured: BENCHMARKS.md).
+        rest = None
+        if self.hidden_rest == "seen":
+            rest = fade_edge_rest(self.edge_rest, self.graph.positions, len(self.rotations_history), o.rest_half_life)
         R, t = arap_extension(self.graph.positions, self.graph.edges, self.graph.edge_weights, dR @ rotations,
-                              translations + dt, ~seen, o.hidden_arap_iterations,
-                              rest=self.edge_rest if self.hidden_rest == "seen" else None)
+                              translations + dt, ~seen, o.hidden_arap_iterations, rest=rest)
         # Back to increments by the inverse, not the transpose, of the previous rotations:
         # R R_prev^T R_prev would multiply R_prev's rounding away from a rotation every frame
         # (tests/test_fusion_loop.py).
@@ -599,6 +601,9 @@ class Fusion:
         self.previous = self.sequence.read(int(state["previous_index"]))
         self.keyframes = [(int(index), self.sequence.read(int(key))) for index, key in state.get("keyframes", [])]
         self.edge_rest = state.get("edge_rest")
+        if self.edge_rest is not None and len(self.edge_rest) == 2:
+            # A state written before the store kept the frame of each vector: as of now.
+            self.edge_rest = (*self.edge_rest, torch.full_like(self.edge_rest[0], len(self.frame_ids) - 1))
         self._mesh = None
         mesh = state.get("tracking_mesh")
         self._tracking = None if mesh is None else (Mesh(**mesh), None)

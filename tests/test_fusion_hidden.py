@@ -4,7 +4,7 @@ node without an edge path to a seen one keeps its start, and with the edges' las
 as the rest (--hidden-rest seen) a bend carries on into the hidden part."""
 import torch
 
-from fusion.hidden import arap_extension, lookup_edge_rest, update_edge_rest
+from fusion.hidden import arap_extension, fade_edge_rest, lookup_edge_rest, update_edge_rest
 from fusion.graph import knn
 
 
@@ -118,6 +118,23 @@ def test_edge_rest_store_updates_and_looks_up():
     got = lookup_edge_rest(store, torch.tensor([0, 1, 2, 1]), torch.tensor([1, 2, 0, 0]), default)
     assert got[:, 0].tolist() == [1.0, 5.0, 3.0, -1.0] and got.dtype == torch.float64
     assert torch.equal(lookup_edge_rest(None, i, j, default[:3]), default[:3])
+
+
+def test_edge_rest_store_fades_toward_the_canonical_shape():
+    """Each stored vector keeps the frame that saw it; faded, its weight halves every half-life
+    frames since then, the rest going to the canonical q_j - q_i; half-life 0 keeps it whole."""
+    positions = torch.tensor([[0.0, 0, 0], [1.0, 0, 0], [0.0, 2.0, 0]])
+    store = update_edge_rest(None, torch.tensor([0, 1]), torch.tensor([1, 0]),
+                             torch.tensor([[3.0, 0, 0], [-3.0, 0, 0]]), frame=2)
+    store = update_edge_rest(store, torch.tensor([0]), torch.tensor([2]), torch.tensor([[0.0, 4.0, 0]]), frame=6)
+    assert store[2].tolist() == [2, 6, 2]                       # keys 0->1, 0->2, 1->0
+    assert fade_edge_rest(store, positions, 6, 0.0) is store
+    keys, vectors, frames = fade_edge_rest(store, positions, 6, 4.0)
+    assert torch.equal(keys, store[0]) and torch.equal(frames, store[2])
+    # 0 -> 1 seen 4 frames ago: half of (3, 0, 0) and half of the canonical (1, 0, 0); 0 -> 2 now.
+    assert torch.allclose(vectors, torch.tensor([[2.0, 0, 0], [0.0, 4.0, 0], [-2.0, 0, 0]]))
+    _, vectors, _ = fade_edge_rest(store, positions, 1000, 4.0)
+    assert torch.allclose(vectors, torch.tensor([[1.0, 0, 0], [0.0, 2.0, 0], [-1.0, 0, 0]]))
 
 
 def test_last_seen_edge_shapes_carry_a_bend_into_the_hidden_part():
