@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from fusion.gt import GroundTruth
-from fusion.loop import Fusion, supported_nodes
+from fusion.loop import Fusion, node_support
 from options import FusionOptions, RunOptions, SolverOptions, from_args
 from utils.checkpoints import build_tracker, default_checkpoint_for, parse_with_checkpoint, pick_front_end, setup_run
 from utils.fusion_run import build_parser, run_fusion
@@ -96,7 +96,7 @@ class DiagnosticFusion(Fusion):
         mode = self.diagnosis.oracle_nodes
         if mode is None:
             return super()._follow_visible(dR, dt, rotations, translations, matches)
-        seen = supported_nodes(matches, rotations.shape[0], self.options.hidden_support)
+        seen = node_support(matches, rotations.shape[0]) >= self.options.hidden_support
         pick = (seen if mode == "seen" else ~seen) & (self.graph.created == 0)
         R, t = self.gt.node_motions(self.graph.positions, self._frame.frame_id, self.options.node_coverage)
 

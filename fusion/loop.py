@@ -380,9 +380,10 @@ class Fusion:
         against each edge's shape when last seen well (--hidden-rest seen)."""
         o = self.options
         live_nodes = self.graph.positions + translations
-        seen = supported_nodes(matches, live_nodes.shape[0], o.hidden_support)
+        support = node_support(matches, live_nodes.shape[0])
+        seen = support >= o.hidden_support
         if self.hidden_rest == "seen":
-            self._well_seen = supported_nodes(matches, live_nodes.shape[0], o.hidden_support * o.rest_support)
+            self._well_seen = support >= o.hidden_support * o.rest_support
         hidden = torch.nonzero(~seen).squeeze(1)
         if hidden.numel() == 0 or int(seen.sum()) < 4:
             return dR, dt
@@ -609,13 +610,13 @@ class Fusion:
         self._tracking = None if mesh is None else (Mesh(**mesh), None)
 
 
-def supported_nodes(matches, count: int, threshold: float) -> torch.Tensor:
-    """(count,) bool: the nodes the matches support, the sum of their anchor x correspondence
-    weights at least `threshold` (--hidden-support)."""
+def node_support(matches, count: int) -> torch.Tensor:
+    """(count,) float64: each node's match support, the sum of the matches' anchor x
+    correspondence weights (--hidden-support thresholds it)."""
     support = torch.zeros(count, dtype=torch.float64)
     support.index_add_(0, matches.anchors.reshape(-1).long().clamp(min=0),
                        (matches.anchor_weights * matches.weights[:, None]).reshape(-1).double())
-    return support >= threshold
+    return support
 
 
 def _normals(points: torch.Tensor) -> torch.Tensor:
