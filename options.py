@@ -825,10 +825,9 @@ class FusionOptions:
                                           "iterations from the blended start; 0 = the blend alone)",
                                       ge=0)
     hidden_rest: str = opt("auto", "--hidden-arap-iterations keep the hidden nodes as rigid as "
-                                        "possible against this shape: 'auto' (seen with --flow gt, "
-                                        "whose seen motion is exact, canonical with the other "
-                                        "front-ends, whose seen shape carries their errors: "
-                                        "measured, BENCHMARKS.md), 'canonical' (the graph's rest "
+                                        "possible against this shape: 'auto' (seen with --flow gt "
+                                        "and dis, canonical with the network, not measured with the "
+                                        "seen one: BENCHMARKS.md), 'canonical' (the graph's rest "
                                         "shape: what a hidden region's shape got wrong in earlier "
                                         "frames is undone), 'seen' (each graph edge's shape when its "
                                         "two nodes were last seen well, --rest-support; the canonical "
@@ -840,6 +839,13 @@ class FusionOptions:
                                    "both its nodes' match support is at least this many times "
                                    "--hidden-support (the well-seen interior, not the grazing border "
                                    "about to turn away)", gt=0)
+    rest_smoothing: Optional[float] = opt(None, "--hidden-rest seen: each frame that sees an edge well "
+                                                "moves its remembered shape this fraction of the way to "
+                                                "its shape then (1: the last such frame's shape; less "
+                                                "averages over those frames, so one frame's tracking "
+                                                "error weighs less; default 1 with --flow gt, whose "
+                                                "shapes are exact, 0.3 otherwise: BENCHMARKS.md)",
+                                          gt=0, le=1)
     rest_half_life: float = opt(40.0, "--hidden-rest seen: tracked frames after which a remembered edge "
                                       "shape counts half, blended toward the canonical one (the motion "
                                       "goes on out of view; measured, BENCHMARKS.md); 0: kept whole", ge=0)

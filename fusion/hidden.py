@@ -20,6 +20,9 @@ edge i -> j, R_i^T (p_j - p_i) from the last frame that saw both nodes well (nod
 frame: q_j - q_i while the edge has moved rigidly), which replace q_j - q_i in both steps: a
 hidden region keeps bending or twisting as it was last observed to, instead of springing back
 to the canonical shape, and never takes an estimate made while it was hidden as its rest.
+With --rest-smoothing below 1 each well-seen frame moves an edge's stored vector only part of
+the way to its shape then: an average over the frames that saw it, so one frame's tracking
+error weighs less.
 With --rest-half-life the store's vectors fade toward q_j - q_i with the frames since they were
 seen (fade_edge_rest): the deformation goes on out of view (the bends and twists of a moving
 body turn back), so the shape last seen says less the longer a part stays hidden.
@@ -54,12 +57,18 @@ def lookup_edge_rest(rest: Optional[Tuple[torch.Tensor, ...]], i: torch.Tensor, 
 
 
 def update_edge_rest(rest: Optional[Tuple[torch.Tensor, ...]], i: torch.Tensor, j: torch.Tensor,
-                     vectors: torch.Tensor, frame: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     vectors: torch.Tensor, frame: int = 0, blend: float = 1.0
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The store with the directed edges i -> j set to `vectors` (E, 3), seen at `frame`: (keys
-    (M,) sorted, vectors (M, 3), frames (M,) int64)."""
+    (M,) sorted, vectors (M, 3), frames (M,) int64). With `blend` < 1 an edge already stored
+    moves only that fraction of the way from its stored vector to the new one (an exponential
+    average over the frames that saw it)."""
     new_keys, inverse = torch.unique(i * EDGE_KEY + j, return_inverse=True)
     # A pair listed twice carries the same vector twice (both directions of a symmetric edge).
     vectors = torch.zeros(new_keys.numel(), 3, dtype=vectors.dtype).index_copy_(0, inverse, vectors)
+    if blend < 1:
+        stored = lookup_edge_rest(rest, new_keys // EDGE_KEY, new_keys % EDGE_KEY, vectors)
+        vectors = blend * vectors + (1 - blend) * stored
     if rest is None:
         keys, old, frames = torch.zeros(0, dtype=torch.int64), torch.zeros(0, 3), torch.zeros(0, dtype=torch.int64)
     else:

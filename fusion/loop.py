@@ -44,6 +44,8 @@ from model.solver import SolverProblem, solve
 from options import FusionOptions, GraphOptions, SolverOptions
 
 STEPS = ("render", "flow", "solve", "integrate", "grow", "extract")
+# --rest-smoothing's default with a tracked front-end (1 with exact flow): BENCHMARKS.md.
+TRACKED_REST_SMOOTHING = 0.3
 
 
 @dataclass
@@ -94,10 +96,17 @@ class Fusion:
         # vectors: fusion/hidden.py), and the nodes the last solve saw well.
         self.edge_rest: Optional[tuple] = None
         self._well_seen: Optional[torch.Tensor] = None
+        # --hidden-rest auto and --rest-smoothing's default, by front-end (measured:
+        # BENCHMARKS.md): exact flow's seen shapes are kept as they were last seen; DIS's carry
+        # its tracking errors, so they are averaged over the frames that saw them; the network
+        # keeps the canonical rest (not measured with the seen one).
+        flow = tracker.options.flow if tracker is not None else None
         self.hidden_rest = options.hidden_rest
         if self.hidden_rest == "auto":
-            exact = tracker is not None and tracker.options.flow == "gt"
-            self.hidden_rest = "seen" if exact else "canonical"
+            self.hidden_rest = "seen" if flow in ("gt", "dis") else "canonical"
+        self.rest_smoothing = options.rest_smoothing
+        if self.rest_smoothing is None:
+            self.rest_smoothing = 1.0 if flow == "gt" else TRACKED_REST_SMOOTHING
 
     # ------------------------------------------------------------------------------------------
     # Motion state
@@ -344,7 +353,8 @@ class Fusion:
         i, j = torch.cat((i, j)), torch.cat((j, i))
         p = self.graph.positions + self.translations
         vectors = torch.einsum("eba,eb->ea", self.rotations[i], p[j] - p[i])
-        self.edge_rest = update_edge_rest(self.edge_rest, i, j, vectors, len(self.rotations_history) - 1)
+        self.edge_rest = update_edge_rest(self.edge_rest, i, j, vectors, len(self.rotations_history) - 1,
+                                          self.rest_smoothing)
 
     def _refine(self, frame: Frame, timings: Dict[str, float], first: tuple) -> tuple:
         """--passes beyond the first: the model rendered at the motion just solved, the flow
@@ -376,8 +386,8 @@ class Fusion:
         blend of their nearest supported nodes' increments (a rigid extrapolation; the ARAP
         term alone lets a hidden region lag behind a turn, its rotation unknowns held by the
         damping far more than by the edges), then the as-rigid-as-possible extension from there
-        (fusion/hidden.py), against the graph's canonical shape by default (--hidden-rest), or
-        against each edge's shape when last seen well (--hidden-rest seen)."""
+        (fusion/hidden.py), against each edge's shape when last seen well (--hidden-rest seen,
+        auto's choice with gt and dis) or the graph's canonical shape (--hidden-rest canonical)."""
         o = self.options
         live_nodes = self.graph.positions + translations
         support = node_support(matches, live_nodes.shape[0])

@@ -4,7 +4,7 @@ node without an edge path to a seen one keeps its start, and with the edges' las
 as the rest (--hidden-rest seen) a bend carries on into the hidden part."""
 import torch
 
-from fusion.hidden import arap_extension, fade_edge_rest, lookup_edge_rest, update_edge_rest
+from fusion.hidden import EDGE_KEY, arap_extension, fade_edge_rest, lookup_edge_rest, update_edge_rest
 from fusion.graph import knn
 
 
@@ -118,6 +118,18 @@ def test_edge_rest_store_updates_and_looks_up():
     got = lookup_edge_rest(store, torch.tensor([0, 1, 2, 1]), torch.tensor([1, 2, 0, 0]), default)
     assert got[:, 0].tolist() == [1.0, 5.0, 3.0, -1.0] and got.dtype == torch.float64
     assert torch.equal(lookup_edge_rest(None, i, j, default[:3]), default[:3])
+
+
+def test_edge_rest_store_averages_with_a_blend():
+    """blend < 1: a stored edge moves that fraction of the way to the new vector (an exponential
+    average), a new edge takes the new vector whole, an edge not given keeps its own."""
+    store = update_edge_rest(None, torch.tensor([0, 1]), torch.tensor([1, 2]),
+                             torch.tensor([[4.0, 0, 0], [0.0, 4.0, 0]]), frame=1)
+    store = update_edge_rest(store, torch.tensor([0, 2]), torch.tensor([1, 0]),
+                             torch.tensor([[8.0, 0, 0], [0.0, 0, 8.0]]), frame=2, blend=0.25)
+    keys, vectors, frames = store
+    assert (keys // EDGE_KEY).tolist() == [0, 1, 2] and frames.tolist() == [2, 1, 2]
+    assert torch.allclose(vectors, torch.tensor([[5.0, 0, 0], [0.0, 4.0, 0], [0.0, 0, 8.0]]))
 
 
 def test_edge_rest_store_fades_toward_the_canonical_shape():

@@ -467,7 +467,8 @@ def test_hidden_rest_seen_keeps_the_seen_edges_through_a_resume(sequence_dir, tm
     from fusion.loop import Fusion
     root, _, _ = sequence_dir
     sequence = Sequence(root, "0:4")
-    options = fusion_options(root, str(tmp_path / "seen"), hidden_rest="seen", rest_support=1.0)
+    options = fusion_options(root, str(tmp_path / "seen"), hidden_rest="seen", rest_support=1.0,
+                             rest_smoothing=1.0)
     fusion = Fusion(sequence, options, solver_options(), Tracker(TrackerOptions(flow="dis"), solver_options()))
     fusion.first_frame(sequence.read(0), sequence.first_mask(None, None)[0])
     for index in range(1, len(sequence)):
@@ -493,14 +494,18 @@ def test_hidden_rest_seen_keeps_the_seen_edges_through_a_resume(sequence_dir, tm
     assert torch.equal(other.edge_rest[2], torch.full_like(keys, len(sequence) - 1))
 
 
-def test_hidden_rest_auto_is_seen_with_exact_flow_only(sequence_dir, tmp_path):
-    from fusion.loop import Fusion
+def test_hidden_rest_auto_and_smoothing_by_front_end(sequence_dir, tmp_path):
+    """auto: the seen rest with exact flow (kept as last seen) and with DIS (averaged over the
+    frames that saw it), the canonical one otherwise; explicit choices win."""
+    from fusion.loop import TRACKED_REST_SMOOTHING, Fusion
     root, _, _ = sequence_dir
     sequence = Sequence(root, "0:2")
-    for flow, expected in (("gt", "seen"), ("dis", "canonical")):
-        fusion = Fusion(sequence, fusion_options(root, str(tmp_path / flow)), solver_options(),
-                        Tracker(TrackerOptions(flow=flow), solver_options()))
-        assert fusion.options.hidden_rest == "auto" and fusion.hidden_rest == expected
-    explicit = Fusion(sequence, fusion_options(root, str(tmp_path / "x"), hidden_rest="previous"), solver_options(),
-                      Tracker(TrackerOptions(flow="gt"), solver_options()))
-    assert explicit.hidden_rest == "previous"
+    for flow, rest, smoothing in (("gt", "seen", 1.0), ("dis", "seen", TRACKED_REST_SMOOTHING),
+                                  (None, "canonical", TRACKED_REST_SMOOTHING)):
+        tracker = None if flow is None else Tracker(TrackerOptions(flow=flow), solver_options())
+        fusion = Fusion(sequence, fusion_options(root, str(tmp_path / str(flow))), solver_options(), tracker)
+        assert fusion.options.hidden_rest == "auto" and fusion.options.rest_smoothing is None
+        assert (fusion.hidden_rest, fusion.rest_smoothing) == (rest, smoothing)
+    explicit = Fusion(sequence, fusion_options(root, str(tmp_path / "x"), hidden_rest="previous", rest_smoothing=0.5),
+                      solver_options(), Tracker(TrackerOptions(flow="gt"), solver_options()))
+    assert (explicit.hidden_rest, explicit.rest_smoothing) == ("previous", 0.5)
