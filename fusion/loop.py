@@ -99,7 +99,7 @@ class Fusion:
         # --hidden-rest auto and --rest-smoothing's default, by front-end (measured:
         # BENCHMARKS.md): exact flow's seen shapes are kept as they were last seen; DIS's carry
         # its tracking errors, so they are averaged over the frames that saw them; the network
-        # keeps the canonical rest (not measured with the seen one).
+        # keeps the canonical rest (the seen one measured on two blobs only, no better).
         flow = tracker.options.flow if tracker is not None else None
         self.hidden_rest = options.hidden_rest
         if self.hidden_rest == "auto":
