@@ -825,9 +825,9 @@ class FusionOptions:
                                           "iterations from the blended start; 0 = the blend alone)",
                                       ge=0)
     hidden_rest: str = opt("auto", "--hidden-arap-iterations keep the hidden nodes as rigid as "
-                                        "possible against this shape: 'auto' (seen with --flow gt "
-                                        "and dis, canonical with the network, with which the seen one "
-                                        "was measured on two blobs only: BENCHMARKS.md), 'canonical' "
+                                        "possible against this shape: 'auto' (seen with --flow gt, "
+                                        "whose seen shapes are exact, canonical with the tracked "
+                                        "front-ends: measured, BENCHMARKS.md), 'canonical' "
                                         "(the graph's rest shape: what a hidden region's shape got "
                                         "wrong in earlier frames is undone), 'seen' (each graph "
                                         "edge's shape when its "
@@ -845,7 +845,8 @@ class FusionOptions:
                                                 "its shape then (1: the last such frame's shape; less "
                                                 "averages over those frames, so one frame's tracking "
                                                 "error weighs less; default 1 with --flow gt, whose "
-                                                "shapes are exact, 0.3 otherwise: BENCHMARKS.md)",
+                                                "shapes are exact, 0.3 with the others: "
+                                                "BENCHMARKS.md)",
                                           gt=0, le=1)
     rest_half_life: float = opt(40.0, "--hidden-rest seen: tracked frames after which a remembered edge "
                                       "shape counts half, blended toward the canonical one (the motion "

@@ -97,13 +97,14 @@ class Fusion:
         self.edge_rest: Optional[tuple] = None
         self._well_seen: Optional[torch.Tensor] = None
         # --hidden-rest auto and --rest-smoothing's default, by front-end (measured:
-        # BENCHMARKS.md): exact flow's seen shapes are kept as they were last seen; DIS's carry
-        # its tracking errors, so they are averaged over the frames that saw them; the network
-        # keeps the canonical rest (the seen one measured on two blobs only, no better).
+        # BENCHMARKS.md): exact flow's seen shapes are kept as they were last seen; a tracked
+        # front-end's carry its errors, so with the seen rest they are averaged over the frames
+        # that saw them, and auto keeps the canonical rest for them (the averaged seen rest was
+        # no better on sequences not used to tune it).
         flow = tracker.options.flow if tracker is not None else None
         self.hidden_rest = options.hidden_rest
         if self.hidden_rest == "auto":
-            self.hidden_rest = "seen" if flow in ("gt", "dis") else "canonical"
+            self.hidden_rest = "seen" if flow == "gt" else "canonical"
         self.rest_smoothing = options.rest_smoothing
         if self.rest_smoothing is None:
             self.rest_smoothing = 1.0 if flow == "gt" else TRACKED_REST_SMOOTHING
@@ -387,7 +388,7 @@ class Fusion:
         term alone lets a hidden region lag behind a turn, its rotation unknowns held by the
         damping far more than by the edges), then the as-rigid-as-possible extension from there
         (fusion/hidden.py), against each edge's shape when last seen well (--hidden-rest seen,
-        auto's choice with gt and dis) or the graph's canonical shape (--hidden-rest canonical)."""
+        auto's choice with gt) or the graph's canonical shape (--hidden-rest canonical)."""
         o = self.options
         live_nodes = self.graph.positions + translations
         support = node_support(matches, live_nodes.shape[0])

@@ -495,12 +495,13 @@ def test_hidden_rest_seen_keeps_the_seen_edges_through_a_resume(sequence_dir, tm
 
 
 def test_hidden_rest_auto_and_smoothing_by_front_end(sequence_dir, tmp_path):
-    """auto: the seen rest with exact flow (kept as last seen) and with DIS (averaged over the
-    frames that saw it), the canonical one otherwise; explicit choices win."""
+    """auto: the seen rest with exact flow (kept as last seen), the canonical one with the
+    tracked front-ends (whose seen shapes, with --hidden-rest seen, are averaged over the frames
+    that saw them); explicit choices win."""
     from fusion.loop import TRACKED_REST_SMOOTHING, Fusion
     root, _, _ = sequence_dir
     sequence = Sequence(root, "0:2")
-    for flow, rest, smoothing in (("gt", "seen", 1.0), ("dis", "seen", TRACKED_REST_SMOOTHING),
+    for flow, rest, smoothing in (("gt", "seen", 1.0), ("dis", "canonical", TRACKED_REST_SMOOTHING),
                                   (None, "canonical", TRACKED_REST_SMOOTHING)):
         tracker = None if flow is None else Tracker(TrackerOptions(flow=flow), solver_options())
         fusion = Fusion(sequence, fusion_options(root, str(tmp_path / str(flow))), solver_options(), tracker)
