@@ -830,10 +830,10 @@ class FusionOptions:
                                         "front-ends: measured, BENCHMARKS.md), 'canonical' "
                                         "(the graph's rest shape: what a hidden region's shape got "
                                         "wrong in earlier frames is undone), 'seen' (each graph "
-                                        "edge's shape when its "
-                                        "two nodes were last seen well, --rest-support; the canonical "
-                                        "one until then: the deformation last observed carries on "
-                                        "into the hidden part, no estimate of it does) or 'previous' "
+                                        "edge's shape when its two nodes were last seen well, "
+                                        "--rest-support; the canonical one until then: the "
+                                        "deformation last observed carries on into the hidden part, "
+                                        "no estimate of it does) or 'previous' "
                                         "(its live shape before the frame: errors stay and add up)",
                            choices=("auto", "canonical", "seen", "previous"))
     rest_support: float = opt(5.0, "--hidden-rest seen: an edge's shape is remembered in frames where "

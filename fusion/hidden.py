@@ -107,9 +107,9 @@ def arap_extension(positions: torch.Tensor, edges: torch.Tensor, edge_weights: t
     dR (N, 3, 3), dt (N, 3) every node's motion from that shape (the hidden nodes' are the
     start); hidden (N,) bool. An edge counts in both directions (weight: the larger of
     the two, 0 for an absent one). `anchor` ties each hidden position weakly to its start, so a
-    hidden part without an edge path to a seen node keeps that start. `rest`: (keys, vectors) of
-    update_edge_rest, the rest vector of a directed edge in its first node's frame (q_j - q_i
-    for an edge not in it). Returns (dR, dt) with the hidden nodes' rows replaced; the seen
+    hidden part without an edge path to a seen node keeps that start. `rest`: the store of
+    update_edge_rest (keys, vectors, frames; fade_edge_rest's for a faded one), the rest vector
+    of a directed edge in its first node's frame (q_j - q_i for an edge not in it). Returns (dR, dt) with the hidden nodes' rows replaced; the seen
     nodes' rows unchanged.
     """
     N = positions.shape[0]

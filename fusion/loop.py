@@ -93,7 +93,7 @@ class Fusion:
         self._tracking: Optional[tuple] = None   # (Mesh, Rendering or None) the next frame tracks against
         self.keyframes: List[tuple] = []         # (history index, Frame): --texture-keyframes
         # --hidden-rest seen: the rest vectors of the directed graph edges as last seen well (keys,
-        # vectors: fusion/hidden.py), and the nodes the last solve saw well.
+        # vectors, frames: fusion/hidden.py), and the nodes the last solve saw well.
         self.edge_rest: Optional[tuple] = None
         self._well_seen: Optional[torch.Tensor] = None
         # --hidden-rest auto and --rest-smoothing's default, by front-end (measured:
