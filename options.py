@@ -809,6 +809,15 @@ class FusionOptions:
                                         "many metres", gt=0)
     icp_max_normal_angle: float = opt(45.0, "point-to-plane term: ... and when the rendered and live "
                                             "normals differ by at most this many degrees", gt=0, le=180)
+    icp_reassociate: Optional[int] = opt(None, "point-to-plane term: after the solve, this many times "
+                                               "associate the model's points again with the live pixels "
+                                               "they project to at the motion just solved and solve again "
+                                               "from it (otherwise the associations of the previous motion "
+                                               "hold through the solve and pull a curved surface back "
+                                               "toward where it started); default 1 with the tracked "
+                                               "front-ends, 0 with --flow gt, whose exact flow pins the "
+                                               "motion (measured, BENCHMARKS.md); 0 = one solve",
+                                         ge=0, le=5)
     color_observations: int = opt(3, "a voxel's colour averages only its first this many "
                                      "observations, then stays (0 = all, up to --weight-cap): the "
                                      "rendered model's texture, which the flow tracks, then keeps "

@@ -48,6 +48,8 @@ def parse_args():
                         help="fuse.py's --texture-keyframes for the loop (0: the model's own colours)")
     parser.add_argument("--hidden-arap-iterations", type=int, default=FusionOptions.hidden_arap_iterations,
                         help="fuse.py's --hidden-arap-iterations for the loop (0: the blend alone)")
+    parser.add_argument("--icp-reassociate", type=int, default=FusionOptions.icp_reassociate,
+                        help="fuse.py's --icp-reassociate for the loop (default: fuse.py's, by front-end; 0: one solve)")
     parser.add_argument("--dis-normalize", type=float, default=TRACKER_DEFAULTS["dis_normalize"],
                         help="fuse.py's --dis-normalize for --flows dis (0: plain grey)")
     parser.add_argument("--dis-passes", type=int, default=TRACKER_DEFAULTS["dis_passes"],
@@ -95,7 +97,8 @@ def main():
         fusion = run_loop(root, flow, args.frames, args.checkpoint, args.refine_border,
                           {"dis_normalize": args.dis_normalize, "dis_passes": args.dis_passes},
                           texture_keyframes=args.texture_keyframes,
-                          hidden_arap_iterations=args.hidden_arap_iterations)
+                          hidden_arap_iterations=args.hidden_arap_iterations,
+                          icp_reassociate=args.icp_reassociate)
         logs = fusion.log[1:]
         means = [statistics.mean(e.steps.get(s, 0.0) for e in logs) for s in STEPS]
         total = statistics.mean(e.seconds for e in logs)

@@ -46,6 +46,8 @@ from options import FusionOptions, GraphOptions, SolverOptions
 STEPS = ("render", "flow", "solve", "integrate", "grow", "extract")
 # --rest-smoothing's default with a tracked front-end (1 with exact flow): BENCHMARKS.md.
 TRACKED_REST_SMOOTHING = 0.3
+# --icp-reassociate's default with a tracked front-end (0 with exact flow): BENCHMARKS.md.
+TRACKED_ICP_REASSOCIATE = 1
 
 
 @dataclass
@@ -108,6 +110,11 @@ class Fusion:
         self.rest_smoothing = options.rest_smoothing
         if self.rest_smoothing is None:
             self.rest_smoothing = 1.0 if flow == "gt" else TRACKED_REST_SMOOTHING
+        # --icp-reassociate: a second solve at the re-made associations lowers a tracked
+        # front-end's drift; with exact flow it changed nothing beyond noise (BENCHMARKS.md).
+        self.icp_reassociate = options.icp_reassociate
+        if self.icp_reassociate is None:
+            self.icp_reassociate = 0 if flow == "gt" else TRACKED_ICP_REASSOCIATE
 
     # ------------------------------------------------------------------------------------------
     # Motion state
@@ -303,6 +310,11 @@ class Fusion:
         # around its live position g'_k = g_k + t_k, so R <- dR R and t <- t + dt exactly.
         dR = result.rotations[0].cpu().float()
         dt = result.translations[0].cpu().float()
+        if problem.icp_sample is not None and self.icp_reassociate > 0:
+            tick = time.perf_counter()
+            dR, dt, energy = self._reassociate(frame, rendering, anchors, weights, target_points, normals, matches,
+                                               problem, rotations, translations, dR, dt, energy)
+            timings["solve"] += time.perf_counter() - tick
         if o.hidden_support > 0:
             dR, dt = self._follow_visible(dR, dt, rotations, translations, matches)
         return dR @ rotations, translations + dt, status, message, count, energy
@@ -429,33 +441,76 @@ class Fusion:
         dt[hidden] = t[hidden] - translations[hidden]
         return dR, dt
 
+    def _reassociate(self, frame: Frame, rendering: Rendering, anchors: np.ndarray, weights: np.ndarray,
+                     target_points: torch.Tensor, normals: torch.Tensor, matches, problem: SolverProblem,
+                     rotations: torch.Tensor, translations: torch.Tensor, dR: torch.Tensor, dt: torch.Tensor,
+                     energy: float):
+        """--icp-reassociate: the point-to-plane associations were made at the previous motion
+        and stay fixed through the solve's iterations, where on a curved surface they pull every
+        point back toward the live point it started over (a spring of the curvature's order
+        against the flow). Here each round warps the rendered canonical points by the motion
+        just solved, associates them again with the live pixel each now projects to, and
+        solves again from that motion, the flow's matches unchanged (their source points warped
+        alike). A failed round keeps the motion before it. Returns the increments on top of
+        (rotations, translations) and the last energy."""
+        R, t = dR @ rotations, translations + dt
+        canonical = torch.from_numpy(np.nan_to_num(rendering.canonical[rendering.mask]))
+        pixel_anchors = torch.from_numpy(anchors[rendering.mask]).long()
+        pixel_weights = torch.from_numpy(weights[rendering.mask])
+        for round_ in range(self.icp_reassociate):
+            live = np.zeros_like(rendering.points)
+            live[rendering.mask] = warp_with_anchors(canonical, pixel_anchors.clamp(min=0), pixel_weights,
+                                                     self.graph.positions, R, t).numpy()
+            matches.source_points = torch.from_numpy(live.reshape(-1, 3))[matches.pixel]
+            for name, value in self._icp_terms(rendering, anchors, weights, target_points, normals, live).items():
+                setattr(problem, name, value)
+            problem.nodes = (self.graph.positions + t)[None].float()
+            problem.source_points = matches.source_points
+            generator = torch.Generator().manual_seed(frame.frame_id * 8 + round_ + 1)
+            with torch.no_grad():
+                result = solve(problem, self.solver_options, generator)
+            if not bool(result.valid[0]):
+                break
+            R, t = result.rotations[0].cpu().float() @ R, t + result.translations[0].cpu().float()
+            energy = result.energies[0][-1] if result.energies[0] else energy
+        return R @ torch.linalg.inv(rotations), t - translations, energy
+
     def _icp_terms(self, rendering: Rendering, anchors: np.ndarray, weights: np.ndarray,
-                   target_points: torch.Tensor, normals: torch.Tensor) -> Dict[str, torch.Tensor]:
+                   target_points: torch.Tensor, normals: torch.Tensor,
+                   live: Optional[np.ndarray] = None) -> Dict[str, torch.Tensor]:
         """Projective point-to-plane associations (DynamicFusion's depth data term): every
-        --icp-stride-th rendered model pixel, whose live point sits at the previous motion and
-        so projects to its own pixel, against the live point and normal there. Kept where the
-        live depth is valid and off a depth jump, within --icp-max-distance of the rendered
-        depth and with normals within --icp-max-normal-angle. Dense where the flow is sparse:
-        weak texture leaves DIS little to match, the depth still constrains the motion along
-        every normal of the model (tangential motion stays the flow's and ARAP's)."""
+        --icp-stride-th rendered model pixel's live point (`live`, (H, W, 3); default the
+        rendering's, at the previous motion, which projects to its own pixel) against the live
+        point and normal at the pixel it projects to. Kept where the live depth is valid and off
+        a depth jump, within --icp-max-distance of the point's depth and with normals within
+        --icp-max-normal-angle. Dense where the flow is sparse: weak texture leaves DIS little
+        to match, the depth still constrains the motion along every normal of the model
+        (tangential motion stays the flow's and ARAP's)."""
         o = self.options
         H, W = rendering.mask.shape
+        live = rendering.points if live is None else live
         sub = np.zeros((H, W), bool)
         sub[::o.icp_stride, ::o.icp_stride] = True
-        live = target_points.numpy()
-        ok = sub & rendering.mask & (live[..., 2] > 0) & (anchors >= 0).all(axis=-1)
-        ok &= np.abs(live[..., 2] - rendering.depth) <= o.icp_max_distance
-        cos = (normals.numpy() * rendering.normals).sum(axis=-1)
+        ys, xs = np.nonzero(sub & rendering.mask & (anchors >= 0).all(axis=-1) & (live[..., 2] > 0))
+        source = live[ys, xs]
+        i = self.intrinsics
+        u = np.round(source[:, 0] / source[:, 2] * i["fx"] + i["cx"]).astype(np.int64)
+        v = np.round(source[:, 1] / source[:, 2] * i["fy"] + i["cy"]).astype(np.int64)
+        inside = (u >= 0) & (u < W) & (v >= 0) & (v < H)
+        ys, xs, source, u, v = ys[inside], xs[inside], source[inside], u[inside], v[inside]
+        target = target_points.numpy()[v, u]
+        ok = (target[:, 2] > 0) & (np.abs(target[:, 2] - source[:, 2]) <= o.icp_max_distance)
+        cos = (normals.numpy()[v, u] * rendering.normals[ys, xs]).sum(axis=-1)
         ok &= cos >= np.cos(np.radians(o.icp_max_normal_angle))
         if o.edge_margin > 0:
-            ok &= ~image_proc.depth_boundary_mask(target_points, o.edge_margin, o.edge_jump).numpy()
-        ys, xs = np.nonzero(ok)
+            ok &= ~image_proc.depth_boundary_mask(target_points, o.edge_margin, o.edge_jump).numpy()[v, u]
+        ys, xs, source, u, v = ys[ok], xs[ok], source[ok], u[ok], v[ok]
         return {"icp_sample": torch.zeros(ys.shape[0], dtype=torch.int64),
-                "icp_source_points": torch.from_numpy(rendering.points[ys, xs]),
+                "icp_source_points": torch.from_numpy(np.ascontiguousarray(source)),
                 "icp_anchors": torch.from_numpy(anchors[ys, xs]).long(),
                 "icp_anchor_weights": torch.from_numpy(weights[ys, xs]),
-                "icp_target_points": target_points[ys, xs].float(),
-                "icp_target_normals": normals[ys, xs].float(),
+                "icp_target_points": target_points[v, u].float(),
+                "icp_target_normals": normals[v, u].float(),
                 "icp_weights": torch.ones(ys.shape[0])}
 
     def _edges(self, points: torch.Tensor) -> np.ndarray:
