@@ -312,8 +312,9 @@ class Fusion:
         dt = result.translations[0].cpu().float()
         if problem.icp_sample is not None and self.icp_reassociate > 0:
             tick = time.perf_counter()
-            dR, dt, energy = self._reassociate(frame, rendering, anchors, weights, target_points, normals, matches,
-                                               problem, rotations, translations, dR, dt, energy)
+            dR, dt, energy, note = self._reassociate(frame, rendering, anchors, weights, target_points, normals,
+                                                     matches, problem, rotations, translations, dR, dt, energy)
+            message = "; ".join(m for m in (message, note) if m)
             timings["solve"] += time.perf_counter() - tick
         if o.hidden_support > 0:
             dR, dt = self._follow_visible(dR, dt, rotations, translations, matches)
@@ -451,12 +452,16 @@ class Fusion:
         against the flow). Here each round warps the rendered canonical points by the motion
         just solved, associates them again with the live pixel each now projects to, and
         solves again from that motion, the flow's matches unchanged (their source points warped
-        alike). A failed round keeps the motion before it. Returns the increments on top of
-        (rotations, translations) and the last energy."""
+        alike). The normal check keeps the rendered normals (one frame's rotation is far below
+        --icp-max-normal-angle). A failed round keeps the motion before it and says so in the
+        returned note (frames.csv's message). `matches` and `problem` are updated in place.
+        Returns the increments on top of (rotations, translations), the last energy and the
+        note ("" when every round solved)."""
         R, t = dR @ rotations, translations + dt
         canonical = torch.from_numpy(np.nan_to_num(rendering.canonical[rendering.mask]))
         pixel_anchors = torch.from_numpy(anchors[rendering.mask]).long()
         pixel_weights = torch.from_numpy(weights[rendering.mask])
+        note = ""
         for round_ in range(self.icp_reassociate):
             live = np.zeros_like(rendering.points)
             live[rendering.mask] = warp_with_anchors(canonical, pixel_anchors.clamp(min=0), pixel_weights,
@@ -470,10 +475,11 @@ class Fusion:
             with torch.no_grad():
                 result = solve(problem, self.solver_options, generator)
             if not bool(result.valid[0]):
+                note = f"re-associated solve {round_ + 1} failed ({result.messages[0]}): the motion before it kept"
                 break
             R, t = result.rotations[0].cpu().float() @ R, t + result.translations[0].cpu().float()
             energy = result.energies[0][-1] if result.energies[0] else energy
-        return R @ torch.linalg.inv(rotations), t - translations, energy
+        return R @ torch.linalg.inv(rotations), t - translations, energy, note
 
     def _icp_terms(self, rendering: Rendering, anchors: np.ndarray, weights: np.ndarray,
                    target_points: torch.Tensor, normals: torch.Tensor,

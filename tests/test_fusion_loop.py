@@ -543,3 +543,38 @@ def test_reassociated_point_to_plane_terms_follow_the_solved_motion(tmp_path):
         errors[weight, rounds] = float((warped - torch.from_numpy(truth[5])[kept]).norm(dim=1).mean())
     assert errors[300.0, 1] < 0.8 * errors[300.0, 0], errors
     assert errors[0.0, 1] == errors[0.0, 0], errors
+
+
+def test_failed_reassociated_solve_keeps_the_first_motion_and_says_so(sequence_dir, tmp_path, monkeypatch):
+    """A re-associated solve that fails (here: a node cap it exceeds) leaves the frame with the
+    first solve's motion, not failed, and its message says which solve failed and why."""
+    import dataclasses
+
+    import fusion.loop as loop
+    from fusion.gt import GroundTruth
+    root, _, _ = sequence_dir
+    sequence = Sequence(root, "0:2")
+    solver = solver_options()
+    original, motions = loop.solve, {}
+    for fail in (False, True):
+        calls = []
+
+        def solve(problem, options, generator, fail=fail, calls=calls):
+            calls.append(1)
+            if fail and len(calls) == 2:
+                options = dataclasses.replace(options, max_nodes=1)
+            return original(problem, options, generator)
+
+        monkeypatch.setattr(loop, "solve", solve)
+        fusion = loop.Fusion(sequence, fusion_options(root, str(tmp_path / str(fail)), icp_reassociate=1), solver,
+                             Tracker(TrackerOptions(flow="gt"), solver), GroundTruth(root, 0))
+        fusion.first_frame(sequence.read(0), sequence.first_mask(None, None)[0])
+        entry = fusion.step(sequence.read(1))
+        assert len(calls) == 2 and entry.status != "failed"
+        motions[fail] = fusion.translations.clone()
+        if fail:
+            assert "re-associated solve 1 failed (too many nodes" in entry.message, entry.message
+        else:
+            assert "re-associated" not in entry.message
+    # Without the second solve's update the motion is the first solve's, not the re-solved one.
+    assert not torch.allclose(motions[False], motions[True])
