@@ -32,6 +32,7 @@ import torch
 from dataset.graph import GraphError, build_graph
 from fusion.graph import NodeGraph, blend_motions, inverse_warp, knn, warp_with_anchors
 from fusion.gt import GroundTruth
+from fusion.depth_term import pixel_normals, point_to_plane_terms
 from fusion.hidden import arap_extension, fade_edge_rest, update_edge_rest
 from fusion.refine import masked_lucas_kanade
 from fusion.render import Rendering, render
@@ -284,7 +285,7 @@ class Fusion:
         for name in ("sample", "pixel", "source_points", "anchors", "anchor_weights", "target_pixels",
                      "target_depth", "weights"):
             setattr(matches, name, getattr(matches, name).cpu())
-        normals = _normals(target_points)
+        normals = pixel_normals(target_points)
         keep = self._filter_matches(matches, rendering.normals, target_points, normals)
         for name in ("sample", "pixel", "source_points", "anchors", "anchor_weights", "target_pixels",
                      "target_depth", "weights"):
@@ -484,40 +485,12 @@ class Fusion:
     def _icp_terms(self, rendering: Rendering, anchors: np.ndarray, weights: np.ndarray,
                    target_points: torch.Tensor, normals: torch.Tensor,
                    live: Optional[np.ndarray] = None) -> Dict[str, torch.Tensor]:
-        """Projective point-to-plane associations (DynamicFusion's depth data term): every
-        --icp-stride-th rendered model pixel's live point (`live`, (H, W, 3); default the
-        rendering's, at the previous motion, which projects to its own pixel) against the live
-        point and normal at the pixel it projects to. Kept where the live depth is valid and off
-        a depth jump, within --icp-max-distance of the point's depth and with normals within
-        --icp-max-normal-angle. Dense where the flow is sparse: weak texture leaves DIS little
-        to match, the depth still constrains the motion along every normal of the model
-        (tangential motion stays the flow's and ARAP's)."""
+        """The problem's point-to-plane terms (fusion/depth_term.py) of the rendered model's
+        points, at the previous motion (`live` None: the rendering's own) or as given."""
         o = self.options
-        H, W = rendering.mask.shape
-        live = rendering.points if live is None else live
-        sub = np.zeros((H, W), bool)
-        sub[::o.icp_stride, ::o.icp_stride] = True
-        ys, xs = np.nonzero(sub & rendering.mask & (anchors >= 0).all(axis=-1) & (live[..., 2] > 0))
-        source = live[ys, xs]
-        i = self.intrinsics
-        u = np.round(source[:, 0] / source[:, 2] * i["fx"] + i["cx"]).astype(np.int64)
-        v = np.round(source[:, 1] / source[:, 2] * i["fy"] + i["cy"]).astype(np.int64)
-        inside = (u >= 0) & (u < W) & (v >= 0) & (v < H)
-        ys, xs, source, u, v = ys[inside], xs[inside], source[inside], u[inside], v[inside]
-        target = target_points.numpy()[v, u]
-        ok = (target[:, 2] > 0) & (np.abs(target[:, 2] - source[:, 2]) <= o.icp_max_distance)
-        cos = (normals.numpy()[v, u] * rendering.normals[ys, xs]).sum(axis=-1)
-        ok &= cos >= np.cos(np.radians(o.icp_max_normal_angle))
-        if o.edge_margin > 0:
-            ok &= ~image_proc.depth_boundary_mask(target_points, o.edge_margin, o.edge_jump).numpy()[v, u]
-        ys, xs, source, u, v = ys[ok], xs[ok], source[ok], u[ok], v[ok]
-        return {"icp_sample": torch.zeros(ys.shape[0], dtype=torch.int64),
-                "icp_source_points": torch.from_numpy(np.ascontiguousarray(source)),
-                "icp_anchors": torch.from_numpy(anchors[ys, xs]).long(),
-                "icp_anchor_weights": torch.from_numpy(weights[ys, xs]),
-                "icp_target_points": target_points[v, u].float(),
-                "icp_target_normals": normals[v, u].float(),
-                "icp_weights": torch.ones(ys.shape[0])}
+        return point_to_plane_terms(rendering.mask, rendering.points if live is None else live, rendering.normals,
+                                    anchors, weights, target_points, normals, self.intrinsics, o.icp_stride,
+                                    o.icp_max_distance, o.icp_max_normal_angle, o.edge_margin, o.edge_jump)
 
     def _edges(self, points: torch.Tensor) -> np.ndarray:
         """Pixels within --edge-margin pixels of a depth jump (their depth mixes the object with
@@ -529,7 +502,7 @@ class Fusion:
             edges = image_proc.depth_boundary_mask(points, o.edge_margin, o.edge_jump).numpy()
         if o.max_view_angle < 90:
             # Surface seen at a grazing angle: its depth smears along the ray.
-            normals = _normals(points)
+            normals = pixel_normals(points)
             rays = points / points.norm(dim=-1, keepdim=True).clamp(min=1e-9)
             cos = -(normals * rays).sum(dim=-1)
             edges |= ((cos < np.cos(np.radians(o.max_view_angle))) & (normals.norm(dim=-1) > 0)).numpy()
@@ -690,20 +663,3 @@ def node_support(matches, count: int) -> torch.Tensor:
                        (matches.anchor_weights * matches.weights[:, None]).reshape(-1).double())
     return support
 
-
-def _normals(points: torch.Tensor) -> torch.Tensor:
-    """(H, W, 3) points -> (H, W, 3) unit normals towards the camera from central differences
-    (zero where a neighbour is missing)."""
-    p = points
-    dx = torch.zeros_like(p)
-    dy = torch.zeros_like(p)
-    dx[:, 1:-1] = p[:, 2:] - p[:, :-2]
-    dy[1:-1] = p[2:] - p[:-2]
-    n = torch.cross(dx, dy, dim=-1)
-    ok = (p[..., 2] > 0)
-    ok[:, 1:-1] &= (p[:, 2:, 2] > 0) & (p[:, :-2, 2] > 0)
-    ok[1:-1] &= (p[2:, ..., 2] > 0) & (p[:-2, ..., 2] > 0)
-    n = torch.where(ok[..., None], n, torch.zeros_like(n))
-    n = n / n.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-    flip = (n * p).sum(dim=-1) > 0
-    return torch.where(flip[..., None], -n, n)

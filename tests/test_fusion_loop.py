@@ -284,7 +284,8 @@ def test_point_to_plane_associations_measure_the_depth_offset(sequence_dir, tmp_
     """The projective associations of the rendered model with the live depth: on the frame the
     model was made from they agree to a fraction of a voxel; moving the live depth 1 cm away
     from the camera moves every residual n . (x - y) by about n . (0, 0, 1 cm) scaled by depth."""
-    from fusion.loop import Fusion, _normals
+    from fusion.depth_term import pixel_normals
+    from fusion.loop import Fusion
     from model import image_proc
     root, _, _ = sequence_dir
     options = fusion_options(root, str(tmp_path / "icp"))
@@ -297,7 +298,7 @@ def test_point_to_plane_associations_measure_the_depth_offset(sequence_dir, tmp_
     for shift in (0.0, 0.01):
         depth = torch.from_numpy(np.where(frame.depth > 0, frame.depth + shift, 0).astype(np.float32))
         points = image_proc.backproject_depth(depth, sequence.intrinsics, sequence.max_depth)
-        terms = fusion._icp_terms(rendering, anchors, weights, points, _normals(points))
+        terms = fusion._icp_terms(rendering, anchors, weights, points, pixel_normals(points))
         P = terms["icp_sample"].shape[0]
         assert P > 0.1 * rendering.mask.sum() / options.icp_stride ** 2
         assert (terms["icp_anchors"] >= 0).all() and torch.allclose(terms["icp_target_normals"].norm(dim=1),
@@ -310,7 +311,7 @@ def test_point_to_plane_associations_measure_the_depth_offset(sequence_dir, tmp_
     # Beyond --icp-max-distance nothing is associated.
     depth = torch.from_numpy(np.where(frame.depth > 0, frame.depth + 2 * options.icp_max_distance, 0).astype(np.float32))
     points = image_proc.backproject_depth(depth, sequence.intrinsics, sequence.max_depth)
-    assert fusion._icp_terms(rendering, anchors, weights, points, _normals(points))["icp_sample"].numel() == 0
+    assert fusion._icp_terms(rendering, anchors, weights, points, pixel_normals(points))["icp_sample"].numel() == 0
 
 
 def _hidden_graph():
