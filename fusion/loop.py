@@ -30,9 +30,9 @@ import numpy as np
 import torch
 
 from dataset.graph import GraphError, build_graph
+from fusion.depth_term import pixel_normals, point_to_plane_terms
 from fusion.graph import NodeGraph, blend_motions, inverse_warp, knn, warp_with_anchors
 from fusion.gt import GroundTruth
-from fusion.depth_term import pixel_normals, point_to_plane_terms
 from fusion.hidden import arap_extension, fade_edge_rest, update_edge_rest
 from fusion.refine import masked_lucas_kanade
 from fusion.render import Rendering, render
