@@ -11,7 +11,6 @@ from typing import Dict
 import numpy as np
 import torch
 
-from model import image_proc
 
 
 def pixel_normals(points: torch.Tensor) -> torch.Tensor:
@@ -35,16 +34,16 @@ def pixel_normals(points: torch.Tensor) -> torch.Tensor:
 def point_to_plane_terms(mask: np.ndarray, live: np.ndarray, model_normals: np.ndarray, anchors: np.ndarray,
                          weights: np.ndarray, target_points: torch.Tensor, normals: torch.Tensor,
                          intrinsics: Dict[str, float], stride: int, max_distance: float,
-                         max_normal_angle: float, edge_margin: int, edge_jump: float) -> Dict[str, torch.Tensor]:
+                         max_normal_angle: float, boundary: np.ndarray) -> Dict[str, torch.Tensor]:
     """The SolverProblem's icp_* fields for one frame.
 
     mask (H, W) bool: the rendered model's pixels; live (H, W, 3) float32: their model points at
     the motion the terms are made at; model_normals (H, W, 3): the rendered normals (the normal
     check); anchors (H, W, 4) int, weights (H, W, 4): each pixel's anchors; target_points,
-    normals (H, W, 3): the live frame's points and pixel_normals. Every `stride`-th model pixel
-    in each direction is associated with the live pixel its point projects to, and kept where the
-    live depth is valid and off a depth jump (within `edge_margin` px of one over `edge_jump` m),
-    within `max_distance` m of the point's depth and with normals within `max_normal_angle`
+    normals (H, W, 3): the live frame's points and pixel_normals; boundary (H, W) bool: its
+    pixels at a depth jump. Every `stride`-th model pixel in each direction is associated with
+    the live pixel its point projects to, and kept where the live depth is valid and off a depth
+    jump, within `max_distance` m of the point's depth and with normals within `max_normal_angle`
     degrees. Dense where the flow is sparse: weak texture leaves DIS little to match, the depth
     still constrains the motion along every normal of the model (tangential motion stays the
     flow's and ARAP's)."""
@@ -61,8 +60,7 @@ def point_to_plane_terms(mask: np.ndarray, live: np.ndarray, model_normals: np.n
     ok = (target[:, 2] > 0) & (np.abs(target[:, 2] - source[:, 2]) <= max_distance)
     cos = (normals.numpy()[v, u] * model_normals[ys, xs]).sum(axis=-1)
     ok &= cos >= np.cos(np.radians(max_normal_angle))
-    if edge_margin > 0:
-        ok &= ~image_proc.depth_boundary_mask(target_points, edge_margin, edge_jump).numpy()[v, u]
+    ok &= ~boundary[v, u]
     ys, xs, source, u, v = ys[ok], xs[ok], source[ok], u[ok], v[ok]
     return {"icp_sample": torch.zeros(ys.shape[0], dtype=torch.int64),
             "icp_source_points": torch.from_numpy(np.ascontiguousarray(source)),

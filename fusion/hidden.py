@@ -109,8 +109,8 @@ def arap_extension(positions: torch.Tensor, edges: torch.Tensor, edge_weights: t
     the two, 0 for an absent one). `anchor` ties each hidden position weakly to its start, so a
     hidden part without an edge path to a seen node keeps that start. `rest`: the store of
     update_edge_rest (keys, vectors, frames; fade_edge_rest's for a faded one), the rest vector
-    of a directed edge in its first node's frame (q_j - q_i for an edge not in it). Returns (dR, dt) with the hidden nodes' rows replaced; the seen
-    nodes' rows unchanged.
+    of a directed edge in its first node's frame (q_j - q_i for an edge not in it). Returns
+    (dR, dt) with the hidden nodes' rows replaced; the seen nodes' rows unchanged.
     """
     N = positions.shape[0]
     ids = torch.nonzero(hidden).squeeze(1)

@@ -23,6 +23,7 @@ variants for comparison).
 """
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Dict, List, Optional
 
 import cv2
@@ -295,8 +296,13 @@ class Fusion:
         tick = time.perf_counter()
         problem = SolverProblem.from_matches(matches, batch["nodes"], batch["num_nodes"], batch["edges"],
                                              batch["edges_weights"], batch["clusters"], batch["intrinsics"])
+        associate = None
         if self.solver_options.icp_weight > 0 and o.tracking == "model":
-            for name, value in self._icp_terms(rendering, anchors, weights, target_points, normals).items():
+            # The live frame's depth jumps once for every association of this pass.
+            boundary = self._depth_jumps(target_points)
+            associate = partial(self._icp_terms, rendering, anchors, weights, target_points, normals,
+                                boundary=boundary)
+            for name, value in associate().items():
                 setattr(problem, name, value)
         generator = torch.Generator().manual_seed(frame.frame_id)
         with torch.no_grad():
@@ -311,10 +317,10 @@ class Fusion:
         # around its live position g'_k = g_k + t_k, so R <- dR R and t <- t + dt exactly.
         dR = result.rotations[0].cpu().float()
         dt = result.translations[0].cpu().float()
-        if problem.icp_sample is not None and self.icp_reassociate > 0:
+        if associate is not None and self.icp_reassociate > 0:
             tick = time.perf_counter()
-            dR, dt, energy, note = self._reassociate(frame, rendering, anchors, weights, target_points, normals,
-                                                     matches, problem, rotations, translations, dR, dt, energy)
+            dR, dt, energy, note = self._reassociate(frame, rendering, anchors, weights, associate, matches, problem,
+                                                     rotations, translations, dR, dt, energy)
             message = "; ".join(m for m in (message, note) if m)
             timings["solve"] += time.perf_counter() - tick
         if o.hidden_support > 0:
@@ -444,16 +450,15 @@ class Fusion:
         return dR, dt
 
     def _reassociate(self, frame: Frame, rendering: Rendering, anchors: np.ndarray, weights: np.ndarray,
-                     target_points: torch.Tensor, normals: torch.Tensor, matches, problem: SolverProblem,
-                     rotations: torch.Tensor, translations: torch.Tensor, dR: torch.Tensor, dt: torch.Tensor,
-                     energy: float):
+                     associate, matches, problem: SolverProblem, rotations: torch.Tensor,
+                     translations: torch.Tensor, dR: torch.Tensor, dt: torch.Tensor, energy: float):
         """--icp-reassociate: the point-to-plane associations were made at the previous motion
         and stay fixed through the solve's iterations, where on a curved surface they pull every
         point back toward the live point it started over (a spring of the curvature's order
         against the flow). Here each round warps the rendered canonical points by the motion
         just solved, associates them again with the live pixel each now projects to, and
         solves again from that motion, the flow's matches unchanged (their source points warped
-        alike). The normal check keeps the rendered normals (one frame's rotation is far below
+        alike; `associate(live)`: _icp_terms of this frame). The normal check keeps the rendered normals (one frame's rotation is far below
         --icp-max-normal-angle). A failed round keeps the motion before it and says so in the
         returned note (frames.csv's message). `matches` and `problem` are updated in place.
         Returns the increments on top of (rotations, translations), the last energy and the
@@ -468,7 +473,7 @@ class Fusion:
             live[rendering.mask] = warp_with_anchors(canonical, pixel_anchors.clamp(min=0), pixel_weights,
                                                      self.graph.positions, R, t).numpy()
             matches.source_points = torch.from_numpy(live.reshape(-1, 3))[matches.pixel]
-            for name, value in self._icp_terms(rendering, anchors, weights, target_points, normals, live).items():
+            for name, value in associate(live).items():
                 setattr(problem, name, value)
             problem.nodes = (self.graph.positions + t)[None].float()
             problem.source_points = matches.source_points
@@ -483,23 +488,31 @@ class Fusion:
         return R @ torch.linalg.inv(rotations), t - translations, energy, note
 
     def _icp_terms(self, rendering: Rendering, anchors: np.ndarray, weights: np.ndarray,
-                   target_points: torch.Tensor, normals: torch.Tensor,
-                   live: Optional[np.ndarray] = None) -> Dict[str, torch.Tensor]:
+                   target_points: torch.Tensor, normals: torch.Tensor, live: Optional[np.ndarray] = None,
+                   boundary: Optional[np.ndarray] = None) -> Dict[str, torch.Tensor]:
         """The problem's point-to-plane terms (fusion/depth_term.py) of the rendered model's
-        points, at the previous motion (`live` None: the rendering's own) or as given."""
+        points, at the previous motion (`live` None: the rendering's own) or as given; `boundary`
+        the live frame's _depth_jumps (computed when not given)."""
         o = self.options
+        if boundary is None:
+            boundary = self._depth_jumps(target_points)
         return point_to_plane_terms(rendering.mask, rendering.points if live is None else live, rendering.normals,
                                     anchors, weights, target_points, normals, self.intrinsics, o.icp_stride,
-                                    o.icp_max_distance, o.icp_max_normal_angle, o.edge_margin, o.edge_jump)
+                                    o.icp_max_distance, o.icp_max_normal_angle, boundary)
+
+    def _depth_jumps(self, points: torch.Tensor) -> np.ndarray:
+        """(H, W) bool: pixels within --edge-margin of a depth jump (none with 0)."""
+        o = self.options
+        if o.edge_margin <= 0:
+            return np.zeros(points.shape[:2], bool)
+        return image_proc.depth_boundary_mask(points, o.edge_margin, o.edge_jump).numpy()
 
     def _edges(self, points: torch.Tensor) -> np.ndarray:
         """Pixels within --edge-margin pixels of a depth jump (their depth mixes the object with
         what lies behind it: flying pixels that would grow false surface off its border), and
         pixels whose surface is seen more than --max-view-angle degrees off its normal."""
         o = self.options
-        edges = np.zeros(points.shape[:2], bool)
-        if o.edge_margin > 0:
-            edges = image_proc.depth_boundary_mask(points, o.edge_margin, o.edge_jump).numpy()
+        edges = self._depth_jumps(points)
         if o.max_view_angle < 90:
             # Surface seen at a grazing angle: its depth smears along the ray.
             normals = pixel_normals(points)
