@@ -823,11 +823,13 @@ class FusionOptions:
                                      "rendered model's texture, which the flow tracks, then keeps "
                                      "where the surface was first seen instead of following drift",
                                   ge=0)
-    hidden_support: float = opt(20.0, "nodes whose match support in a frame (sum of anchor x "
-                                     "correspondence weights) is below this take the motion "
-                                     "increment their nearest supported nodes predict (hidden "
-                                     "surface follows the seen one rigidly; 0 = off: ARAP alone)",
-                                ge=0)
+    hidden_support: Optional[float] = opt(None, "nodes whose match support in a frame (sum of anchor x "
+                                               "correspondence weights) is below this take the motion "
+                                               "increment their nearest supported nodes predict (hidden "
+                                               "surface follows the seen one rigidly; 0 = off: ARAP alone); "
+                                               "default 40 with the tracked front-ends, whose few matches "
+                                               "on a grazing border measure its motion short, 20 with "
+                                               "--flow gt (measured, BENCHMARKS.md)", ge=0)
     hidden_arap_iterations: int = opt(10, "--hidden-support's nodes then take the increments that "
                                           "the as-rigid-as-possible energy alone gives them with the "
                                           "seen nodes' increments fixed (this many local-global "

@@ -3,6 +3,7 @@ the generator's truth, or its true flow perturbed, then scored as `evaluate.py -
 
     python benchmarks/diagnose_fusion.py --sequence DIR --out OUT [fuse.py's flags]
         [--oracle-nodes seen|hidden] [--oracle-filter PX] [--flow gt --flow-scale S --flow-noise PX]
+        [--node-errors K]
 
 DIR must hold the generator's gt/ (python -m dataset.synthetic_sequence). Each diagnosis changes
 one thing and keeps everything else as fuse.py runs it:
@@ -19,6 +20,11 @@ one thing and keeps everything else as fuse.py runs it:
 --flow-scale S, --flow-noise PX
                        with --flow gt: the true flow times S (S < 1: a flow that measures motion
                        short) plus Gaussian noise of PX pixels per pixel (seeded by the frame id).
+--node-errors K        changes nothing: every K frames, prints how far the nodes' live positions
+                       are from the generator's, by the frame's match support of each node
+                       (bands SUPPORT_BANDS; under --hidden-support a node is hidden, extended
+                       from the others), and how far they were after the solve, before the
+                       extension of the hidden ones: where on the object the tracking goes wrong.
 Nodes inserted later are left alone: the generator's motion of a node is taken at its canonical
 position, which for a later node carries the model's error when it was inserted.
 """
@@ -36,6 +42,8 @@ from utils.checkpoints import build_tracker, default_checkpoint_for, parse_with_
 from utils.fusion_run import build_parser, run_fusion
 from utils.sequence_metrics import SequenceEvaluationError, evaluate_sequence, summary_lines
 
+SUPPORT_BANDS = (0.0, 20.0, 80.0, 400.0, float("inf"))
+
 
 def add_diagnosis_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group = parser.add_argument_group("diagnosis")
@@ -46,6 +54,8 @@ def add_diagnosis_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     group.add_argument("--flow-scale", type=float, default=1.0, help="--flow gt: scale of the true flow")
     group.add_argument("--flow-noise", type=float, default=0.0,
                        help="--flow gt: standard deviation (pixels) of noise added to the true flow")
+    group.add_argument("--node-errors", type=int, default=0,
+                       help="every this many frames print the node position errors by match support (0 = off)")
     return parser
 
 
@@ -92,11 +102,34 @@ class DiagnosticFusion(Fusion):
                   "of the matches", flush=True)
         return keep & good
 
+    def _node_errors(self, translations, dt_solved, dt_final, support) -> None:
+        """--node-errors: the first frame's nodes' live position errors (mm) by support band."""
+        first = self.graph.created == 0
+        nodes = self.graph.positions[first]
+        _, t = self.gt.node_motions(nodes, self._frame.frame_id, self.options.node_coverage)
+        solved = (translations + dt_solved)[first] - t
+        final = (translations + dt_final)[first] - t
+        row = [f"frame {self._frame.frame_id}: node error (mm) by match support"]
+        for low, high in zip(SUPPORT_BANDS[:-1], SUPPORT_BANDS[1:]):
+            band = (support[first] >= low) & (support[first] < high)
+            if band.any():
+                row.append(f"{low:g}-{high:g}: {int(band.sum())} nodes {1000 * float(final[band].norm(dim=1).mean()):.1f} "
+                           f"(solve {1000 * float(solved[band].norm(dim=1).mean()):.1f})")
+        print("; ".join(row), flush=True)
+
     def _follow_visible(self, dR, dt, rotations, translations, matches):
+        every = self.diagnosis.node_errors
+        if every > 0 and self._frame.frame_id % every == 0:
+            dR_final, dt_final = self._diagnosed_follow_visible(dR, dt, rotations, translations, matches)
+            self._node_errors(translations, dt, dt_final, node_support(matches, rotations.shape[0]))
+            return dR_final, dt_final
+        return self._diagnosed_follow_visible(dR, dt, rotations, translations, matches)
+
+    def _diagnosed_follow_visible(self, dR, dt, rotations, translations, matches):
         mode = self.diagnosis.oracle_nodes
         if mode is None:
             return super()._follow_visible(dR, dt, rotations, translations, matches)
-        seen = node_support(matches, rotations.shape[0]) >= self.options.hidden_support
+        seen = node_support(matches, rotations.shape[0]) >= self.hidden_support
         pick = (seen if mode == "seen" else ~seen) & (self.graph.created == 0)
         R, t = self.gt.node_motions(self.graph.positions, self._frame.frame_id, self.options.node_coverage)
 

@@ -50,6 +50,8 @@ STEPS = ("render", "flow", "solve", "integrate", "grow", "extract")
 TRACKED_REST_SMOOTHING = 0.3
 # --icp-reassociate's default with a tracked front-end (0 with exact flow): BENCHMARKS.md.
 TRACKED_ICP_REASSOCIATE = 1
+# --hidden-support's default with a tracked front-end and with exact flow: BENCHMARKS.md.
+TRACKED_HIDDEN_SUPPORT, EXACT_HIDDEN_SUPPORT = 40.0, 20.0
 
 
 @dataclass
@@ -117,6 +119,12 @@ class Fusion:
         self.icp_reassociate = options.icp_reassociate
         if self.icp_reassociate is None:
             self.icp_reassociate = 0 if flow == "gt" else TRACKED_ICP_REASSOCIATE
+        # --hidden-support: a tracked front-end's few matches on a grazing border (the flow there
+        # measured a fraction of the motion) fix a node worse than its well-seen neighbours'
+        # extrapolated motion does; exact flow's do not (BENCHMARKS.md).
+        self.hidden_support = options.hidden_support
+        if self.hidden_support is None:
+            self.hidden_support = EXACT_HIDDEN_SUPPORT if flow == "gt" else TRACKED_HIDDEN_SUPPORT
 
     # ------------------------------------------------------------------------------------------
     # Motion state
@@ -323,7 +331,7 @@ class Fusion:
                                                      rotations, translations, dR, dt, energy)
             message = "; ".join(m for m in (message, note) if m)
             timings["solve"] += time.perf_counter() - tick
-        if o.hidden_support > 0:
+        if self.hidden_support > 0:
             dR, dt = self._follow_visible(dR, dt, rotations, translations, matches)
         return dR @ rotations, translations + dt, status, message, count, energy
 
@@ -412,9 +420,9 @@ class Fusion:
         o = self.options
         live_nodes = self.graph.positions + translations
         support = node_support(matches, live_nodes.shape[0])
-        seen = support >= o.hidden_support
+        seen = support >= self.hidden_support
         if self.hidden_rest == "seen":
-            self._well_seen = support >= o.hidden_support * o.rest_support
+            self._well_seen = support >= self.hidden_support * o.rest_support
         hidden = torch.nonzero(~seen).squeeze(1)
         if hidden.numel() == 0 or int(seen.sum()) < 4:
             return dR, dt

@@ -356,14 +356,14 @@ def test_hidden_nodes_follow_the_seen_ones_rigidly():
     # The blend alone, and with the ARAP extension after it (fusion/hidden.py) against either
     # shape (the same here: the previous motion is the identity): all exact.
     for iterations, rest in ((0, "canonical"), (10, "canonical"), (10, "previous")):
-        fusion = SimpleNamespace(options=FusionOptions(hidden_support=2.0, node_coverage=0.05, hidden_rest=rest,
+        fusion = SimpleNamespace(options=FusionOptions(node_coverage=0.05, hidden_rest=rest,
                                                        hidden_arap_iterations=iterations), graph=graph,
-                                 hidden_rest=rest, edge_rest=None)
+                                 hidden_rest=rest, edge_rest=None, hidden_support=2.0)
         R_out, t_out = Fusion._follow_visible(fusion, dR, dt, identity, zero, matches)
         assert torch.allclose(R_out, R, atol=1e-5)
         assert torch.allclose(t_out, expected_t, atol=1e-6)
     # Off below the threshold: nothing changes when every node is supported.
-    fusion.options = FusionOptions(hidden_support=1e-9)
+    fusion.hidden_support = 1e-9
     dR2, dt2 = Fusion._follow_visible(fusion, dR, dt, identity, zero, SimpleNamespace(
         anchors=torch.arange(N).repeat(4, 1).T, anchor_weights=torch.full((N, 4), 0.25), weights=torch.ones(N)))
     assert torch.equal(dR2, dR) and torch.equal(dt2, dt)
@@ -388,9 +388,9 @@ def test_hidden_rest_canonical_undoes_an_earlier_distortion():
     dR, dt = torch.eye(3).expand(N, 3, 3).clone(), torch.zeros(N, 3)
     errors = {}
     for rest in ("canonical", "previous"):
-        fusion = SimpleNamespace(options=FusionOptions(hidden_support=2.0, node_coverage=0.05, hidden_rest=rest,
+        fusion = SimpleNamespace(options=FusionOptions(node_coverage=0.05, hidden_rest=rest,
                                                        hidden_arap_iterations=200), graph=graph,
-                                 hidden_rest=rest, edge_rest=None)
+                                 hidden_rest=rest, edge_rest=None, hidden_support=2.0)
         out_R, out_t = Fusion._follow_visible(fusion, dR, dt, rotations, translations, matches)
         assert torch.equal(out_R[~hidden], dR[~hidden]) and torch.equal(out_t[~hidden], dt[~hidden])
         errors[rest] = ((translations + out_t - truth_t)[hidden].norm(dim=1).max(),
@@ -409,9 +409,8 @@ def test_hidden_rest_canonical_keeps_rotations_orthonormal():
     from model.warp import so3_exp
     graph, hidden, matches = _hidden_graph()
     N = graph.positions.shape[0]
-    fusion = SimpleNamespace(options=FusionOptions(hidden_support=2.0, node_coverage=0.05,
-                                                   hidden_arap_iterations=3), graph=graph,
-                             hidden_rest="canonical", edge_rest=None)
+    fusion = SimpleNamespace(options=FusionOptions(node_coverage=0.05, hidden_arap_iterations=3), graph=graph,
+                             hidden_rest="canonical", edge_rest=None, hidden_support=2.0)
     gen = torch.Generator().manual_seed(2)
     rotations, translations = torch.eye(3).expand(N, 3, 3).clone(), torch.zeros(N, 3)
     for _ in range(60):
@@ -498,22 +497,24 @@ def test_hidden_rest_seen_keeps_the_seen_edges_through_a_resume(sequence_dir, tm
 def test_hidden_rest_auto_and_smoothing_by_front_end(sequence_dir, tmp_path):
     """auto: the seen rest with exact flow (kept as last seen), the canonical one with the
     tracked front-ends (whose seen shapes, with --hidden-rest seen, are averaged over the frames
-    that saw them); the point-to-plane terms re-associated once with the tracked front-ends;
-    explicit choices win."""
-    from fusion.loop import TRACKED_ICP_REASSOCIATE, TRACKED_REST_SMOOTHING, Fusion
+    that saw them); the point-to-plane terms re-associated once and a higher hidden-node support
+    with the tracked front-ends; explicit choices win."""
+    from fusion.loop import (EXACT_HIDDEN_SUPPORT, TRACKED_HIDDEN_SUPPORT, TRACKED_ICP_REASSOCIATE,
+                             TRACKED_REST_SMOOTHING, Fusion)
     root, _, _ = sequence_dir
     sequence = Sequence(root, "0:2")
-    for flow, rest, smoothing, rounds in (("gt", "seen", 1.0, 0),
-                                          ("dis", "canonical", TRACKED_REST_SMOOTHING, TRACKED_ICP_REASSOCIATE),
-                                          (None, "canonical", TRACKED_REST_SMOOTHING, TRACKED_ICP_REASSOCIATE)):
+    tracked = ("canonical", TRACKED_REST_SMOOTHING, TRACKED_ICP_REASSOCIATE, TRACKED_HIDDEN_SUPPORT)
+    for flow, expected in (("gt", ("seen", 1.0, 0, EXACT_HIDDEN_SUPPORT)), ("dis", tracked), (None, tracked)):
         tracker = None if flow is None else Tracker(TrackerOptions(flow=flow), solver_options())
         fusion = Fusion(sequence, fusion_options(root, str(tmp_path / str(flow))), solver_options(), tracker)
         assert fusion.options.hidden_rest == "auto" and fusion.options.rest_smoothing is None
-        assert (fusion.hidden_rest, fusion.rest_smoothing, fusion.icp_reassociate) == (rest, smoothing, rounds)
+        assert fusion.options.hidden_support is None
+        assert (fusion.hidden_rest, fusion.rest_smoothing, fusion.icp_reassociate, fusion.hidden_support) == expected
     explicit = Fusion(sequence, fusion_options(root, str(tmp_path / "x"), hidden_rest="previous", rest_smoothing=0.5,
-                                               icp_reassociate=2),
+                                               icp_reassociate=2, hidden_support=5.0),
                       solver_options(), Tracker(TrackerOptions(flow="gt"), solver_options()))
-    assert (explicit.hidden_rest, explicit.rest_smoothing, explicit.icp_reassociate) == ("previous", 0.5, 2)
+    assert (explicit.hidden_rest, explicit.rest_smoothing, explicit.icp_reassociate,
+            explicit.hidden_support) == ("previous", 0.5, 2, 5.0)
 
 
 def test_reassociated_point_to_plane_terms_follow_the_solved_motion(tmp_path):
