@@ -580,3 +580,31 @@ def test_failed_reassociated_solve_keeps_the_first_motion_and_says_so(sequence_d
             assert "re-associated" not in entry.message
     # Without the second solve's update the motion is the first solve's, not the re-solved one.
     assert not torch.allclose(motions[False], motions[True])
+
+
+def test_diagnosis_node_errors_report_by_support_and_change_nothing(sequence_dir, tmp_path, capsys):
+    """benchmarks/diagnose_fusion.py --node-errors K prints the first frame's nodes' errors
+    against the generator by match support every K frames, and the run ends as without it."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("diagnose_fusion",
+                                                  os.path.join(REPO, "benchmarks", "diagnose_fusion.py"))
+    diagnose = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diagnose)
+    root, _, _ = sequence_dir
+    common = ["--sequence", root, "--flow", "gt", "--quiet", "--no-video", "--threads", "1",
+              "--voxel-size", "0.005", "--truncation", "0.02"]
+    printed = {}
+    for every in (0, 2):
+        out = str(tmp_path / f"every{every}")
+        assert diagnose.main(common + ["--out", out, "--node-errors", str(every)]) == 0
+        printed[every] = capsys.readouterr().out
+    lines = [line for line in printed[2].splitlines() if "node error (mm) by match support" in line]
+    assert [line.split(":")[0] for line in lines] == ["frame 2", "frame 4"], printed[2]
+    assert all("nodes" in line and "(solve " in line for line in lines)
+    assert "node error" not in printed[0]
+    scores = [[line for line in printed[every].splitlines() if line.startswith("Deformation error")]
+              for every in (0, 2)]
+    assert scores[0] and scores[0] == scores[1]
+    a, fa = read_ply_vertices(os.path.join(tmp_path, "every0", "canonical.ply"))
+    b, fb = read_ply_vertices(os.path.join(tmp_path, "every2", "canonical.ply"))
+    assert np.array_equal(fa, fb) and np.array_equal(a, b)
