@@ -836,9 +836,8 @@ class FusionOptions:
                                           "iterations from the blended start; 0 = the blend alone)",
                                       ge=0)
     hidden_rest: str = opt("auto", "--hidden-arap-iterations keep the hidden nodes as rigid as "
-                                        "possible against this shape: 'auto' (seen with --flow gt, "
-                                        "whose seen shapes are exact, canonical with the tracked "
-                                        "front-ends: measured, BENCHMARKS.md), 'canonical' "
+                                        "possible against this shape: 'auto' (seen, with every "
+                                        "front-end: measured, BENCHMARKS.md), 'canonical' "
                                         "(the graph's rest shape: what a hidden region's shape got "
                                         "wrong in earlier frames is undone), 'seen' (each graph "
                                         "edge's shape when its two nodes were last seen well, "

@@ -104,13 +104,14 @@ class Fusion:
         self._well_seen: Optional[torch.Tensor] = None
         # --hidden-rest auto and --rest-smoothing's default, by front-end (measured:
         # BENCHMARKS.md): exact flow's seen shapes are kept as they were last seen; a tracked
-        # front-end's carry its errors, so with the seen rest they are averaged over the frames
-        # that saw them, and auto keeps the canonical rest for them (the averaged seen rest was
-        # no better on sequences not used to tune it).
+        # front-end's carry its errors, so they are averaged over the frames that saw them. auto
+        # is the seen rest with every front-end since the tracked front-ends' weakly supported
+        # nodes follow their neighbours (--hidden-support 40); with 20 the averaged seen rest
+        # was no better than the canonical one on sequences not used to tune it.
         flow = tracker.options.flow if tracker is not None else None
         self.hidden_rest = options.hidden_rest
         if self.hidden_rest == "auto":
-            self.hidden_rest = "seen" if flow == "gt" else "canonical"
+            self.hidden_rest = "seen"
         self.rest_smoothing = options.rest_smoothing
         if self.rest_smoothing is None:
             self.rest_smoothing = 1.0 if flow == "gt" else TRACKED_REST_SMOOTHING

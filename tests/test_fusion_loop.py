@@ -495,15 +495,15 @@ def test_hidden_rest_seen_keeps_the_seen_edges_through_a_resume(sequence_dir, tm
 
 
 def test_hidden_rest_auto_and_smoothing_by_front_end(sequence_dir, tmp_path):
-    """auto: the seen rest with exact flow (kept as last seen), the canonical one with the
-    tracked front-ends (whose seen shapes, with --hidden-rest seen, are averaged over the frames
-    that saw them); the point-to-plane terms re-associated once and a higher hidden-node support
-    with the tracked front-ends; explicit choices win."""
+    """auto: the seen rest with every front-end, kept as last seen with exact flow and averaged
+    over the frames that saw it with the tracked front-ends; the point-to-plane terms
+    re-associated once and a higher hidden-node support with the tracked front-ends; explicit
+    choices win."""
     from fusion.loop import (EXACT_HIDDEN_SUPPORT, TRACKED_HIDDEN_SUPPORT, TRACKED_ICP_REASSOCIATE,
                              TRACKED_REST_SMOOTHING, Fusion)
     root, _, _ = sequence_dir
     sequence = Sequence(root, "0:2")
-    tracked = ("canonical", TRACKED_REST_SMOOTHING, TRACKED_ICP_REASSOCIATE, TRACKED_HIDDEN_SUPPORT)
+    tracked = ("seen", TRACKED_REST_SMOOTHING, TRACKED_ICP_REASSOCIATE, TRACKED_HIDDEN_SUPPORT)
     for flow, expected in (("gt", ("seen", 1.0, 0, EXACT_HIDDEN_SUPPORT)), ("dis", tracked), (None, tracked)):
         tracker = None if flow is None else Tracker(TrackerOptions(flow=flow), solver_options())
         fusion = Fusion(sequence, fusion_options(root, str(tmp_path / str(flow))), solver_options(), tracker)
