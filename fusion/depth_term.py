@@ -12,7 +12,6 @@ import numpy as np
 import torch
 
 
-
 def pixel_normals(points: torch.Tensor) -> torch.Tensor:
     """(H, W, 3) points -> (H, W, 3) unit normals towards the camera from central differences
     (zero where a neighbour is missing)."""
