@@ -176,17 +176,22 @@ class TSDFVolume:
         vertices = mesh.vertex.positions.numpy().astype(np.float32)
         faces = mesh.triangle.indices.numpy().astype(np.int64)
         colors = np.clip(mesh.vertex.colors.numpy().astype(np.float32), 0, 1)
-        # Open3D emits vertices in thread order; sorting makes the mesh (and everything warped
-        # from it, a resumed run included) the same on every run.
-        order = np.lexsort(vertices.T[::-1])
-        rank = np.empty_like(order)
-        rank[order] = np.arange(order.size)
-        faces = rank[faces]
+        # Open3D emits vertices in thread order, and a surface through a voxel corner as several
+        # vertices at one position. Welding those (np.unique's rows come sorted) makes the mesh,
+        # and everything warped from it (a resumed run included), the same on every run: a stable
+        # sort alone kept tied copies in thread order.
+        vertices, inverse = np.unique(vertices, axis=0, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        count = np.bincount(inverse, minlength=vertices.shape[0]).astype(np.float32)[:, None]
+        colors = np.stack([np.bincount(inverse, colors[:, k], vertices.shape[0]) for k in range(3)], axis=1)
+        colors = (colors / count).astype(np.float32)
+        faces = inverse[faces]
+        faces = faces[(faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 0] != faces[:, 2])]
         # Each triangle starts at its smallest index, its winding (the normal) kept.
         start = np.argmin(faces, axis=1)[:, None]
         faces = np.take_along_axis(faces, (start + np.arange(3)[None]) % 3, axis=1)
-        faces = faces[np.lexsort(faces.T[::-1])]
-        return vertices[order], faces, colors[order]
+        faces = np.unique(faces, axis=0)
+        return vertices, faces, colors
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         n = self.num_blocks

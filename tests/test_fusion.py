@@ -164,6 +164,31 @@ def test_static_scene_mesh_within_half_a_voxel():
     assert volume.num_blocks < 0.6 * bbox_blocks
 
 
+def test_mesh_welds_vertices_and_is_independent_of_the_block_order():
+    """A TSDF whose zero level passes through voxel centres (Open3D's marching cubes then emits
+    one vertex per cut edge there, several at one position) and a tilted, non-planar one: the
+    mesh has one vertex per position, no degenerate face, and is the same whatever order the
+    blocks were allocated in (Open3D's vertex order follows its threads and hash slots)."""
+    voxel, trunc = 0.01, 0.03
+    keys = torch.tensor([[x, y, z] for x in range(-1, 2) for y in range(-1, 2) for z in range(3)], dtype=torch.int32)
+    meshes = []
+    for order in (torch.arange(keys.shape[0]), torch.randperm(keys.shape[0], generator=torch.Generator().manual_seed(0))):
+        volume = TSDFVolume(voxel, trunc, 10.0)
+        volume._append(keys[order])
+        grid = voxel_positions(volume.keys, voxel).reshape(volume.num_blocks, 8, 8, 8, 3)   # (B, z, y, x, 3)
+        flat = (grid[..., 2] - 0.1) / trunc              # zero exactly on the voxel plane z = 0.1
+        bump = (grid[..., 2] - 0.12 - 0.3 * grid[..., 0] ** 2 - 0.1 * grid[..., 1]) / trunc
+        volume.tsdf[:volume.num_blocks] = torch.where(grid[..., 0] < 0, flat, bump).clamp(-1, 1)
+        volume.weight[:volume.num_blocks] = 1.0
+        volume.color[:volume.num_blocks] = grid.abs() * 100
+        meshes.append(volume.extract_mesh())
+    (v, f, c), (v2, f2, c2) = meshes
+    assert f.shape[0] > 100
+    assert np.unique(v, axis=0).shape[0] == v.shape[0], "vertices at one position were not welded"
+    assert ((f[:, 0] != f[:, 1]) & (f[:, 1] != f[:, 2]) & (f[:, 0] != f[:, 2])).all()
+    assert np.array_equal(v, v2) and np.array_equal(f, f2) and np.allclose(c, c2)
+
+
 def test_color_observations_keep_the_first_colours_and_average_the_geometry():
     volume, depth, image, mask, nodes, rotations, translations = random_scene(seed=3)
     twin = TSDFVolume(volume.voxel_size, volume.truncation, volume.weight_cap)
