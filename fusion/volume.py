@@ -149,8 +149,8 @@ class TSDFVolume:
     def extract_mesh(self, weight_threshold: float = 0.5) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Marching cubes (Open3D's, on a VoxelBlockGrid filled with these arrays).
 
-        Returns vertices (V, 3) float32 canonical metres, faces (F, 3) int64, colours (V, 3)
-        float32 in [0, 1]. Empty arrays when there is no surface.
+        Returns vertices (V, 3) float32 canonical metres, one per position, sorted; faces (F, 3)
+        int64; colours (V, 3) float32 in [0, 1]. Empty arrays when there is no surface.
         """
         import open3d as o3d
         import open3d.core as o3c
