@@ -176,10 +176,10 @@ class TSDFVolume:
         vertices = mesh.vertex.positions.numpy().astype(np.float32)
         faces = mesh.triangle.indices.numpy().astype(np.int64)
         colors = np.clip(mesh.vertex.colors.numpy().astype(np.float32), 0, 1)
-        # Open3D emits vertices in thread order, and a surface through a voxel corner as several
-        # vertices at one position. Welding those (np.unique's rows come sorted) makes the mesh,
-        # and everything warped from it (a resumed run included), the same on every run: a stable
-        # sort alone kept tied copies in thread order.
+        # Open3D emits vertices in thread order, and a surface through a voxel (a TSDF of exactly 0
+        # there) as several vertices at one position. Welding those (np.unique's rows come
+        # sorted) makes the mesh, and everything warped from it (a resumed run included), the same
+        # on every run: a stable sort alone kept tied copies in thread order.
         vertices, inverse = np.unique(vertices, axis=0, return_inverse=True)
         inverse = inverse.reshape(-1)
         count = np.bincount(inverse, minlength=vertices.shape[0]).astype(np.float32)[:, None]

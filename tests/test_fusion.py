@@ -165,7 +165,7 @@ def test_static_scene_mesh_within_half_a_voxel():
 
 
 def test_mesh_welds_vertices_and_is_independent_of_the_block_order():
-    """A TSDF whose zero level passes through voxel centres (Open3D's marching cubes then emits
+    """A TSDF whose zero level passes exactly through voxels (Open3D's marching cubes then emits
     one vertex per cut edge there, several at one position) and a tilted, non-planar one: the
     mesh has one vertex per position, no degenerate face, and is the same whatever order the
     blocks were allocated in (Open3D's vertex order follows its threads and hash slots)."""
