@@ -118,12 +118,11 @@ class DiagnosticFusion(Fusion):
         print("; ".join(row), flush=True)
 
     def _follow_visible(self, dR, dt, rotations, translations, matches):
+        dR_final, dt_final = self._diagnosed_follow_visible(dR, dt, rotations, translations, matches)
         every = self.diagnosis.node_errors
         if every > 0 and self._frame.frame_id % every == 0:
-            dR_final, dt_final = self._diagnosed_follow_visible(dR, dt, rotations, translations, matches)
             self._node_errors(translations, dt, dt_final, node_support(matches, rotations.shape[0]))
-            return dR_final, dt_final
-        return self._diagnosed_follow_visible(dR, dt, rotations, translations, matches)
+        return dR_final, dt_final
 
     def _diagnosed_follow_visible(self, dR, dt, rotations, translations, matches):
         mode = self.diagnosis.oracle_nodes

@@ -469,7 +469,8 @@ class Fusion:
         solves again from that motion, the flow's matches unchanged (their source points warped
         alike; `associate(live)`: _icp_terms of this frame). The normal check keeps the rendered
         normals (one frame's rotation is far below --icp-max-normal-angle). A failed round keeps
-        the motion before it and says so in the returned note (frames.csv's message). `matches` and `problem` are updated in place.
+        the motion before it and says so in the returned note (frames.csv's message). `matches`
+        and `problem` are updated in place.
         Returns the increments on top of (rotations, translations), the last energy and the
         note ("" when every round solved)."""
         R, t = dR @ rotations, translations + dt

@@ -27,6 +27,19 @@ def decode_keys(codes: torch.Tensor) -> torch.Tensor:
     return torch.stack(((codes >> 42) & mask, (codes >> 21) & mask, codes & mask), dim=1).sub(_OFFSET).to(torch.int32)
 
 
+def _unique_rows(rows: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """np.unique(rows, axis=0, return_inverse=True) for (R, 3) rows, by a lexicographic sort
+    (np.unique's row view sorts several times slower; this runs on every frame's mesh).
+    Returns the unique rows sorted and the (R,) index of each row among them."""
+    order = np.lexsort(rows.T[::-1])
+    ordered = rows[order]
+    first = np.ones(len(rows), dtype=bool)
+    first[1:] = (ordered[1:] != ordered[:-1]).any(axis=1)
+    inverse = np.empty(len(rows), dtype=np.int64)
+    inverse[order] = np.cumsum(first) - 1
+    return ordered[first], inverse
+
+
 class TSDFVolume:
     """tsdf / weight (C, 8, 8, 8), color (C, 8, 8, 8, 3) float32; keys (B, 3) int32 of the B used
     slots (slot i holds block keys[i]); codes (B,) sorted with order (B,) giving their slots."""
@@ -177,11 +190,10 @@ class TSDFVolume:
         faces = mesh.triangle.indices.numpy().astype(np.int64)
         colors = np.clip(mesh.vertex.colors.numpy().astype(np.float32), 0, 1)
         # Open3D emits vertices in thread order, and a surface through a voxel (a TSDF of exactly 0
-        # there) as several vertices at one position. Welding those (np.unique's rows come
-        # sorted) makes the mesh, and everything warped from it (a resumed run included), the same
-        # on every run: a stable sort alone kept tied copies in thread order.
-        vertices, inverse = np.unique(vertices, axis=0, return_inverse=True)
-        inverse = inverse.reshape(-1)
+        # there) as several vertices at one position. Welding those makes the mesh, and
+        # everything warped from it (a resumed run included), the same on every run: a stable
+        # sort alone kept tied copies in thread order.
+        vertices, inverse = _unique_rows(vertices)
         count = np.bincount(inverse, minlength=vertices.shape[0]).astype(np.float32)[:, None]
         colors = np.stack([np.bincount(inverse, colors[:, k], vertices.shape[0]) for k in range(3)], axis=1)
         colors = (colors / count).astype(np.float32)
@@ -190,8 +202,7 @@ class TSDFVolume:
         # Each triangle starts at its smallest index, its winding (the normal) kept.
         start = np.argmin(faces, axis=1)[:, None]
         faces = np.take_along_axis(faces, (start + np.arange(3)[None]) % 3, axis=1)
-        faces = np.unique(faces, axis=0)
-        return vertices, faces, colors
+        return vertices, _unique_rows(faces)[0], colors
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         n = self.num_blocks
